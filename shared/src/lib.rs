@@ -1,0 +1,33 @@
+//! The runtime every Merkle Mesh service uses, one way for each thing:
+//!
+//! - [`config`]: flags and environment (clap), validated at start, one-line errors;
+//! - [`telemetry`]: JSON logs, OpenTelemetry export, W3C trace-context propagation;
+//! - [`server`]: the gRPC server (health, reflection, limits, graceful shutdown);
+//! - [`client`]: lazy gRPC channels with timeouts, trace propagation and retries;
+//! - [`postgres`] and [`redis`]: connection pools, and migrations run at start;
+//! - [`health`]: health status that follows real dependency checks;
+//! - [`error`]: the one map from a service's errors to `tonic::Status`;
+//! - [`service`]: the common `main` of every service binary.
+//!
+//! A service crate holds only its own domain logic and wires these together in `main.rs`.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod postgres;
+pub mod propagation;
+pub mod redis;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+/// The default local ports, fixed so clients and scripts can rely on them.
+pub mod ports {
+    pub const SCHEDULER: u16 = 50051;
+    pub const TREE_BUILDER: u16 = 50052;
+    pub const DB_SYNC: u16 = 50053;
+    pub const CACHE: u16 = 50054;
+    pub const DISCOVERY: u16 = 50055;
+}

@@ -1,0 +1,196 @@
+//! PostgreSQL: the connection pool and forward-only migrations embedded in the binary.
+//!
+//! The pool connects lazily, so a service starts (and reports NOT_SERVING) while PostgreSQL is
+//! down. [`migrate`] applies a component's migrations in one transaction under an advisory
+//! lock, so replicas starting together apply each migration exactly once.
+
+use std::{str::FromStr as _, time::Duration};
+
+use bb8_postgres::PostgresConnectionManager;
+use clap::Args;
+use tokio_postgres::NoTls;
+
+use crate::config::{ConfigError, parse_duration};
+
+/// A pool of PostgreSQL connections.
+pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// PostgreSQL settings.
+/// `Debug` redacts the password in the URL, so the effective config can be logged.
+#[derive(Clone, Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection URL, e.g. postgres://merkle:secret@127.0.0.1:5432/merkle.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Most connections kept open.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_pool_size: u32,
+    /// Timeout for connecting and for taking a connection from the pool.
+    #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub database_connect_timeout: Duration,
+}
+
+/// Errors of PostgreSQL access.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("PostgreSQL unavailable: {0}")]
+    Pool(#[from] bb8::RunError<tokio_postgres::Error>),
+    #[error("PostgreSQL error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("migrations of {component}: {reason}")]
+    Migration { component: String, reason: String },
+}
+
+impl PostgresArgs {
+    /// Checks the URL, naming `DATABASE_URL` when it is malformed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.parse().map(drop)
+    }
+
+    fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        crate::config::require_scheme(
+            "DATABASE_URL (--database-url)",
+            &self.database_url,
+            &["postgres", "postgresql"],
+        )?;
+        tokio_postgres::Config::from_str(&self.database_url).map_err(|e| {
+            ConfigError::new(
+                "DATABASE_URL (--database-url)",
+                format!("not a valid PostgreSQL URL: {e}"),
+            )
+        })
+    }
+}
+
+/// A lazily connecting pool; fails only on a malformed URL, naming `DATABASE_URL`.
+pub fn pool(args: &PostgresArgs) -> Result<PgPool, ConfigError> {
+    let mut config = args.parse()?;
+    config.connect_timeout(args.database_connect_timeout);
+    Ok(bb8::Pool::builder()
+        .max_size(args.database_pool_size)
+        .connection_timeout(args.database_connect_timeout)
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls)))
+}
+
+/// Checks that PostgreSQL answers, within `timeout`.
+pub async fn ping(pool: &PgPool, timeout: Duration) -> Result<(), String> {
+    let check = async {
+        let conn = pool.get().await.map_err(|e| e.to_string())?;
+        conn.simple_query("SELECT 1")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| format!("PostgreSQL did not answer within {timeout:?}"))?
+}
+
+/// One schema change. Versions of a component start at 1 and increase by one; a migration is
+/// never edited once released, only followed by a new one.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Advisory-lock key shared by every component's migrations ("merkle" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6d65_726b_6c65;
+
+/// Applies the migrations of `component` that the database lacks, all in one transaction under
+/// an advisory lock. Returns how many were applied. Fails, changing nothing, when the database
+/// has a migration this binary does not know (it is older than the schema) or a name differs.
+pub async fn migrate(
+    pool: &PgPool,
+    component: &str,
+    migrations: &[Migration],
+) -> Result<usize, PgError> {
+    let fail = |reason: String| PgError::Migration {
+        component: component.to_owned(),
+        reason,
+    };
+    for (i, m) in migrations.iter().enumerate() {
+        if m.version != i as i64 + 1 {
+            return Err(fail(format!(
+                "migration {:?} has version {}, expected {}",
+                m.name,
+                m.version,
+                i + 1
+            )));
+        }
+    }
+
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             component  TEXT        NOT NULL,
+             version    BIGINT      NOT NULL,
+             name       TEXT        NOT NULL,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             PRIMARY KEY (component, version)
+         )",
+    )
+    .await?;
+    let applied = tx
+        .query(
+            "SELECT version, name FROM schema_migrations WHERE component = $1 ORDER BY version",
+            &[&component],
+        )
+        .await?;
+    for row in &applied {
+        let version: i64 = row.get(0);
+        let name: String = row.get(1);
+        match migrations.get((version - 1).max(0) as usize) {
+            Some(known) if known.version == version && known.name == name => {}
+            Some(known) if known.version == version => {
+                return Err(fail(format!(
+                    "version {version} is {name:?} in the database but {:?} in this binary",
+                    known.name
+                )));
+            }
+            _ => {
+                return Err(fail(format!(
+                    "the database has version {version} ({name:?}), newer than this binary knows; \
+                     upgrade the binary"
+                )));
+            }
+        }
+    }
+    let pending = &migrations[applied.len()..];
+    for m in pending {
+        tx.batch_execute(m.sql)
+            .await
+            .map_err(|e| fail(format!("applying {} {:?} failed: {e}", m.version, m.name)))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (component, version, name) VALUES ($1, $2, $3)",
+            &[&component, &m.version, &m.name],
+        )
+        .await?;
+        tracing::info!(
+            component,
+            version = m.version,
+            name = m.name,
+            "applied migration"
+        );
+    }
+    tx.commit().await?;
+    Ok(pending.len())
+}
+
+impl std::fmt::Debug for PostgresArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresArgs")
+            .field(
+                "database_url",
+                &crate::config::redact_url(&self.database_url),
+            )
+            .field("database_pool_size", &self.database_pool_size)
+            .field("database_connect_timeout", &self.database_connect_timeout)
+            .finish()
+    }
+}

@@ -1,0 +1,73 @@
+//! The common `main` of every service binary: load and validate the config (one-line error,
+//! exit 2), start the runtime and telemetry, log the effective config (secrets redacted by the
+//! args' `Debug`), install the signal handlers, and run the service until shutdown.
+
+use std::{fmt::Debug, future::Future, process::ExitCode};
+
+use clap::Parser;
+
+use crate::{
+    config::{TelemetryArgs, Validate},
+    shutdown::Shutdown,
+};
+
+/// A service's config: parsed by clap, validated, loggable, with telemetry settings.
+pub trait ServiceConfig: Parser + Validate + Debug {
+    fn telemetry(&self) -> &TelemetryArgs;
+}
+
+/// Why a service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Serve(#[from] crate::server::ServeError),
+}
+
+/// Runs a service binary; `run` serves until the [`Shutdown`] it is given fires.
+pub fn main<C, F, Fut, E>(service_name: &'static str, run: F) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let config: C = crate::config::load();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{service_name}: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let telemetry = match crate::telemetry::init(service_name, config.telemetry()) {
+            Ok(guard) => guard,
+            Err(err) => {
+                eprintln!("{err}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing::info!(service = service_name, version = env!("CARGO_PKG_VERSION"), config = ?config, "starting");
+        let shutdown = match Shutdown::on_signals() {
+            Ok(shutdown) => shutdown,
+            Err(err) => {
+                tracing::error!(%err, "cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
+        let code = match run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "{service_name} failed");
+                ExitCode::FAILURE
+            }
+        };
+        drop(telemetry);
+        code
+    })
+}
