@@ -1,0 +1,6 @@
+//! `merklectl`, the Merkle Mesh command line, as a library: the integration tests reuse
+//! [`stack`] to start real PostgreSQL, Redis and service processes the same way `merklectl up`
+//! does.
+
+pub mod stack;
+pub mod up;

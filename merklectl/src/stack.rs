@@ -1,0 +1,616 @@
+//! A local Merkle Mesh stack: its own PostgreSQL and Redis servers, and the five service
+//! binaries, each a child process that is stopped (and waited for) when dropped.
+//!
+//! `merklectl up` and the integration-test harness both use this module, so the way servers
+//! are started, checked and stopped is written once. Everything listens on 127.0.0.1 only.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::{Pid, User, chown, geteuid},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// What can go wrong starting or stopping the stack.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("{binary} not found; install the Debian package `{package}` (apt-get install -y {package})")]
+    Missing {
+        binary: &'static str,
+        package: &'static str,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StackError {
+    let what = what.into();
+    move |source| StackError::Io { what, source }
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks one; it is free when this returns).
+pub fn free_port() -> Result<u16, StackError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(io_err("finding a free port"))?
+        .port())
+}
+
+/// A child process that is stopped with `stop_signal` (then SIGKILL after a grace period) when
+/// dropped, so no server outlives its owner, even when a test fails.
+pub struct ManagedProcess {
+    name: String,
+    child: Child,
+    stop_signal: Signal,
+    exited: Option<ExitStatus>,
+}
+
+impl ManagedProcess {
+    /// Spawns `command` with stdout and stderr appended to `log`.
+    pub fn spawn(
+        name: impl Into<String>,
+        mut command: Command,
+        stop_signal: Signal,
+        log: &Path,
+    ) -> Result<Self, StackError> {
+        let name = name.into();
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io_err(format!("opening {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io_err(format!("opening {}", log.display())))?;
+        // A process group of its own: a Ctrl-C at the terminal reaches only the owner, which
+        // then stops its children in order.
+        let child = command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io_err(format!("starting {name}")))?;
+        Ok(ManagedProcess {
+            name,
+            child,
+            stop_signal,
+            exited: None,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Sends a signal (if the process still runs).
+    pub fn signal(&mut self, signal: Signal) {
+        if self.try_exit_status().is_none() {
+            // ESRCH means it exited meanwhile: nothing to do.
+            let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the process: its stop signal, then SIGKILL after `grace`. Returns its exit status.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.signal(self.stop_signal);
+        if let Some(status) = self.wait_timeout(grace) {
+            return Some(status);
+        }
+        self.signal(Signal::SIGKILL);
+        self.wait_timeout(Duration::from_secs(5))
+    }
+}
+
+impl Drop for ManagedProcess {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(10));
+    }
+}
+
+/// The uid and gid to run PostgreSQL as: PostgreSQL refuses to run as root, so root runs it as
+/// the `postgres` system user; anyone else runs it as themselves.
+fn postgres_identity() -> Result<Option<(u32, u32)>, StackError> {
+    if !geteuid().is_root() {
+        return Ok(None);
+    }
+    match User::from_name("postgres") {
+        Ok(Some(user)) => Ok(Some((user.uid.as_raw(), user.gid.as_raw()))),
+        _ => Err(StackError::Failed(
+            "PostgreSQL cannot run as root and there is no `postgres` user; install the Debian \
+             package `postgresql` (it creates the user) or run as an unprivileged user"
+                .into(),
+        )),
+    }
+}
+
+/// The folder of PostgreSQL's server binaries: `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`.
+pub fn postgres_bindir() -> Result<PathBuf, StackError> {
+    let has_initdb = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_initdb(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|dir| has_initdb(dir))
+        .collect();
+    candidates.sort_by_key(|dir| {
+        dir.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    candidates.pop().ok_or(StackError::Missing {
+        binary: "PostgreSQL server (initdb, postgres)",
+        package: "postgresql",
+    })
+}
+
+/// The path of `redis-server`, if installed.
+pub fn redis_server_path() -> Result<PathBuf, StackError> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("redis-server"))
+        .find(|path| path.is_file())
+        .ok_or(StackError::Missing {
+            binary: "redis-server",
+            package: "redis-server",
+        })
+}
+
+/// Installs a Debian package when that is possible here (root with apt-get); else says how.
+pub fn install_package(package: &str) -> Result<(), StackError> {
+    if !geteuid().is_root() || !Path::new("/usr/bin/apt-get").exists() {
+        return Err(StackError::Failed(format!(
+            "the Debian package `{package}` is needed: run `sudo apt-get install -y {package}`"
+        )));
+    }
+    eprintln!("installing {package} with apt-get ...");
+    let run = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .map_err(io_err("running apt-get"))
+    };
+    run(&["update", "-qq"])?;
+    let status = run(&["install", "-y", "-qq", package])?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(StackError::Failed(format!(
+            "apt-get install {package} failed ({status})"
+        )))
+    }
+}
+
+/// A PostgreSQL server of our own, listening on 127.0.0.1 only, with a `merkle` database.
+pub struct Postgres {
+    data_dir: PathBuf,
+    port: u16,
+    process: Option<ManagedProcess>,
+}
+
+impl Postgres {
+    /// The database the services use.
+    pub const DATABASE: &'static str = "merkle";
+    /// The role the services connect as (trust authentication on 127.0.0.1).
+    pub const USER: &'static str = "merkle";
+
+    /// Starts PostgreSQL on `port` with its data in `data_dir`, running initdb first when the
+    /// folder holds no cluster yet. `data_dir`'s parent must be reachable by the server's user.
+    pub async fn start(data_dir: &Path, port: u16) -> Result<Self, StackError> {
+        let mut postgres = Postgres {
+            data_dir: data_dir.to_owned(),
+            port,
+            process: None,
+        };
+        postgres.start_again().await?;
+        Ok(postgres)
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port and data.
+    pub async fn start_again(&mut self) -> Result<(), StackError> {
+        let bindir = postgres_bindir()?;
+        let identity = postgres_identity()?;
+        let as_server_user = |command: &mut Command| {
+            if let Some((uid, gid)) = identity {
+                command.uid(uid).gid(gid);
+            }
+            command.current_dir("/");
+        };
+        let dir = &self.data_dir;
+        if !dir.join("PG_VERSION").exists() {
+            fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            if let Some((uid, gid)) = identity {
+                chown(dir, Some(uid.into()), Some(gid.into())).map_err(|e| {
+                    StackError::Failed(format!("chown {} to postgres: {e}", dir.display()))
+                })?;
+            }
+            let mut initdb = Command::new(bindir.join("initdb"));
+            initdb
+                .arg("-D")
+                .arg(dir)
+                .args(["-U", Self::USER, "--auth=trust", "-E", "UTF8", "--no-sync"])
+                .stdout(Stdio::null());
+            as_server_user(&mut initdb);
+            let out = initdb.output().map_err(io_err("running initdb"))?;
+            if !out.status.success() {
+                return Err(StackError::Failed(format!(
+                    "initdb {} failed: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        let mut server = Command::new(bindir.join("postgres"));
+        server
+            .arg("-D")
+            .arg(dir)
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", &format!("unix_socket_directories={}", dir.display())])
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+        as_server_user(&mut server);
+        let log = dir.with_extension("log");
+        // SIGINT is PostgreSQL's "fast shutdown": clients are disconnected, data is flushed.
+        self.process = Some(ManagedProcess::spawn(
+            "postgres",
+            server,
+            Signal::SIGINT,
+            &log,
+        )?);
+        self.wait_ready(&log).await?;
+        self.create_database().await
+    }
+
+    async fn wait_ready(&mut self, log: &Path) -> Result<(), StackError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let url = format!(
+                "postgres://{}@127.0.0.1:{}/postgres",
+                Self::USER,
+                self.port
+            );
+            if tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok() {
+                return Ok(());
+            }
+            let exited = self.process.as_mut().and_then(|p| p.try_exit_status());
+            if exited.is_some() || Instant::now() > deadline {
+                let tail = fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(StackError::Failed(format!(
+                    "PostgreSQL did not start on port {}: {}",
+                    self.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn create_database(&self) -> Result<(), StackError> {
+        let url = format!(
+            "postgres://{}@127.0.0.1:{}/postgres",
+            Self::USER,
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| StackError::Failed(format!("connecting to PostgreSQL: {e}")))?;
+        let driver = tokio::spawn(connection);
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&Self::DATABASE],
+            )
+            .await
+            .map_err(|e| StackError::Failed(format!("querying PostgreSQL: {e}")))?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE DATABASE {}", Self::DATABASE))
+                .await
+                .map_err(|e| StackError::Failed(format!("creating the database: {e}")))?;
+        }
+        drop(client);
+        let _ = driver.await;
+        Ok(())
+    }
+
+    /// The URL services connect with.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            Self::USER,
+            self.port,
+            Self::DATABASE
+        )
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ManagedProcess::pid)
+    }
+
+    /// Stops the server (fast shutdown) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop(Duration::from_secs(30));
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Redis server of our own, on 127.0.0.1 only, without persistence.
+pub struct Redis {
+    port: u16,
+    process: ManagedProcess,
+}
+
+impl Redis {
+    /// Starts `redis-server` on `port`, working in `dir`.
+    pub async fn start(dir: &Path, port: u16) -> Result<Self, StackError> {
+        let binary = redis_server_path()?;
+        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let mut command = Command::new(binary);
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir);
+        let mut process =
+            ManagedProcess::spawn("redis-server", command, Signal::SIGTERM, &dir.join("redis.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !redis_answers(port) {
+            if process.try_exit_status().is_some() || Instant::now() > deadline {
+                return Err(StackError::Failed(format!(
+                    "redis-server did not start on port {port}; see {}",
+                    dir.join("redis.log").display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Redis { port, process })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
+
+/// True when a Redis server on 127.0.0.1:`port` answers PING.
+fn redis_answers(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// One of the five services: its binary, default port and gRPC service name.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceSpec {
+    /// A short name for people: `scheduler`, `tree-builder`, ...
+    pub name: &'static str,
+    /// The binary's file name.
+    pub binary: &'static str,
+    /// The documented default port.
+    pub port: u16,
+    /// The fully qualified gRPC service name.
+    pub grpc_name: &'static str,
+    /// The variable through which other services are told its address, e.g. `CACHE_ADDR`.
+    pub addr_var: &'static str,
+    /// Whether it needs `DATABASE_URL`.
+    pub needs_postgres: bool,
+    /// Whether it needs `REDIS_URL`.
+    pub needs_redis: bool,
+}
+
+/// The five services, in the order they are started.
+pub const SERVICES: [ServiceSpec; 5] = {
+    use merkle_proto::service_names as names;
+    use merkle_shared::ports;
+    [
+        ServiceSpec {
+            name: "cache",
+            addr_var: "CACHE_ADDR",
+            binary: "merkle-cache",
+            port: ports::CACHE,
+            grpc_name: names::CACHE,
+            needs_postgres: false,
+            needs_redis: true,
+        },
+        ServiceSpec {
+            name: "db-sync",
+            addr_var: "DB_SYNC_ADDR",
+            binary: "merkle-db-sync",
+            port: ports::DB_SYNC,
+            grpc_name: names::DB_SYNC,
+            needs_postgres: true,
+            needs_redis: false,
+        },
+        ServiceSpec {
+            name: "tree-builder",
+            addr_var: "TREE_BUILDER_ADDR",
+            binary: "merkle-tree-builder",
+            port: ports::TREE_BUILDER,
+            grpc_name: names::TREE_BUILDER,
+            needs_postgres: false,
+            needs_redis: false,
+        },
+        ServiceSpec {
+            name: "discovery",
+            addr_var: "DISCOVERY_ADDR",
+            binary: "merkle-discovery",
+            port: ports::DISCOVERY,
+            grpc_name: names::DISCOVERY,
+            needs_postgres: false,
+            needs_redis: false,
+        },
+        ServiceSpec {
+            name: "scheduler",
+            addr_var: "SCHEDULER_ADDR",
+            binary: "merkle-scheduler",
+            port: ports::SCHEDULER,
+            grpc_name: names::SCHEDULER,
+            needs_postgres: false,
+            needs_redis: false,
+        },
+    ]
+};
+
+/// The folder holding the service binaries: the one this program runs from (cargo puts every
+/// binary of the workspace there), or its parent for test executables in `deps/`.
+pub fn binary_dir() -> Result<PathBuf, StackError> {
+    let exe = std::env::current_exe().map_err(io_err("locating this program"))?;
+    let mut dir = exe
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| StackError::Failed("this program has no folder".into()))?;
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// The path of a service binary, or an error saying how to build it.
+pub fn service_binary(spec: &ServiceSpec) -> Result<PathBuf, StackError> {
+    let path = binary_dir()?.join(spec.binary);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(StackError::Failed(format!(
+            "{} not found; build the services first: cargo build --workspace --bins",
+            path.display()
+        )))
+    }
+}
+
+/// Starts one service binary listening on 127.0.0.1:`port`, with the given extra environment.
+pub fn spawn_service(
+    spec: &ServiceSpec,
+    port: u16,
+    env: &[(&str, String)],
+    log: &Path,
+) -> Result<ManagedProcess, StackError> {
+    let mut command = Command::new(service_binary(spec)?);
+    command.env("LISTEN_ADDR", format!("127.0.0.1:{port}"));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    ManagedProcess::spawn(spec.name, command, Signal::SIGTERM, log)
+}
+
+/// The health status of a gRPC service at `addr` (`None` when it cannot be asked).
+pub async fn health_status(addr: SocketAddr, service: &str) -> Option<ServingStatus> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2));
+    let channel = endpoint.connect().await.ok()?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+/// Waits until the service at `addr` reports `want`, for at most `timeout`.
+pub async fn wait_for_status(
+    addr: SocketAddr,
+    service: &str,
+    want: ServingStatus,
+    timeout: Duration,
+) -> Result<(), StackError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = health_status(addr, service).await;
+        if last == Some(want) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(StackError::Failed(format!(
+        "{service} at {addr} did not report {} within {timeout:?} (last: {})",
+        want.as_str_name(),
+        last.map(|s| s.as_str_name()).unwrap_or("no answer")
+    )))
+}

@@ -1,0 +1,265 @@
+//! `merklectl up`: the whole system on one machine.
+//!
+//! Without `DATABASE_URL`/`REDIS_URL` it starts its own PostgreSQL and Redis with their data
+//! under `--data-dir` (`.data/` by default, ignored by git), then the five services as separate
+//! processes, waits until every one reports SERVING, prints what runs where, and on Ctrl-C or
+//! SIGTERM stops everything in reverse order and checks that no process is left.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use nix::{sys::signal::kill, unistd::Pid};
+use tokio::signal::unix::{SignalKind, signal};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::stack::{
+    self, ManagedProcess, Postgres, Redis, SERVICES, ServiceSpec, StackError, wait_for_status,
+};
+
+/// Options of `merklectl up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Where the embedded PostgreSQL and Redis keep their data, and where logs go.
+    #[arg(long, default_value = ".data")]
+    pub data_dir: PathBuf,
+    /// Port of the embedded PostgreSQL (when DATABASE_URL is not set).
+    #[arg(long, default_value_t = 55432)]
+    pub postgres_port: u16,
+    /// Port of the embedded Redis (when REDIS_URL is not set).
+    #[arg(long, default_value_t = 56379)]
+    pub redis_port: u16,
+    /// Use this PostgreSQL instead of starting one.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Use this Redis instead of starting one.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Port of the Scheduler; the others follow in the documented order (TreeBuilder +1,
+    /// DbSync +2, Cache +3, Discovery +4).
+    #[arg(long, default_value_t = merkle_shared::ports::SCHEDULER)]
+    pub base_port: u16,
+    /// Do not run `cargo build` first, even when started by `cargo run`.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+impl UpArgs {
+    fn port_of(&self, spec: &ServiceSpec) -> u16 {
+        self.base_port + (spec.port - merkle_shared::ports::SCHEDULER)
+    }
+}
+
+/// Runs the stack until Ctrl-C or SIGTERM.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+
+    build_services_if_under_cargo(&args)?;
+    for spec in &SERVICES {
+        stack::service_binary(spec)?;
+    }
+    std::fs::create_dir_all(args.data_dir.join("logs"))
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    // PostgreSQL may run as another user, who must be able to reach its folder inside.
+    set_mode(&data_dir, 0o755)?;
+
+    let mut postgres = None;
+    let database_url = match &args.database_url {
+        Some(url) => url.clone(),
+        None => {
+            ensure_installed(stack::postgres_bindir().map(drop), "postgresql")?;
+            let pg = Postgres::start(&data_dir.join("postgres"), args.postgres_port).await?;
+            let url = pg.url();
+            postgres = Some(pg);
+            url
+        }
+    };
+    let mut redis = None;
+    let redis_url = match &args.redis_url {
+        Some(url) => url.clone(),
+        None => {
+            ensure_installed(stack::redis_server_path().map(drop), "redis-server")?;
+            let r = Redis::start(&data_dir.join("redis"), args.redis_port).await?;
+            let url = r.url();
+            redis = Some(r);
+            url
+        }
+    };
+
+    let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
+    for spec in SERVICES {
+        let port = args.port_of(&spec);
+        let env = service_env(&spec, &args, &database_url, &redis_url);
+        let log = data_dir.join("logs").join(format!("{}.log", spec.name));
+        let process = stack::spawn_service(&spec, port, &env, &log)?;
+        services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));
+    }
+    for (spec, addr, _) in &services {
+        if let Err(err) =
+            wait_for_status(*addr, spec.grpc_name, ServingStatus::Serving, Duration::from_secs(60)).await
+        {
+            let log = data_dir.join("logs").join(format!("{}.log", spec.name));
+            bail!("{err}; see {}", log.display());
+        }
+    }
+
+    print_table(&services, postgres.as_ref(), redis.as_ref(), &database_url, &redis_url);
+    println!("\nlogs: {}/logs   stop: Ctrl-C", data_dir.display());
+
+    let reason = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "interrupted".to_owned(),
+            _ = terminate.recv() => break "terminated".to_owned(),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some((name, status)) = services
+                    .iter_mut()
+                    .find_map(|(spec, _, p)| p.try_exit_status().map(|s| (spec.name, s)))
+                {
+                    break format!("{name} exited unexpectedly ({status})");
+                }
+            }
+        }
+    };
+    println!("\n{reason}: stopping ...");
+
+    let mut pids: Vec<(String, u32)> = Vec::new();
+    for (spec, _, mut process) in services.into_iter().rev() {
+        pids.push((spec.name.to_owned(), process.pid()));
+        let status = process.stop(Duration::from_secs(25));
+        println!("  {:<13} stopped ({})", spec.name, describe(status));
+    }
+    if let Some(r) = redis {
+        pids.push(("redis-server".into(), r.pid()));
+        drop(r);
+        println!("  {:<13} stopped", "redis-server");
+    }
+    if let Some(mut pg) = postgres {
+        if let Some(pid) = pg.pid() {
+            pids.push(("postgres".into(), pid));
+        }
+        pg.stop();
+        println!("  {:<13} stopped", "postgres");
+    }
+    let left: Vec<String> = pids
+        .iter()
+        .filter(|(_, pid)| kill(Pid::from_raw(*pid as i32), None).is_ok())
+        .map(|(name, pid)| format!("{name} ({pid})"))
+        .collect();
+    if left.is_empty() {
+        println!("all processes stopped");
+        Ok(())
+    } else {
+        bail!("still running: {}", left.join(", "))
+    }
+}
+
+fn describe(status: Option<std::process::ExitStatus>) -> String {
+    match status {
+        Some(s) => s.to_string(),
+        None => "did not exit".to_owned(),
+    }
+}
+
+/// Under `cargo run` (which sets `CARGO`), builds every service binary first so that none is
+/// stale; the build uses the same profile as this program.
+fn build_services_if_under_cargo(args: &UpArgs) -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    if args.no_build {
+        return Ok(());
+    }
+    let mut command = Command::new(cargo);
+    command.args(["build", "--workspace", "--bins"]);
+    if stack::binary_dir()?.ends_with("release") {
+        command.arg("--release");
+    }
+    let status = command.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --workspace --bins failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs a missing server package when possible (root with apt), else fails naming it.
+fn ensure_installed(found: Result<(), StackError>, package: &str) -> anyhow::Result<()> {
+    match found {
+        Ok(()) => Ok(()),
+        Err(StackError::Missing { .. }) => {
+            stack::install_package(package)?;
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// The environment of one service: where its dependencies and peers are.
+fn service_env(
+    spec: &ServiceSpec,
+    args: &UpArgs,
+    database_url: &str,
+    redis_url: &str,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![("LOG_FORMAT", "json".to_owned())];
+    if spec.needs_postgres {
+        env.push(("DATABASE_URL", database_url.to_owned()));
+    }
+    if spec.needs_redis {
+        env.push(("REDIS_URL", redis_url.to_owned()));
+    }
+    for peer in &SERVICES {
+        env.push((peer.addr_var, format!("http://127.0.0.1:{}", args.port_of(peer))));
+    }
+    env
+}
+
+fn print_table(
+    services: &[(ServiceSpec, SocketAddr, ManagedProcess)],
+    postgres: Option<&Postgres>,
+    redis: Option<&Redis>,
+    database_url: &str,
+    redis_url: &str,
+) {
+    println!("\n{:<14} {:<18} {:>8}  {}", "COMPONENT", "ADDRESS", "PID", "STATUS");
+    for (spec, addr, process) in services {
+        println!(
+            "{:<14} {:<18} {:>8}  SERVING  {}",
+            spec.name,
+            addr.to_string(),
+            process.pid(),
+            spec.grpc_name
+        );
+    }
+    match postgres {
+        Some(pg) => println!(
+            "{:<14} {:<18} {:>8}  running  {}",
+            "postgres",
+            format!("127.0.0.1:{}", pg.port()),
+            pg.pid().unwrap_or(0),
+            pg.url()
+        ),
+        None => println!("{:<14} {:<18} {:>8}  external {}", "postgres", "-", "-", merkle_shared::config::redact_url(database_url)),
+    }
+    match redis {
+        Some(r) => println!(
+            "{:<14} {:<18} {:>8}  running  {}",
+            "redis",
+            format!("127.0.0.1:{}", r.port()),
+            r.pid(),
+            r.url()
+        ),
+        None => println!("{:<14} {:<18} {:>8}  external {}", "redis", "-", "-", merkle_shared::config::redact_url(redis_url)),
+    }
+}
