@@ -406,34 +406,49 @@ impl Drop for Postgres {
 
 /// A Redis server of our own, on 127.0.0.1 only, without persistence.
 pub struct Redis {
+    dir: PathBuf,
     port: u16,
-    process: ManagedProcess,
+    process: Option<ManagedProcess>,
 }
 
 impl Redis {
     /// Starts `redis-server` on `port`, working in `dir`.
     pub async fn start(dir: &Path, port: u16) -> Result<Self, StackError> {
+        let mut redis = Redis {
+            dir: dir.to_owned(),
+            port,
+            process: None,
+        };
+        redis.start_again().await?;
+        Ok(redis)
+    }
+
+    /// Starts the server again after [`Redis::stop`], on the same port.
+    pub async fn start_again(&mut self) -> Result<(), StackError> {
         let binary = redis_server_path()?;
+        let dir = &self.dir;
         fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let mut command = Command::new(binary);
         command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(dir);
-        let mut process =
-            ManagedProcess::spawn("redis-server", command, Signal::SIGTERM, &dir.join("redis.log"))?;
+        let log = dir.join("redis.log");
+        let mut process = ManagedProcess::spawn("redis-server", command, Signal::SIGTERM, &log)?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !redis_answers(port) {
+        while !redis_answers(self.port) {
             if process.try_exit_status().is_some() || Instant::now() > deadline {
                 return Err(StackError::Failed(format!(
-                    "redis-server did not start on port {port}; see {}",
-                    dir.join("redis.log").display()
+                    "redis-server did not start on port {}; see {}",
+                    self.port,
+                    log.display()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Redis { port, process })
+        self.process = Some(process);
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -444,8 +459,15 @@ impl Redis {
         self.port
     }
 
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ManagedProcess::pid)
+    }
+
+    /// Stops the server and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop(Duration::from_secs(10));
+        }
     }
 }
 

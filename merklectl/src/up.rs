@@ -134,9 +134,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let status = process.stop(Duration::from_secs(25));
         println!("  {:<13} stopped ({})", spec.name, describe(status));
     }
-    if let Some(r) = redis {
-        pids.push(("redis-server".into(), r.pid()));
-        drop(r);
+    if let Some(mut r) = redis {
+        if let Some(pid) = r.pid() {
+            pids.push(("redis-server".into(), pid));
+        }
+        r.stop();
         println!("  {:<13} stopped", "redis-server");
     }
     if let Some(mut pg) = postgres {
@@ -257,7 +259,7 @@ fn print_table(
             "{:<14} {:<18} {:>8}  running  {}",
             "redis",
             format!("127.0.0.1:{}", r.port()),
-            r.pid(),
+            r.pid().unwrap_or(0),
             r.url()
         ),
         None => println!("{:<14} {:<18} {:>8}  external {}", "redis", "-", "-", merkle_shared::config::redact_url(redis_url)),

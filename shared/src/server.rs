@@ -12,9 +12,9 @@ use tokio::net::TcpListener;
 use tonic::{service::Routes, transport::server::TcpIncoming};
 use tower::limit::GlobalConcurrencyLimitLayer;
 
-use crate::{
-    config::ServerArgs, health::HealthService, propagation::ServerTraceLayer, shutdown::Shutdown,
-};
+use tonic_health::pb::health_server::{Health, HealthServer};
+
+use crate::{config::ServerArgs, propagation::ServerTraceLayer, shutdown::Shutdown};
 
 /// Sets the decoding and encoding size limits of a generated tonic server from [`ServerArgs`].
 #[macro_export]
@@ -47,7 +47,7 @@ pub async fn serve(
     args: &ServerArgs,
     default_port: u16,
     routes: Routes,
-    health: HealthService,
+    health: HealthServer<impl Health>,
     mut shutdown: Shutdown,
 ) -> Result<(), ServeError> {
     // Both reflection versions advertise the same names: the service, health and reflection.
@@ -111,5 +111,92 @@ pub async fn serve(
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tonic::{Request, Response, Status};
+    use tonic_health::pb::{
+        HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+        health_client::HealthClient,
+    };
+
+    use super::*;
+
+    /// A health service whose Check takes a while: an in-flight call to drain.
+    struct SlowHealth;
+
+    #[tonic::async_trait]
+    impl Health for SlowHealth {
+        async fn check(
+            &self,
+            _request: Request<HealthCheckRequest>,
+        ) -> Result<Response<HealthCheckResponse>, Status> {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(Response::new(HealthCheckResponse {
+                status: ServingStatus::Serving as i32,
+            }))
+        }
+
+        type WatchStream = tokio_stream::Empty<Result<HealthCheckResponse, Status>>;
+
+        async fn watch(
+            &self,
+            _request: Request<HealthCheckRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            Err(Status::unimplemented("not needed here"))
+        }
+    }
+
+    fn args(port: u16, grace: Duration) -> ServerArgs {
+        ServerArgs {
+            listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            request_timeout: Duration::from_secs(10),
+            max_message_bytes: 4 * 1024 * 1024,
+            concurrency_limit: 16,
+            shutdown_grace: grace,
+            health_check_interval: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_an_in_flight_call_then_returns() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let (shutdown, trigger) = Shutdown::new();
+        let server = tokio::spawn(async move {
+            let args = args(port, Duration::from_secs(10));
+            let routes = Routes::default();
+            serve("test.Service", &args, 0, routes, HealthServer::new(SlowHealth), shutdown).await
+        });
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("uri")
+            .connect_lazy();
+        let mut client = HealthClient::new(channel);
+        let call = tokio::spawn(async move {
+            // The server may still be binding: retry until it answers.
+            loop {
+                match client.check(HealthCheckRequest::default()).await {
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => return other,
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stopping = Instant::now();
+        trigger.trigger();
+
+        let response = call.await.expect("call task").expect("in-flight call completes");
+        assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
+        server.await.expect("server task").expect("server stops cleanly");
+        assert!(stopping.elapsed() < Duration::from_secs(10));
     }
 }

@@ -1,0 +1,83 @@
+//! A bad or missing configuration value stops a service at start with a non-zero exit code and
+//! one line that names the environment variable and the rule.
+
+use std::process::Command;
+
+use integration_tests::{SERVICES, binary};
+
+fn run(binary_name: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(binary(binary_name));
+    command.env_remove("DATABASE_URL").env_remove("REDIS_URL");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().expect("run service binary");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_one_line_naming(stderr: &str, variable: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    assert!(lines[0].contains(variable), "{variable} not named in: {}", lines[0]);
+}
+
+#[test]
+fn bad_listen_address_is_named_by_every_service() {
+    for spec in &SERVICES {
+        let (code, stderr) = run(
+            spec.binary,
+            &[
+                ("LISTEN_ADDR", "not-an-address"),
+                ("DATABASE_URL", "postgres://merkle@127.0.0.1:1/merkle"),
+                ("REDIS_URL", "redis://127.0.0.1:1/0"),
+            ],
+        );
+        assert_eq!(code, Some(2), "{}: {stderr}", spec.binary);
+        assert_one_line_naming(&stderr, "LISTEN_ADDR");
+        assert!(stderr.contains("not-an-address"), "{stderr}");
+    }
+}
+
+#[test]
+fn missing_database_url_is_named() {
+    let (code, stderr) = run("merkle-db-sync", &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "DATABASE_URL");
+}
+
+#[test]
+fn wrong_database_scheme_is_named_with_the_rule() {
+    let (code, stderr) = run("merkle-db-sync", &[("DATABASE_URL", "mysql://127.0.0.1/x")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "DATABASE_URL");
+    assert!(stderr.contains("postgres://"), "{stderr}");
+}
+
+#[test]
+fn bad_redis_url_is_named() {
+    let (code, stderr) = run("merkle-cache", &[("REDIS_URL", "http://127.0.0.1:6379")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "REDIS_URL");
+}
+
+#[test]
+fn bad_duration_and_range_are_named() {
+    let (code, stderr) = run("merkle-tree-builder", &[("REQUEST_TIMEOUT", "soon")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "REQUEST_TIMEOUT");
+
+    let (code, stderr) = run("merkle-scheduler", &[("MAX_MESSAGE_BYTES", "10")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "MAX_MESSAGE_BYTES");
+
+    let (code, stderr) = run("merkle-discovery", &[("LOG_FORMAT", "xml")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "LOG_FORMAT");
+}
+
+#[test]
+fn bad_log_filter_is_named() {
+    let (code, stderr) = run("merkle-discovery", &[("LOG_LEVEL", "info,[=")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "LOG_LEVEL");
+}

@@ -1,0 +1,135 @@
+//! `merklectl up` brings the whole system up on free ports and, on Ctrl-C (SIGINT), stops it
+//! leaving no postgres, redis-server or service process behind.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::TcpListener,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{SERVICES, ServingStatus, binary, free_port, process_exists, stack};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// A base port with the five ports after it free.
+fn free_port_block() -> u16 {
+    for base in (20_000u16..30_000).step_by(37) {
+        if (base..base + 5).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no block of five free ports");
+}
+
+/// The pids of every descendant of `root` (PostgreSQL's workers included), from /proc.
+fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The command name in parentheses may hold spaces: the fields after it are fixed.
+            let after = &stat[stat.rfind(')')? + 2..];
+            let ppid: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Stops `merklectl up` if the test fails midway, so that nothing outlives the test.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGINT);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let data_dir = data.path().join("stack");
+    let base = free_port_block();
+    let stderr = std::fs::File::create(data.path().join("merklectl.stderr")).expect("log file");
+    let mut child = Command::new(binary("merklectl"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--postgres-port", &free_port().expect("port").to_string()])
+        .args(["--redis-port", &free_port().expect("port").to_string()])
+        .args(["--base-port", &base.to_string(), "--no-build"])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("CARGO")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start merklectl up");
+    let pid = child.id();
+
+    // Read the table; it is printed once every service reports SERVING.
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            lines.push(line);
+        }
+        lines
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for spec in &SERVICES {
+        let addr = ([127, 0, 0, 1], base + (spec.port - SERVICES[4].port)).into();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        stack::wait_for_status(addr, spec.grpc_name, ServingStatus::Serving, remaining)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut child = StopOnDrop(child);
+    let running = descendants(pid);
+    // Five services, redis-server, and postgres with its workers.
+    assert!(running.len() >= SERVICES.len() + 3, "too few processes: {running:?}");
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGINT).expect("send SIGINT");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "merklectl up did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = reader.join().expect("reader");
+    assert!(status.success(), "merklectl up exited with {status}:\n{}", output.join("\n"));
+    assert!(output.iter().any(|l| l.contains("all processes stopped")), "{}", output.join("\n"));
+
+    // The table named every component's pid; none of them, nor any process it started, runs.
+    let table_pids: Vec<u32> = output
+        .iter()
+        .filter(|l| {
+            SERVICES.iter().any(|s| l.starts_with(s.name))
+                || l.starts_with("postgres ")
+                || l.starts_with("redis ")
+        })
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    assert_eq!(table_pids.len(), SERVICES.len() + 2, "{}", output.join("\n"));
+    for pid in table_pids.iter().chain(&running) {
+        assert!(!process_exists(*pid), "process {pid} still runs after merklectl up stopped");
+    }
+}
