@@ -36,7 +36,9 @@ impl RunningService {
 
     /// Waits until the service reports `status` for its own name.
     pub async fn wait_for(&self, status: ServingStatus) {
-        if let Err(err) = wait_for_status(self.addr, self.spec.grpc_name, status, HEALTH_TIMEOUT).await {
+        if let Err(err) =
+            wait_for_status(self.addr, self.spec.grpc_name, status, HEALTH_TIMEOUT).await
+        {
             panic!("{err}\n--- {} ---\n{}", self.log.display(), tail(&self.log));
         }
     }
@@ -137,7 +139,10 @@ impl TestStack {
 
     /// Starts a service with its dependencies running and waits until it is SERVING.
     pub async fn start_serving(&mut self, name: &str) -> &RunningService {
-        let spec = SERVICES.iter().find(|s| s.name == name).expect("known service");
+        let spec = SERVICES
+            .iter()
+            .find(|s| s.name == name)
+            .expect("known service");
         if spec.needs_postgres && self.postgres.is_none() {
             self.start_postgres().await;
         }
@@ -209,9 +214,12 @@ pub fn run_grpcurl(flags: &[&str], addr: SocketAddr, args: &[&str]) -> (bool, St
     let mut command = Command::new(grpcurl());
     command.args(["-plaintext", "-max-time", "20"]);
     command.args(flags).arg(addr.to_string()).args(args);
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {} (scripts/install-tools.sh installs it): {e}", grpcurl().display()));
+    let out = command.output().unwrap_or_else(|e| {
+        panic!(
+            "running {} (scripts/install-tools.sh installs it): {e}",
+            grpcurl().display()
+        )
+    });
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

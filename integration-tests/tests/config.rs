@@ -12,13 +12,20 @@ fn run(binary_name: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
         command.env(key, value);
     }
     let out = command.output().expect("run service binary");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line_naming(stderr: &str, variable: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
-    assert!(lines[0].contains(variable), "{variable} not named in: {}", lines[0]);
+    assert!(
+        lines[0].contains(variable),
+        "{variable} not named in: {}",
+        lines[0]
+    );
 }
 
 #[test]

@@ -5,10 +5,22 @@ use integration_tests::{TestStack, run_grpcurl};
 
 /// (service, an RPC, a phrase of that RPC's comment in the .proto)
 const CASES: &[(&str, &str, &str)] = &[
-    ("tree-builder", "BuildTree", "Builds the tree of a directory"),
+    (
+        "tree-builder",
+        "BuildTree",
+        "Builds the tree of a directory",
+    ),
     ("db-sync", "SyncTree", "Stores a built tree"),
-    ("cache", "InvalidatePattern", "Deletes every key of a namespace that matches a glob"),
-    ("scheduler", "WatchBuild", "The first message is the current state"),
+    (
+        "cache",
+        "InvalidatePattern",
+        "Deletes every key of a namespace that matches a glob",
+    ),
+    (
+        "scheduler",
+        "WatchBuild",
+        "The first message is the current state",
+    ),
     ("discovery", "ListClients", "only new or changed"),
 ];
 
@@ -33,7 +45,11 @@ async fn grpcurl_lists_and_describes_every_service() {
             );
         }
         // Only its own service, not the other four.
-        assert_eq!(listed.lines().filter(|l| l.starts_with("merkle.")).count(), 1, "{listed}");
+        assert_eq!(
+            listed.lines().filter(|l| l.starts_with("merkle.")).count(),
+            1,
+            "{listed}"
+        );
 
         let symbol = format!("{grpc_name}.{rpc}");
         let (ok, described, err) = run_grpcurl(&[], service.addr, &["describe", &symbol]);
@@ -81,7 +97,11 @@ async fn health_check_answers_for_the_server_and_the_service() {
         r#"{}"#.to_owned(),
         format!(r#"{{"service":"{}"}}"#, service.spec.grpc_name),
     ] {
-        let (ok, out, err) = run_grpcurl(&["-d", &args], service.addr, &["grpc.health.v1.Health/Check"]);
+        let (ok, out, err) = run_grpcurl(
+            &["-d", &args],
+            service.addr,
+            &["grpc.health.v1.Health/Check"],
+        );
         assert!(ok, "{err}");
         assert!(out.contains("SERVING"), "{out}");
     }

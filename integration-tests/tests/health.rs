@@ -15,7 +15,10 @@ async fn db_sync_health_follows_postgres_without_restart() {
     };
 
     stack.start_postgres_on(pg_port).await;
-    stack.service_mut("db-sync").wait_for(ServingStatus::Serving).await;
+    stack
+        .service_mut("db-sync")
+        .wait_for(ServingStatus::Serving)
+        .await;
 
     // Its migrations ran once PostgreSQL appeared.
     let pg = stack.postgres.as_ref().expect("started");
@@ -35,13 +38,25 @@ async fn db_sync_health_follows_postgres_without_restart() {
     drop(client);
 
     stack.postgres.as_mut().expect("started").stop();
-    stack.service_mut("db-sync").wait_for(ServingStatus::NotServing).await;
+    stack
+        .service_mut("db-sync")
+        .wait_for(ServingStatus::NotServing)
+        .await;
 
-    stack.postgres.as_mut().expect("started").start_again().await.expect("restart PostgreSQL");
+    stack
+        .postgres
+        .as_mut()
+        .expect("started")
+        .start_again()
+        .await
+        .expect("restart PostgreSQL");
     let db_sync = stack.service_mut("db-sync");
     db_sync.wait_for(ServingStatus::Serving).await;
     assert_eq!(db_sync.process.pid(), pid);
-    assert!(db_sync.process.try_exit_status().is_none(), "DbSync restarted");
+    assert!(
+        db_sync.process.try_exit_status().is_none(),
+        "DbSync restarted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -50,9 +65,18 @@ async fn cache_health_follows_redis_without_restart() {
     stack.start_serving("cache").await;
 
     stack.redis.as_mut().expect("started").stop();
-    stack.service_mut("cache").wait_for(ServingStatus::NotServing).await;
+    stack
+        .service_mut("cache")
+        .wait_for(ServingStatus::NotServing)
+        .await;
 
-    stack.redis.as_mut().expect("started").start_again().await.expect("restart Redis");
+    stack
+        .redis
+        .as_mut()
+        .expect("started")
+        .start_again()
+        .await
+        .expect("restart Redis");
     let cache = stack.service_mut("cache");
     cache.wait_for(ServingStatus::Serving).await;
     assert!(cache.process.try_exit_status().is_none(), "Cache restarted");
@@ -75,7 +99,10 @@ async fn migrations_apply_once_when_replicas_start_together() {
         .expect("connect");
     tokio::spawn(connection);
     let rows = client
-        .query("SELECT version FROM schema_migrations WHERE component = 'db-sync' ORDER BY version", &[])
+        .query(
+            "SELECT version FROM schema_migrations WHERE component = 'db-sync' ORDER BY version",
+            &[],
+        )
         .await
         .expect("query");
     let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();

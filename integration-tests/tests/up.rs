@@ -42,7 +42,12 @@ fn descendants(root: u32) -> Vec<u32> {
     let mut i = 0;
     while i < found.len() {
         let parent = found[i];
-        found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
         i += 1;
     }
     found.remove(0);
@@ -103,7 +108,10 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
     let mut child = StopOnDrop(child);
     let running = descendants(pid);
     // Five services, redis-server, and postgres with its workers.
-    assert!(running.len() >= SERVICES.len() + 3, "too few processes: {running:?}");
+    assert!(
+        running.len() >= SERVICES.len() + 3,
+        "too few processes: {running:?}"
+    );
 
     kill(Pid::from_raw(pid as i32), Signal::SIGINT).expect("send SIGINT");
     let started = Instant::now();
@@ -111,12 +119,23 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
         if let Some(status) = child.0.try_wait().expect("wait") {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "merklectl up did not stop");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "merklectl up did not stop"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let output = reader.join().expect("reader");
-    assert!(status.success(), "merklectl up exited with {status}:\n{}", output.join("\n"));
-    assert!(output.iter().any(|l| l.contains("all processes stopped")), "{}", output.join("\n"));
+    assert!(
+        status.success(),
+        "merklectl up exited with {status}:\n{}",
+        output.join("\n")
+    );
+    assert!(
+        output.iter().any(|l| l.contains("all processes stopped")),
+        "{}",
+        output.join("\n")
+    );
 
     // The table named every component's pid; none of them, nor any process it started, runs.
     let table_pids: Vec<u32> = output
@@ -128,8 +147,16 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
         })
         .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
         .collect();
-    assert_eq!(table_pids.len(), SERVICES.len() + 2, "{}", output.join("\n"));
+    assert_eq!(
+        table_pids.len(),
+        SERVICES.len() + 2,
+        "{}",
+        output.join("\n")
+    );
     for pid in table_pids.iter().chain(&running) {
-        assert!(!process_exists(*pid), "process {pid} still runs after merklectl up stopped");
+        assert!(
+            !process_exists(*pid),
+            "process {pid} still runs after merklectl up stopped"
+        );
     }
 }

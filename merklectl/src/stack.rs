@@ -25,7 +25,9 @@ use tonic_health::pb::{
 /// What can go wrong starting or stopping the stack.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
-    #[error("{binary} not found; install the Debian package `{package}` (apt-get install -y {package})")]
+    #[error(
+        "{binary} not found; install the Debian package `{package}` (apt-get install -y {package})"
+    )]
     Missing {
         binary: &'static str,
         package: &'static str,
@@ -321,12 +323,11 @@ impl Postgres {
     async fn wait_ready(&mut self, log: &Path) -> Result<(), StackError> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let url = format!(
-                "postgres://{}@127.0.0.1:{}/postgres",
-                Self::USER,
-                self.port
-            );
-            if tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok() {
+            let url = format!("postgres://{}@127.0.0.1:{}/postgres", Self::USER, self.port);
+            if tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             let exited = self.process.as_mut().and_then(|p| p.try_exit_status());
@@ -344,11 +345,7 @@ impl Postgres {
     }
 
     async fn create_database(&self) -> Result<(), StackError> {
-        let url = format!(
-            "postgres://{}@127.0.0.1:{}/postgres",
-            Self::USER,
-            self.port
-        );
+        let url = format!("postgres://{}@127.0.0.1:{}/postgres", Self::USER, self.port);
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .map_err(|e| StackError::Failed(format!("connecting to PostgreSQL: {e}")))?;

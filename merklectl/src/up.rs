@@ -101,15 +101,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));
     }
     for (spec, addr, _) in &services {
-        if let Err(err) =
-            wait_for_status(*addr, spec.grpc_name, ServingStatus::Serving, Duration::from_secs(60)).await
+        if let Err(err) = wait_for_status(
+            *addr,
+            spec.grpc_name,
+            ServingStatus::Serving,
+            Duration::from_secs(60),
+        )
+        .await
         {
             let log = data_dir.join("logs").join(format!("{}.log", spec.name));
             bail!("{err}; see {}", log.display());
         }
     }
 
-    print_table(&services, postgres.as_ref(), redis.as_ref(), &database_url, &redis_url);
+    print_table(
+        &services,
+        postgres.as_ref(),
+        redis.as_ref(),
+        &database_url,
+        &redis_url,
+    );
     println!("\nlogs: {}/logs   stop: Ctrl-C", data_dir.display());
 
     let reason = loop {
@@ -222,7 +233,10 @@ fn service_env(
         env.push(("REDIS_URL", redis_url.to_owned()));
     }
     for peer in &SERVICES {
-        env.push((peer.addr_var, format!("http://127.0.0.1:{}", args.port_of(peer))));
+        env.push((
+            peer.addr_var,
+            format!("http://127.0.0.1:{}", args.port_of(peer)),
+        ));
     }
     env
 }
@@ -234,7 +248,10 @@ fn print_table(
     database_url: &str,
     redis_url: &str,
 ) {
-    println!("\n{:<14} {:<18} {:>8}  {}", "COMPONENT", "ADDRESS", "PID", "STATUS");
+    println!(
+        "\n{:<14} {:<18} {:>8}  {}",
+        "COMPONENT", "ADDRESS", "PID", "STATUS"
+    );
     for (spec, addr, process) in services {
         println!(
             "{:<14} {:<18} {:>8}  SERVING  {}",
@@ -252,7 +269,13 @@ fn print_table(
             pg.pid().unwrap_or(0),
             pg.url()
         ),
-        None => println!("{:<14} {:<18} {:>8}  external {}", "postgres", "-", "-", merkle_shared::config::redact_url(database_url)),
+        None => println!(
+            "{:<14} {:<18} {:>8}  external {}",
+            "postgres",
+            "-",
+            "-",
+            merkle_shared::config::redact_url(database_url)
+        ),
     }
     match redis {
         Some(r) => println!(
@@ -262,6 +285,12 @@ fn print_table(
             r.pid().unwrap_or(0),
             r.url()
         ),
-        None => println!("{:<14} {:<18} {:>8}  external {}", "redis", "-", "-", merkle_shared::config::redact_url(redis_url)),
+        None => println!(
+            "{:<14} {:<18} {:>8}  external {}",
+            "redis",
+            "-",
+            "-",
+            merkle_shared::config::redact_url(redis_url)
+        ),
     }
 }

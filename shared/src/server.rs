@@ -172,7 +172,15 @@ mod tests {
         let server = tokio::spawn(async move {
             let args = args(port, Duration::from_secs(10));
             let routes = Routes::default();
-            serve("test.Service", &args, 0, routes, HealthServer::new(SlowHealth), shutdown).await
+            serve(
+                "test.Service",
+                &args,
+                0,
+                routes,
+                HealthServer::new(SlowHealth),
+                shutdown,
+            )
+            .await
         });
 
         let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
@@ -194,9 +202,15 @@ mod tests {
         let stopping = Instant::now();
         trigger.trigger();
 
-        let response = call.await.expect("call task").expect("in-flight call completes");
+        let response = call
+            .await
+            .expect("call task")
+            .expect("in-flight call completes");
         assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
-        server.await.expect("server task").expect("server stops cleanly");
+        server
+            .await
+            .expect("server task")
+            .expect("server stops cleanly");
         assert!(stopping.elapsed() < Duration::from_secs(10));
     }
 }
