@@ -249,8 +249,8 @@ fn print_table(
     redis_url: &str,
 ) {
     println!(
-        "\n{:<14} {:<18} {:>8}  {}",
-        "COMPONENT", "ADDRESS", "PID", "STATUS"
+        "\n{:<14} {:<18} {:>8}  STATUS",
+        "COMPONENT", "ADDRESS", "PID"
     );
     for (spec, addr, process) in services {
         println!(

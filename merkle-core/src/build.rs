@@ -1,0 +1,636 @@
+//! Building the Merkle tree of a directory: parallel, incremental and safe.
+//!
+//! A build has two phases on a dedicated rayon pool:
+//! 1. **scan**: walk the tree (in parallel over subdirectories) with `lstat` only, applying the
+//!    exclude patterns and limits, into an in-memory skeleton; this fixes the totals that
+//!    progress reports against;
+//! 2. **hash**: hash files in parallel, taking a file's digest from the stat cache when its
+//!    `lstat` matches and its mtime is safely older than the cached scan (the racy-git rule),
+//!    else reading it, then hash directories bottom-up, handing each new node to a
+//!    [`NodeSink`] (children before parents, each distinct node once).
+//!
+//! Files are read through a descriptor opened with `O_NOFOLLOW`, checked with `fstat` before and
+//! after the read; a file that changed while read is read again, and after `read_retries` the
+//! build fails naming it. Nothing is ever silently wrong. Memory is the skeleton (proportional
+//! to the number of entries) plus a 256 KiB read buffer per thread, whatever the file sizes.
+
+use std::{
+    collections::HashSet,
+    ffi::OsStr,
+    fs::{self, File, Metadata},
+    io::{self, Read},
+    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use rayon::prelude::*;
+
+use crate::{
+    digest::{Digest, FileHasher, symlink_leaf},
+    node::{DirNode, Entry, EntryKind, Meta, Profile},
+    statcache::{CachedFile, FileStat, StatCache},
+};
+
+/// How to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub profile: Profile,
+    /// Patterns in gitignore syntax, relative to the root.
+    pub exclude: Vec<String>,
+    /// Hashing threads; 0 means one per core.
+    pub threads: usize,
+    /// Most entries (files, directories, symlinks, skipped) a tree may have.
+    pub max_entries: u64,
+    /// Deepest directory nesting below the root.
+    pub max_depth: usize,
+    /// The stat-cache file of this root; `None` reads every file.
+    pub stat_cache: Option<PathBuf>,
+    /// Extra reads of a file that changed while it was read, before the build fails.
+    pub read_retries: u32,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            profile: Profile::Content,
+            exclude: Vec::new(),
+            threads: 0,
+            max_entries: 10_000_000,
+            max_depth: 256,
+            stat_cache: None,
+            read_retries: 2,
+        }
+    }
+}
+
+/// What can stop a build. Every variant names the path or the limit at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{}: not found", .0.display())]
+    NotFound(PathBuf),
+    #[error("{}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("exclude pattern {pattern:?}: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error("{} changed while it was read ({attempts} attempts); retry when it is stable", path.display())]
+    Changed { path: PathBuf, attempts: u32 },
+    #[error("{} vanished during the build", .0.display())]
+    Vanished(PathBuf),
+    #[error("the tree has more than {limit} entries (the max_entries limit)")]
+    TooManyEntries { limit: u64 },
+    #[error("{} is nested deeper than {limit} directories (the max_depth limit)", path.display())]
+    TooDeep { path: PathBuf, limit: usize },
+    #[error("the build was cancelled")]
+    Cancelled,
+    #[error("starting the hashing threads failed: {0}")]
+    Threads(String),
+}
+
+/// What a built tree contains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeStats {
+    pub file_count: u64,
+    pub dir_count: u64,
+    pub symlink_count: u64,
+    pub skipped_count: u64,
+    pub total_bytes: u64,
+}
+
+/// The result of a build.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    pub root: Digest,
+    pub profile: Profile,
+    pub stats: TreeStats,
+    /// Distinct directory nodes.
+    pub node_count: u64,
+    /// Files whose content was read (the rest came from the stat cache).
+    pub files_hashed: u64,
+    pub duration: Duration,
+}
+
+/// Receives each distinct directory node as soon as it is hashed, children before parents.
+/// Called from the hashing threads.
+pub trait NodeSink: Sync {
+    fn node(&self, hash: Digest, node: DirNode) -> Result<(), BuildError>;
+}
+
+/// A sink that keeps nothing (when only the root is wanted).
+pub struct DiscardNodes;
+
+impl NodeSink for DiscardNodes {
+    fn node(&self, _hash: Digest, _node: DirNode) -> Result<(), BuildError> {
+        Ok(())
+    }
+}
+
+/// The phase of a build, as [`Progress::phase`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Scanning = 1,
+    Hashing = 2,
+    Done = 3,
+}
+
+/// Live progress counters, readable from another thread while the build runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: AtomicU8,
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgressSnapshot {
+    pub phase: Phase,
+    pub files_total: u64,
+    pub bytes_total: u64,
+    pub files_done: u64,
+    pub bytes_done: u64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            phase: match self.phase.load(Ordering::Relaxed) {
+                2 => Phase::Hashing,
+                3 => Phase::Done,
+                _ => Phase::Scanning,
+            },
+            files_total: self.files_total.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            files_done: self.files_done.load(Ordering::Relaxed),
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+}
+
+/// Builds trees; see the module docs.
+pub struct Builder<'a> {
+    options: BuildOptions,
+    sink: &'a dyn NodeSink,
+    progress: Option<&'a Progress>,
+    cancel: Option<&'a AtomicBool>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(options: BuildOptions) -> Builder<'static> {
+        Builder {
+            options,
+            sink: &DiscardNodes,
+            progress: None,
+            cancel: None,
+        }
+    }
+
+    /// Hands every distinct directory node to `sink`.
+    pub fn sink<'b>(self, sink: &'b dyn NodeSink) -> Builder<'b>
+    where
+        'a: 'b,
+    {
+        Builder {
+            options: self.options,
+            sink,
+            progress: self.progress,
+            cancel: self.cancel,
+        }
+    }
+
+    /// Updates `progress` as the build goes.
+    pub fn progress<'b>(self, progress: &'b Progress) -> Builder<'b>
+    where
+        'a: 'b,
+    {
+        Builder {
+            options: self.options,
+            sink: self.sink,
+            progress: Some(progress),
+            cancel: self.cancel,
+        }
+    }
+
+    /// Stops the build (with [`BuildError::Cancelled`]) once `cancel` is set.
+    pub fn cancel<'b>(self, cancel: &'b AtomicBool) -> Builder<'b>
+    where
+        'a: 'b,
+    {
+        Builder {
+            options: self.options,
+            sink: self.sink,
+            progress: self.progress,
+            cancel: Some(cancel),
+        }
+    }
+
+    /// Builds the tree of the directory `root` (already resolved and checked by the caller).
+    pub fn build(&self, root: &Path) -> Result<BuildOutcome, BuildError> {
+        let started = Instant::now();
+        let meta = match fs::metadata(root) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BuildError::NotFound(root.to_owned()));
+            }
+            Err(source) => {
+                return Err(BuildError::Unreadable {
+                    path: root.to_owned(),
+                    source,
+                });
+            }
+        };
+        if !meta.is_dir() {
+            return Err(BuildError::NotADirectory(root.to_owned()));
+        }
+        let excludes = exclude_matcher(root, &self.options.exclude)?;
+        let threads = if self.options.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.options.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("merkle-hash-{i}"))
+            .build()
+            .map_err(|e| BuildError::Threads(e.to_string()))?;
+
+        let local_progress = Progress::default();
+        let progress = self.progress.unwrap_or(&local_progress);
+        let never = AtomicBool::new(false);
+        let cancel = self.cancel.unwrap_or(&never);
+        // Taken before any lstat: entries whose mtime is not safely older are re-read next time.
+        let scan_started = SystemTime::now();
+        let cache = match &self.options.stat_cache {
+            Some(path) => StatCache::load(path),
+            None => StatCache::default(),
+        };
+
+        let run = Run {
+            options: &self.options,
+            excludes,
+            sink: self.sink,
+            progress,
+            cancel,
+            cache: &cache,
+            entries: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            emitted: Mutex::new(HashSet::new()),
+            fresh: Mutex::new(Vec::new()),
+            files_read: AtomicU64::new(0),
+        };
+        progress.set_phase(Phase::Scanning);
+        let skeleton = pool.install(|| run.scan_dir(root, b"", 0))?;
+        progress.set_phase(Phase::Hashing);
+        let (root_digest, mut stats) = pool.install(|| run.hash_dir(&skeleton, root, b""))?;
+        stats.dir_count += 1;
+        stats.skipped_count = run.skipped.load(Ordering::Relaxed);
+        progress.set_phase(Phase::Done);
+
+        if let Some(path) = &self.options.stat_cache {
+            let fresh = run.fresh.into_inner().unwrap_or_else(|e| e.into_inner());
+            // A cache that cannot be written only costs speed next time.
+            let _ = StatCache::save(path, scan_started, fresh);
+        }
+        Ok(BuildOutcome {
+            root: root_digest,
+            profile: self.options.profile,
+            stats,
+            node_count: run.emitted.into_inner().map_or(0, |s| s.len() as u64),
+            files_hashed: run.files_read.load(Ordering::Relaxed),
+            duration: started.elapsed(),
+        })
+    }
+}
+
+fn exclude_matcher(root: &Path, patterns: &[String]) -> Result<Gitignore, BuildError> {
+    let mut builder = GitignoreBuilder::new(root);
+    for pattern in patterns {
+        builder
+            .add_line(None, pattern)
+            .map_err(|e| BuildError::BadPattern {
+                pattern: pattern.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    builder.build().map_err(|e| BuildError::BadPattern {
+        pattern: patterns.join(" "),
+        reason: e.to_string(),
+    })
+}
+
+/// The scanned skeleton of one directory, entries sorted by name.
+struct ScanDir {
+    entries: Vec<ScanEntry>,
+}
+
+struct ScanEntry {
+    name: Vec<u8>,
+    stat: FileStat,
+    item: ScanItem,
+}
+
+enum ScanItem {
+    File,
+    Dir(ScanDir),
+    Symlink(Vec<u8>),
+}
+
+/// The state shared by the threads of one build.
+struct Run<'a> {
+    options: &'a BuildOptions,
+    excludes: Gitignore,
+    sink: &'a dyn NodeSink,
+    progress: &'a Progress,
+    cancel: &'a AtomicBool,
+    cache: &'a StatCache,
+    entries: AtomicU64,
+    skipped: AtomicU64,
+    emitted: Mutex<HashSet<Digest>>,
+    fresh: Mutex<Vec<(Vec<u8>, CachedFile)>>,
+    files_read: AtomicU64,
+}
+
+fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rel.len() + 1 + name.len());
+    if !rel.is_empty() {
+        out.extend_from_slice(rel);
+        out.push(b'/');
+    }
+    out.extend_from_slice(name);
+    out
+}
+
+impl Run<'_> {
+    fn check_cancel(&self) -> Result<(), BuildError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(BuildError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> BuildError + '_ {
+        move |source| match source.kind() {
+            io::ErrorKind::NotFound => BuildError::Vanished(path.to_owned()),
+            _ => BuildError::Unreadable {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+
+    fn scan_dir(&self, dir: &Path, rel: &[u8], depth: usize) -> Result<ScanDir, BuildError> {
+        self.check_cancel()?;
+        if depth > self.options.max_depth {
+            return Err(BuildError::TooDeep {
+                path: dir.to_owned(),
+                limit: self.options.max_depth,
+            });
+        }
+        let mut found: Vec<(Vec<u8>, Metadata)> = Vec::new();
+        for item in fs::read_dir(dir).map_err(Self::unreadable(dir))? {
+            let item = item.map_err(Self::unreadable(dir))?;
+            let name = item.file_name().as_bytes().to_vec();
+            // DirEntry::metadata is lstat: symlinks are never followed.
+            let meta = item.metadata().map_err(Self::unreadable(&item.path()))?;
+            if self.entries.fetch_add(1, Ordering::Relaxed) >= self.options.max_entries {
+                return Err(BuildError::TooManyEntries {
+                    limit: self.options.max_entries,
+                });
+            }
+            let ft = meta.file_type();
+            let special = !(ft.is_file() || ft.is_dir() || ft.is_symlink());
+            let excluded = self
+                .excludes
+                .matched(
+                    Path::new(OsStr::from_bytes(&child_rel(rel, &name))),
+                    ft.is_dir(),
+                )
+                .is_ignore();
+            if special || excluded {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            found.push((name, meta));
+        }
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+        let entries = found
+            .into_par_iter()
+            .map(|(name, meta)| {
+                let path = dir.join(OsStr::from_bytes(&name));
+                let ft = meta.file_type();
+                let item = if ft.is_dir() {
+                    ScanItem::Dir(self.scan_dir(&path, &child_rel(rel, &name), depth + 1)?)
+                } else if ft.is_symlink() {
+                    let target = fs::read_link(&path).map_err(Self::unreadable(&path))?;
+                    ScanItem::Symlink(target.into_os_string().as_bytes().to_vec())
+                } else {
+                    self.progress.files_total.fetch_add(1, Ordering::Relaxed);
+                    self.progress
+                        .bytes_total
+                        .fetch_add(meta.len(), Ordering::Relaxed);
+                    ScanItem::File
+                };
+                Ok(ScanEntry {
+                    name,
+                    stat: FileStat::from_metadata(&meta),
+                    item,
+                })
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
+        Ok(ScanDir { entries })
+    }
+
+    fn hash_dir(
+        &self,
+        dir: &ScanDir,
+        path: &Path,
+        rel: &[u8],
+    ) -> Result<(Digest, TreeStats), BuildError> {
+        self.check_cancel()?;
+        let full = self.options.profile == Profile::Full;
+        let results = dir
+            .entries
+            .par_iter()
+            .map(|e| {
+                let child = path.join(OsStr::from_bytes(&e.name));
+                let (kind, hash, size, stat, stats) = match &e.item {
+                    ScanItem::File => {
+                        let (hash, stat) =
+                            self.hash_file(&child, &child_rel(rel, &e.name), &e.stat)?;
+                        let kind = if stat.mode & 0o100 != 0 {
+                            EntryKind::Executable
+                        } else {
+                            EntryKind::File
+                        };
+                        let stats = TreeStats {
+                            file_count: 1,
+                            total_bytes: stat.size,
+                            ..TreeStats::default()
+                        };
+                        (kind, hash, stat.size, stat, stats)
+                    }
+                    ScanItem::Dir(sub) => {
+                        let (hash, mut stats) =
+                            self.hash_dir(sub, &child, &child_rel(rel, &e.name))?;
+                        stats.dir_count += 1;
+                        (EntryKind::Directory, hash, 0, e.stat, stats)
+                    }
+                    ScanItem::Symlink(target) => {
+                        let stats = TreeStats {
+                            symlink_count: 1,
+                            ..TreeStats::default()
+                        };
+                        (EntryKind::Symlink, symlink_leaf(target), 0, e.stat, stats)
+                    }
+                };
+                let entry = Entry {
+                    name: e.name.clone(),
+                    kind,
+                    hash,
+                    size,
+                    meta: full.then_some(Meta {
+                        perm: stat.mode & 0o7777,
+                        uid: stat.uid,
+                        gid: stat.gid,
+                    }),
+                };
+                Ok((entry, stats))
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
+
+        let mut stats = TreeStats::default();
+        let mut entries = Vec::with_capacity(results.len());
+        for (entry, s) in results {
+            stats.file_count += s.file_count;
+            stats.dir_count += s.dir_count;
+            stats.symlink_count += s.symlink_count;
+            stats.total_bytes += s.total_bytes;
+            entries.push(entry);
+        }
+        let node = DirNode { entries };
+        let hash = node
+            .hash(self.options.profile)
+            .expect("entries are sorted, named and carry metadata by construction");
+        let first = self
+            .emitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash);
+        if first {
+            self.sink.node(hash, node)?;
+        }
+        Ok((hash, stats))
+    }
+
+    /// The file's leaf and the stat it was read under (or cached with).
+    fn hash_file(
+        &self,
+        path: &Path,
+        rel: &[u8],
+        scanned: &FileStat,
+    ) -> Result<(Digest, FileStat), BuildError> {
+        self.check_cancel()?;
+        let (digest, stat) = match self.cache.lookup(rel, scanned) {
+            Some(digest) => {
+                self.progress
+                    .bytes_done
+                    .fetch_add(scanned.size, Ordering::Relaxed);
+                (digest, *scanned)
+            }
+            None => {
+                self.files_read.fetch_add(1, Ordering::Relaxed);
+                self.read_file(path)?
+            }
+        };
+        self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        if self.options.stat_cache.is_some() {
+            self.fresh
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((rel.to_vec(), CachedFile { stat, digest }));
+        }
+        Ok((digest, stat))
+    }
+
+    /// Reads and hashes a file, re-reading it while it changes under us.
+    fn read_file(&self, path: &Path) -> Result<(Digest, FileStat), BuildError> {
+        thread_local! {
+            static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+        }
+        let attempts = self.options.read_retries + 1;
+        for _ in 0..attempts {
+            // O_NOFOLLOW: a file swapped for a symlink is refused, never followed out of the
+            // tree; O_NONBLOCK: a file swapped for a FIFO cannot hang the build.
+            let file = File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP) => BuildError::Changed {
+                        path: path.to_owned(),
+                        attempts: 1,
+                    },
+                    _ => Self::unreadable(path)(e),
+                })?;
+            let before = FileStat::from_metadata(&file.metadata().map_err(Self::unreadable(path))?);
+            if before.mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(BuildError::Changed {
+                    path: path.to_owned(),
+                    attempts: 1,
+                });
+            }
+            let (digest, read) =
+                BUFFER.with(|buf| self.hash_reader(&file, path, &mut buf.borrow_mut()))?;
+            let after = FileStat::from_metadata(&file.metadata().map_err(Self::unreadable(path))?);
+            if before == after && read == after.size {
+                return Ok((digest, after));
+            }
+            // Changed while read: undo its bytes in the progress and read it again.
+            self.progress.bytes_done.fetch_sub(read, Ordering::Relaxed);
+        }
+        Err(BuildError::Changed {
+            path: path.to_owned(),
+            attempts,
+        })
+    }
+
+    fn hash_reader(
+        &self,
+        mut file: &File,
+        path: &Path,
+        buf: &mut [u8],
+    ) -> Result<(Digest, u64), BuildError> {
+        let mut hasher = FileHasher::new();
+        let mut total = 0u64;
+        loop {
+            let n = match file.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Self::unreadable(path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            total += n as u64;
+            self.progress
+                .bytes_done
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.check_cancel()?;
+        }
+        Ok((hasher.finish(), total))
+    }
+}

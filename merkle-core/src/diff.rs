@@ -1,0 +1,236 @@
+//! The changed paths between two trees of one profile (spec section 8): a top-down walk that
+//! never visits a subtree whose digest is equal on both sides.
+
+use crate::{
+    digest::Digest,
+    node::{DirNode, Entry, EntryKind},
+    tree::NodeSource,
+};
+
+/// How a path changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeType {
+    Added,
+    Removed,
+    Modified,
+    KindChanged,
+}
+
+/// One side of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side {
+    pub kind: EntryKind,
+    pub hash: Digest,
+}
+
+/// One changed path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `/`-separated, relative to the root, raw bytes.
+    pub path: Vec<u8>,
+    pub change: ChangeType,
+    /// The old entry; `None` when added.
+    pub old: Option<Side>,
+    /// The new entry; `None` when removed.
+    pub new: Option<Side>,
+}
+
+/// A directory node a tree refers to is not available.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("directory node {0} is not stored")]
+pub struct MissingNode(pub Digest);
+
+/// Calls `emit` for each changed path, in depth-first order of sorted names, until it returns
+/// false. Returns whether every change was emitted.
+pub fn diff(
+    old: &dyn NodeSource,
+    old_root: Digest,
+    new: &dyn NodeSource,
+    new_root: Digest,
+    emit: &mut dyn FnMut(Change) -> bool,
+) -> Result<bool, MissingNode> {
+    if old_root == new_root {
+        return Ok(true);
+    }
+    let walk = Walk { old, new };
+    walk.dirs(old_root, new_root, &[], emit)
+}
+
+/// All changes as a vector.
+pub fn diff_all(
+    old: &dyn NodeSource,
+    old_root: Digest,
+    new: &dyn NodeSource,
+    new_root: Digest,
+) -> Result<Vec<Change>, MissingNode> {
+    let mut out = Vec::new();
+    diff(old, old_root, new, new_root, &mut |c| {
+        out.push(c);
+        true
+    })?;
+    Ok(out)
+}
+
+struct Walk<'a> {
+    old: &'a dyn NodeSource,
+    new: &'a dyn NodeSource,
+}
+
+fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(prefix.len() + 1 + name.len());
+    if !prefix.is_empty() {
+        p.extend_from_slice(prefix);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+fn side(e: &Entry) -> Option<Side> {
+    Some(Side {
+        kind: e.kind,
+        hash: e.hash,
+    })
+}
+
+fn fetch(src: &dyn NodeSource, hash: Digest) -> Result<&DirNode, MissingNode> {
+    src.node(&hash).ok_or(MissingNode(hash))
+}
+
+impl Walk<'_> {
+    fn dirs(
+        &self,
+        old_hash: Digest,
+        new_hash: Digest,
+        prefix: &[u8],
+        emit: &mut dyn FnMut(Change) -> bool,
+    ) -> Result<bool, MissingNode> {
+        let old = fetch(self.old, old_hash)?;
+        let new = fetch(self.new, new_hash)?;
+        let (mut i, mut j) = (0, 0);
+        while i < old.entries.len() || j < new.entries.len() {
+            let o = old.entries.get(i);
+            let n = new.entries.get(j);
+            let order = match (o, n) {
+                (Some(o), Some(n)) => o.name.cmp(&n.name),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            let go_on = match (order, o, n) {
+                (std::cmp::Ordering::Less, Some(o), _) => {
+                    i += 1;
+                    self.whole(self.old, o, prefix, ChangeType::Removed, emit)?
+                }
+                (std::cmp::Ordering::Greater, _, Some(n)) => {
+                    j += 1;
+                    self.whole(self.new, n, prefix, ChangeType::Added, emit)?
+                }
+                (_, Some(o), Some(n)) => {
+                    i += 1;
+                    j += 1;
+                    self.pair(o, n, prefix, emit)?
+                }
+                _ => unreachable!("at least one side has an entry"),
+            };
+            if !go_on {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn pair(
+        &self,
+        o: &Entry,
+        n: &Entry,
+        prefix: &[u8],
+        emit: &mut dyn FnMut(Change) -> bool,
+    ) -> Result<bool, MissingNode> {
+        let path = join(prefix, &o.name);
+        if o.kind.group() != n.kind.group() {
+            let go_on = emit(Change {
+                path: path.clone(),
+                change: ChangeType::KindChanged,
+                old: side(o),
+                new: side(n),
+            });
+            if !go_on {
+                return Ok(false);
+            }
+            if o.kind == EntryKind::Directory
+                && !self.beneath(self.old, o.hash, &path, ChangeType::Removed, emit)?
+            {
+                return Ok(false);
+            }
+            if n.kind == EntryKind::Directory
+                && !self.beneath(self.new, n.hash, &path, ChangeType::Added, emit)?
+            {
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        let modified = Change {
+            path: path.clone(),
+            change: ChangeType::Modified,
+            old: side(o),
+            new: side(n),
+        };
+        if o.kind == EntryKind::Directory {
+            if o.meta != n.meta && !emit(modified) {
+                return Ok(false);
+            }
+            if o.hash != n.hash {
+                return self.dirs(o.hash, n.hash, &path, emit);
+            }
+            return Ok(true);
+        }
+        if o.kind != n.kind || o.hash != n.hash || o.meta != n.meta {
+            return Ok(emit(modified));
+        }
+        Ok(true)
+    }
+
+    /// An entry present on one side only: it and, for a directory, everything beneath it.
+    fn whole(
+        &self,
+        src: &dyn NodeSource,
+        e: &Entry,
+        prefix: &[u8],
+        change: ChangeType,
+        emit: &mut dyn FnMut(Change) -> bool,
+    ) -> Result<bool, MissingNode> {
+        let path = join(prefix, &e.name);
+        let (old, new) = match change {
+            ChangeType::Removed => (side(e), None),
+            _ => (None, side(e)),
+        };
+        if !emit(Change {
+            path: path.clone(),
+            change,
+            old,
+            new,
+        }) {
+            return Ok(false);
+        }
+        if e.kind == EntryKind::Directory {
+            return self.beneath(src, e.hash, &path, change, emit);
+        }
+        Ok(true)
+    }
+
+    fn beneath(
+        &self,
+        src: &dyn NodeSource,
+        dir: Digest,
+        prefix: &[u8],
+        change: ChangeType,
+        emit: &mut dyn FnMut(Change) -> bool,
+    ) -> Result<bool, MissingNode> {
+        for e in &fetch(src, dir)?.entries {
+            if !self.whole(src, e, prefix, change, emit)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,25 @@
+//! Merkle Mesh tree hashing, as specified in `docs/merkle-spec.md` (version 1).
+//!
+//! - [`digest`]: SHA-256 digests and the domain-separated leaf hashes;
+//! - [`node`]: directory entries and nodes, their canonical encoding and hash;
+//! - [`build`]: a parallel, incremental, safe build of a directory's tree;
+//! - [`statcache`]: the persistent stat cache that makes rebuilds incremental;
+//! - [`tree`]: an in-memory tree (all directory nodes by hash);
+//! - [`proof`]: inclusion proofs, their JSON file format and verification;
+//! - [`diff`]: the changed paths between two trees, skipping equal subtrees.
+//!
+//! The crate knows nothing of gRPC, PostgreSQL or Redis: TreeBuilder, DbSync and `merklectl`
+//! all build on it.
+
+pub mod build;
+pub mod diff;
+pub mod digest;
+pub mod node;
+pub mod proof;
+pub mod statcache;
+pub mod tree;
+
+pub use build::{BuildError, BuildOptions, BuildOutcome, Builder, NodeSink, Progress, TreeStats};
+pub use digest::Digest;
+pub use node::{DirNode, Entry, EntryKind, Meta, Profile};
+pub use tree::MemTree;
