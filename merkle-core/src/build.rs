@@ -53,6 +53,9 @@ pub struct BuildOptions {
     pub stat_cache: Option<PathBuf>,
     /// Extra reads of a file that changed while it was read, before the build fails.
     pub read_retries: u32,
+    /// How much older than a scan a file must be for the stat cache to trust it later (the
+    /// racy-git rule); see [`crate::statcache`].
+    pub racy_margin: Duration,
 }
 
 impl Default for BuildOptions {
@@ -65,6 +68,7 @@ impl Default for BuildOptions {
             max_depth: 256,
             stat_cache: None,
             read_retries: 2,
+            racy_margin: crate::statcache::RACY_MARGIN,
         }
     }
 }
@@ -302,7 +306,7 @@ impl<'a> Builder<'a> {
         if let Some(path) = &self.options.stat_cache {
             let fresh = run.fresh.into_inner().unwrap_or_else(|e| e.into_inner());
             // A cache that cannot be written only costs speed next time.
-            let _ = StatCache::save(path, scan_started, fresh);
+            let _ = StatCache::save(path, scan_started - self.options.racy_margin, fresh);
         }
         Ok(BuildOutcome {
             root: root_digest,

@@ -8,7 +8,7 @@ use crate::{
 };
 
 /// How a path changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ChangeType {
     Added,
     Removed,

@@ -112,14 +112,15 @@ impl StatCache {
         self.files.is_empty()
     }
 
-    /// Writes a cache of `files`, scanned from `scan_started` on, atomically (write a
-    /// temporary file, then rename it over `path`).
+    /// Writes a cache of `files` atomically (a temporary file renamed over `path`). Files
+    /// whose mtime or ctime is not before `trusted_before` (the scan start less the racy
+    /// margin) will be read again by the next build.
     pub fn save(
         path: &Path,
-        scan_started: SystemTime,
+        trusted_before: SystemTime,
         files: Vec<(Vec<u8>, CachedFile)>,
     ) -> io::Result<()> {
-        let scan_ns = epoch_ns(scan_started) - RACY_MARGIN.as_nanos() as i128;
+        let scan_ns = epoch_ns(trusted_before);
         let mut out = Vec::with_capacity(32 + files.len() * 120);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -226,7 +227,7 @@ mod tests {
     fn round_trip_and_racy_rule() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cache");
-        let scan = UNIX_EPOCH + Duration::from_secs(1_000);
+        let scan = UNIX_EPOCH + Duration::from_secs(1_000) - RACY_MARGIN;
         let old = stat_at(900);
         let racy = stat_at(999);
         let digest = file_leaf(b"hello");
