@@ -117,6 +117,13 @@ impl TestStack {
             ("DATABASE_CONNECT_TIMEOUT", "1s".to_owned()),
             ("REDIS_TIMEOUT", "500ms".to_owned()),
         ];
+        if name == "tree-builder" {
+            all_env.push(("ALLOWED_ROOTS", self.dir.path().display().to_string()));
+            all_env.push((
+                "STAT_CACHE_DIR",
+                self.dir.path().join("stat-cache").display().to_string(),
+            ));
+        }
         if let Some(pg) = &self.postgres {
             all_env.push(("DATABASE_URL", pg.url()));
         }

@@ -37,6 +37,7 @@ fn bad_listen_address_is_named_by_every_service() {
                 ("LISTEN_ADDR", "not-an-address"),
                 ("DATABASE_URL", "postgres://merkle@127.0.0.1:1/merkle"),
                 ("REDIS_URL", "redis://127.0.0.1:1/0"),
+                ("ALLOWED_ROOTS", "/tmp"),
             ],
         );
         assert_eq!(code, Some(2), "{}: {stderr}", spec.binary);
@@ -69,7 +70,10 @@ fn bad_redis_url_is_named() {
 
 #[test]
 fn bad_duration_and_range_are_named() {
-    let (code, stderr) = run("merkle-tree-builder", &[("REQUEST_TIMEOUT", "soon")]);
+    let (code, stderr) = run(
+        "merkle-tree-builder",
+        &[("REQUEST_TIMEOUT", "soon"), ("ALLOWED_ROOTS", "/tmp")],
+    );
     assert_eq!(code, Some(2), "{stderr}");
     assert_one_line_naming(&stderr, "REQUEST_TIMEOUT");
 
@@ -80,6 +84,21 @@ fn bad_duration_and_range_are_named() {
     let (code, stderr) = run("merkle-discovery", &[("LOG_FORMAT", "xml")]);
     assert_eq!(code, Some(2), "{stderr}");
     assert_one_line_naming(&stderr, "LOG_FORMAT");
+}
+
+#[test]
+fn missing_or_bad_allowed_roots_are_named() {
+    let (code, stderr) = run("merkle-tree-builder", &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "ALLOWED_ROOTS");
+
+    let (code, stderr) = run("merkle-tree-builder", &[("ALLOWED_ROOTS", "/no/such/dir")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "ALLOWED_ROOTS");
+
+    let (code, stderr) = run("merkle-tree-builder", &[("ALLOWED_ROOTS", "relative/dir")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "absolute");
 }
 
 #[test]

@@ -34,7 +34,10 @@ fn cached(cache: &Path) -> BuildOptions {
 fn incremental_rebuild_reads_only_changed_files() {
     let tree = tempfile::tempdir().expect("tempdir");
     for i in 0..100 {
-        write(&tree.path().join(format!("d{}/f{i}", i % 7)), format!("file {i}").as_bytes());
+        write(
+            &tree.path().join(format!("d{}/f{i}", i % 7)),
+            format!("file {i}").as_bytes(),
+        );
     }
     let cache = tempfile::tempdir().expect("tempdir");
     let cache = cache.path().join("stat.cache");
@@ -43,12 +46,16 @@ fn incremental_rebuild_reads_only_changed_files() {
     let first = root(tree.path(), cached(&cache));
     assert_eq!(first.files_hashed, 100);
     let unchanged = root(tree.path(), cached(&cache));
-    assert_eq!(unchanged.files_hashed, 0, "nothing changed, nothing is read");
+    assert_eq!(
+        unchanged.files_hashed, 0,
+        "nothing changed, nothing is read"
+    );
     assert_eq!(unchanged.root, first.root);
 
     write(&tree.path().join("d1/f1"), b"changed");
     write(&tree.path().join("d2/f2"), b"FILE 2"); // same size as before
-    fs::set_permissions(tree.path().join("d3/f3"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::set_permissions(tree.path().join("d3/f3"), fs::Permissions::from_mode(0o755))
+        .expect("chmod");
     let second = root(tree.path(), cached(&cache));
     assert_eq!(second.files_hashed, 3);
     assert_eq!(second.root, root(tree.path(), BuildOptions::default()).root);
@@ -97,7 +104,10 @@ fn excludes_follow_gitignore_rules_and_count_as_skipped() {
     // The same tree without the excluded paths has the same root.
     fs::remove_file(tree.path().join("debug.log")).expect("rm");
     fs::remove_dir_all(tree.path().join("target")).expect("rm -r");
-    assert_eq!(root(tree.path(), BuildOptions::default()).root, excluded.root);
+    assert_eq!(
+        root(tree.path(), BuildOptions::default()).root,
+        excluded.root
+    );
 }
 
 #[test]
@@ -109,7 +119,10 @@ fn bad_pattern_is_named() {
     })
     .build(tree.path())
     .expect_err("bad pattern");
-    assert!(matches!(err, BuildError::BadPattern { ref pattern, .. } if pattern == "[z-a]"), "{err}");
+    assert!(
+        matches!(err, BuildError::BadPattern { ref pattern, .. } if pattern == "[z-a]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,7 +154,10 @@ fn limits_on_entries_and_depth_are_enforced() {
     })
     .build(tree.path())
     .expect_err("too many");
-    assert!(matches!(err, BuildError::TooManyEntries { limit: 5 }), "{err}");
+    assert!(
+        matches!(err, BuildError::TooManyEntries { limit: 5 }),
+        "{err}"
+    );
     let err = Builder::new(BuildOptions {
         max_depth: 2,
         ..BuildOptions::default()
@@ -155,7 +171,11 @@ fn limits_on_entries_and_depth_are_enforced() {
 fn full_profile_sees_mode_changes_content_profile_does_not() {
     let tree = tempfile::tempdir().expect("tempdir");
     write(&tree.path().join("secret"), b"s");
-    fs::set_permissions(tree.path().join("secret"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs::set_permissions(
+        tree.path().join("secret"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
     let full = BuildOptions {
         profile: Profile::Full,
         ..BuildOptions::default()
@@ -165,8 +185,15 @@ fn full_profile_sees_mode_changes_content_profile_does_not() {
         root(tree.path(), full.clone()).root,
     );
     assert_ne!(content_before, full_before);
-    fs::set_permissions(tree.path().join("secret"), fs::Permissions::from_mode(0o644)).expect("chmod");
-    assert_eq!(root(tree.path(), BuildOptions::default()).root, content_before);
+    fs::set_permissions(
+        tree.path().join("secret"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    assert_eq!(
+        root(tree.path(), BuildOptions::default()).root,
+        content_before
+    );
     assert_ne!(root(tree.path(), full).root, full_before);
 }
 
@@ -178,7 +205,10 @@ fn a_file_that_keeps_changing_fails_the_build_naming_it() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
-            let mut f = fs::OpenOptions::new().append(true).open(&hot).expect("open");
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&hot)
+                .expect("open");
             while !stop.load(Ordering::Relaxed) {
                 std::io::Write::write_all(&mut f, b"more\n").expect("append");
             }

@@ -39,7 +39,9 @@ fn node() -> impl Strategy<Value = Node> {
             .prop_map(|(content, exec)| Node::File { content, exec }),
         1 => "[a-z/.]{1,10}".prop_map(Node::Link),
     ];
-    leaf.prop_recursive(3, 40, 5, |inner| btree_map(name(), inner, 0..5).prop_map(Node::Dir))
+    leaf.prop_recursive(3, 40, 5, |inner| {
+        btree_map(name(), inner, 0..5).prop_map(Node::Dir)
+    })
 }
 
 fn tree() -> impl Strategy<Value = Dir> {
@@ -71,7 +73,11 @@ fn model_hash(dir: &Dir) -> Digest {
         .map(|(name, node)| {
             let (kind, hash) = match node {
                 Node::File { content, exec } => (
-                    if *exec { EntryKind::Executable } else { EntryKind::File },
+                    if *exec {
+                        EntryKind::Executable
+                    } else {
+                        EntryKind::File
+                    },
                     file_leaf(content),
                 ),
                 Node::Link(target) => (EntryKind::Symlink, symlink_leaf(target.as_bytes())),
@@ -86,7 +92,9 @@ fn model_hash(dir: &Dir) -> Digest {
             }
         })
         .collect();
-    DirNode { entries }.hash(Profile::Content).expect("valid model node")
+    DirNode { entries }
+        .hash(Profile::Content)
+        .expect("valid model node")
 }
 
 fn build(dir: &Path, options: BuildOptions) -> MemTree {
@@ -111,7 +119,11 @@ fn flatten(dir: &Dir, prefix: &str, out: &mut BTreeMap<String, (u8, EntryKind, D
         };
         let (kind, hash) = match node {
             Node::File { content, exec } => (
-                if *exec { EntryKind::Executable } else { EntryKind::File },
+                if *exec {
+                    EntryKind::Executable
+                } else {
+                    EntryKind::File
+                },
                 file_leaf(content),
             ),
             Node::Link(t) => (EntryKind::Symlink, symlink_leaf(t.as_bytes())),
@@ -187,7 +199,13 @@ fn apply(root: &mut Dir, target: usize, m: &Mutation) -> bool {
         if dir.contains_key(name) {
             return false;
         }
-        dir.insert(name.clone(), Node::File { content: b"new".to_vec(), exec: false });
+        dir.insert(
+            name.clone(),
+            Node::File {
+                content: b"new".to_vec(),
+                exec: false,
+            },
+        );
         return true;
     }
     if all.is_empty() {

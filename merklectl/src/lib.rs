@@ -2,5 +2,6 @@
 //! [`stack`] to start real PostgreSQL, Redis and service processes the same way `merklectl up`
 //! does.
 
+pub mod local;
 pub mod stack;
 pub mod up;

@@ -17,19 +17,40 @@ enum Command {
     /// Run the whole system on this machine: PostgreSQL, Redis and the five services, until
     /// Ctrl-C.
     Up(merklectl::up::UpArgs),
+    /// Print the Merkle root of a directory (docs/merkle-spec.md).
+    Hash(merklectl::local::HashArgs),
+    /// List the paths that differ between two directories: `A` added, `D` removed,
+    /// `M` modified, `T` kind changed. Exits 1 when there are differences, like diff(1).
+    Diff(merklectl::local::DiffArgs),
+    /// Write an inclusion proof (JSON) that PATH is part of DIR's tree.
+    Prove(merklectl::local::ProveArgs),
+    /// Verify an inclusion proof file offline.
+    VerifyProof(merklectl::local::VerifyProofArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up(args) => merklectl::up::run(args).await,
+        Command::Up(args) => merklectl::up::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Hash(args) => merklectl::local::hash(args).map(|()| ExitCode::SUCCESS),
+        Command::Diff(args) => merklectl::local::diff(args).map(|changed| {
+            if changed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
+        Command::Prove(args) => merklectl::local::prove_cmd(args).map(|()| ExitCode::SUCCESS),
+        Command::VerifyProof(args) => {
+            merklectl::local::verify_proof(args).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("merklectl: {err:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct UpArgs {
     /// DbSync +2, Cache +3, Discovery +4).
     #[arg(long, default_value_t = merkle_shared::ports::SCHEDULER)]
     pub base_port: u16,
+    /// A directory TreeBuilder may hash (repeatable; default: the current directory).
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    pub allowed_roots: Vec<PathBuf>,
     /// Do not run `cargo build` first, even when started by `cargo run`.
     #[arg(long)]
     pub no_build: bool,
@@ -92,10 +95,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
 
+    let allowed_roots = if args.allowed_roots.is_empty() {
+        vec![std::env::current_dir()?]
+    } else {
+        args.allowed_roots
+            .iter()
+            .map(|p| {
+                std::fs::canonicalize(p).with_context(|| format!("--allowed-root {}", p.display()))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
     let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
     for spec in SERVICES {
         let port = args.port_of(&spec);
-        let env = service_env(&spec, &args, &database_url, &redis_url);
+        let mut env = service_env(&spec, &args, &database_url, &redis_url);
+        if spec.name == "tree-builder" {
+            let roots: Vec<String> = allowed_roots
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            env.push(("ALLOWED_ROOTS", roots.join(",")));
+            env.push((
+                "STAT_CACHE_DIR",
+                data_dir.join("stat-cache").display().to_string(),
+            ));
+        }
         let log = data_dir.join("logs").join(format!("{}.log", spec.name));
         let process = stack::spawn_service(&spec, port, &env, &log)?;
         services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));

@@ -4,6 +4,7 @@
 //! - [`telemetry`]: JSON logs, OpenTelemetry export, W3C trace-context propagation;
 //! - [`server`]: the gRPC server (health, reflection, limits, graceful shutdown);
 //! - [`client`]: lazy gRPC channels with timeouts, trace propagation and retries;
+//! - [`convert`]: the Merkle core's types to and from the contract's messages;
 //! - [`postgres`] and [`redis`]: connection pools, and migrations run at start;
 //! - [`health`]: health status that follows real dependency checks;
 //! - [`error`]: the one map from a service's errors to `tonic::Status`;
@@ -13,6 +14,7 @@
 
 pub mod client;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod health;
 pub mod postgres;

@@ -1,24 +1,76 @@
-//! The gRPC face of TreeBuilder.
+//! The gRPC face of TreeBuilder: requests are checked and turned into build options here, the
+//! builds themselves run in [`crate::builds`].
 
-use std::pin::Pin;
-
-use merkle_proto::treebuilder::v1::{
-    BuildTreeRequest, BuildTreeResponse, VerifyTreeRequest, VerifyTreeResponse,
-    tree_builder_service_server::TreeBuilderService,
+use std::{
+    pin::Pin,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
 };
-use merkle_shared::error::not_yet_implemented;
-use tokio_stream::Stream;
+
+use merkle_core::{Digest, MemTree, Profile, diff};
+use merkle_proto::treebuilder::v1::{
+    BuildResult, BuildTreeRequest, BuildTreeResponse, VerifyTreeRequest, VerifyTreeResponse,
+    build_tree_response::Event, tree_builder_service_server::TreeBuilderService,
+};
+use merkle_shared::convert::{
+    change_to_proto, profile_from_proto, profile_to_proto, stats_to_proto,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-pub(crate) struct TreeBuilderApi;
+use crate::{
+    builds::{self, BuildSettings, RecentTrees, StreamSink},
+    error::Error,
+    paths::AllowedRoots,
+};
+
+/// How often a build reports progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Default and maximum of VerifyTreeRequest.max_differences.
+const DEFAULT_DIFFERENCES: usize = 1000;
+const MAX_DIFFERENCES: usize = 100_000;
+
+pub(crate) struct TreeBuilderApi {
+    roots: AllowedRoots,
+    settings: BuildSettings,
+    recent: Arc<RecentTrees>,
+}
 
 impl TreeBuilderApi {
-    pub(crate) fn new() -> Self {
-        TreeBuilderApi
+    pub(crate) fn new(roots: AllowedRoots, settings: BuildSettings, recent: RecentTrees) -> Self {
+        TreeBuilderApi {
+            roots,
+            settings,
+            recent: Arc::new(recent),
+        }
     }
 }
 
 type BuildTreeStream = Pin<Box<dyn Stream<Item = Result<BuildTreeResponse, Status>> + Send>>;
+
+fn result_message(outcome: &merkle_core::BuildOutcome, resolved: &std::path::Path) -> BuildResult {
+    BuildResult {
+        root_hash: outcome.root.to_hex(),
+        stats: Some(stats_to_proto(&outcome.stats)),
+        duration: prost_types::Duration::try_from(outcome.duration).ok(),
+        resolved_path: resolved.to_string_lossy().into_owned(),
+        profile: profile_to_proto(outcome.profile) as i32,
+        node_count: outcome.node_count,
+        files_hashed: outcome.files_hashed,
+    }
+}
+
+fn check_patterns(patterns: &[String]) -> Result<(), Error> {
+    for (i, p) in patterns.iter().enumerate() {
+        if p.is_empty() || p.contains('\0') {
+            return Err(Error::BadRequest(format!(
+                "exclude_patterns[{i}]: must be a non-empty gitignore pattern"
+            )));
+        }
+    }
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl TreeBuilderService for TreeBuilderApi {
@@ -26,15 +78,146 @@ impl TreeBuilderService for TreeBuilderApi {
 
     async fn build_tree(
         &self,
-        _request: Request<BuildTreeRequest>,
+        request: Request<BuildTreeRequest>,
     ) -> Result<Response<Self::BuildTreeStream>, Status> {
-        Err(not_yet_implemented("BuildTree"))
+        let request = request.into_inner();
+        let root = self.roots.check(&request.path)?;
+        let profile = profile_from_proto(request.profile).map_err(Error::BadRequest)?;
+        check_patterns(&request.exclude_patterns)?;
+        let mut options = self
+            .settings
+            .options(&root, profile, request.exclude_patterns);
+        if request.disable_stat_cache {
+            options.stat_cache = None;
+        }
+        tracing::info!(path = %root.display(), build_id = %request.build_id, profile = profile.name(), "build started");
+
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let keep = self.recent.enabled();
+        let sink = Arc::new(StreamSink::new(
+            request.include_nodes.then(|| tx.clone()),
+            self.settings.batch_bytes,
+            cancel.clone(),
+            keep,
+        ));
+        let recent = self.recent.clone();
+        tokio::spawn(async move {
+            let result = builds::run(
+                root.clone(),
+                options,
+                sink.clone(),
+                Some(tx.clone()),
+                cancel,
+                PROGRESS_INTERVAL,
+            )
+            .await;
+            let message = match result {
+                Ok((outcome, progress)) => {
+                    tracing::info!(
+                        root = %outcome.root,
+                        files = outcome.stats.file_count,
+                        read = outcome.files_hashed,
+                        ms = outcome.duration.as_millis() as u64,
+                        "build finished"
+                    );
+                    let _ = tx.send(Ok(builds::progress_event(&progress))).await;
+                    if let Some(nodes) = Arc::into_inner(sink).and_then(StreamSink::into_kept) {
+                        recent.insert(MemTree {
+                            root: outcome.root,
+                            profile: outcome.profile,
+                            nodes,
+                        });
+                    }
+                    Ok(BuildTreeResponse {
+                        event: Some(Event::Result(result_message(&outcome, &root))),
+                    })
+                }
+                Err(err) => {
+                    tracing::warn!(path = %root.display(), error = %err, "build failed");
+                    Err(Status::from(err))
+                }
+            };
+            // The caller may be gone; then there is no one to tell.
+            let _ = tx.send(message).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn verify_tree(
         &self,
-        _request: Request<VerifyTreeRequest>,
+        request: Request<VerifyTreeRequest>,
     ) -> Result<Response<VerifyTreeResponse>, Status> {
-        Err(not_yet_implemented("VerifyTree"))
+        let request = request.into_inner();
+        let expected: Digest = request
+            .expected_root_hash
+            .parse()
+            .map_err(|e| Error::BadRequest(format!("expected_root_hash: {e}")))?;
+        let root = self.roots.check(&request.path)?;
+        let profile: Profile = profile_from_proto(request.profile).map_err(Error::BadRequest)?;
+        check_patterns(&request.exclude_patterns)?;
+        let max = match request.max_differences as usize {
+            0 => DEFAULT_DIFFERENCES,
+            n if n > MAX_DIFFERENCES => {
+                return Err(Error::BadRequest(format!(
+                    "max_differences: must be at most {MAX_DIFFERENCES}"
+                ))
+                .into());
+            }
+            n => n,
+        };
+        let options = self
+            .settings
+            .options(&root, profile, request.exclude_patterns);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let sink = Arc::new(StreamSink::new(
+            None,
+            self.settings.batch_bytes,
+            cancel.clone(),
+            true,
+        ));
+        let (outcome, _) = builds::run(
+            root.clone(),
+            options,
+            sink.clone(),
+            None,
+            cancel,
+            PROGRESS_INTERVAL,
+        )
+        .await?;
+        let actual = MemTree {
+            root: outcome.root,
+            profile,
+            nodes: Arc::into_inner(sink)
+                .and_then(StreamSink::into_kept)
+                .unwrap_or_default(),
+        };
+
+        let matches = actual.root == expected;
+        let (differences, complete) = if matches {
+            (Vec::new(), true)
+        } else if let Some(expected_tree) = self.recent.get(expected, profile) {
+            let mut changes = Vec::new();
+            let complete = diff::diff(&*expected_tree, expected, &actual, actual.root, &mut |c| {
+                if changes.len() == max {
+                    return false;
+                }
+                changes.push(change_to_proto(&c));
+                true
+            })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            (changes, complete)
+        } else {
+            // The expected tree is not known here: only the roots can be compared.
+            (Vec::new(), false)
+        };
+        Ok(Response::new(VerifyTreeResponse {
+            matches,
+            actual_root_hash: actual.root.to_hex(),
+            expected_root_hash: expected.to_hex(),
+            differences,
+            differences_complete: complete,
+            result: Some(result_message(&outcome, &root)),
+        }))
     }
 }

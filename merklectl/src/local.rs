@@ -1,0 +1,306 @@
+//! Commands that work on local directories with the Merkle core, no server needed:
+//! `hash`, `diff`, `prove` and `verify-proof`.
+
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use merkle_core::{
+    BuildOptions, BuildOutcome, Builder, Digest, MemTree, Profile, Progress,
+    build::Phase,
+    diff::{ChangeType, diff_all},
+    digest::file_leaf_from_reader,
+    proof::{InclusionProof, prove},
+    tree::CollectNodes,
+};
+
+/// What to build: shared by the commands that build trees.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TreeArgs {
+    /// Leave out paths matching this gitignore pattern (repeatable).
+    #[arg(long = "exclude", value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// What the hashes cover: `content` (like git) or `full` (adds mode, uid, gid).
+    #[arg(long, default_value = "content", value_parser = ["content", "full"])]
+    pub profile: String,
+    /// Hashing threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl TreeArgs {
+    fn options(&self) -> BuildOptions {
+        BuildOptions {
+            profile: Profile::from_name(&self.profile).unwrap_or_default(),
+            exclude: self.exclude.clone(),
+            threads: self.threads,
+            ..BuildOptions::default()
+        }
+    }
+}
+
+/// `merklectl hash`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HashArgs {
+    /// The directory to hash.
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub tree: TreeArgs,
+    /// Print one JSON object (root, counts, timing, peak memory) instead of the root alone.
+    #[arg(long)]
+    pub json: bool,
+    /// Read every file, ignoring and not updating the stat cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Folder of the stat caches (default: $XDG_CACHE_HOME/merkle-mesh or ~/.cache/merkle-mesh).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("merkle-mesh"))
+}
+
+/// The resolved directory (a symlinked directory is resolved once, and said so).
+fn resolve(dir: &Path) -> anyhow::Result<PathBuf> {
+    let resolved = dir
+        .canonicalize()
+        .with_context(|| format!("{}: cannot resolve", dir.display()))?;
+    if !resolved.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
+    Ok(resolved)
+}
+
+/// Builds `dir`, with a progress bar on a terminal; collects the nodes when `collect`.
+fn build(
+    dir: &Path,
+    options: BuildOptions,
+    collect: bool,
+) -> anyhow::Result<(BuildOutcome, Option<MemTree>)> {
+    let progress = Arc::new(Progress::default());
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| spawn_bar(progress.clone()));
+    let sink = CollectNodes::default();
+    let result = if collect {
+        Builder::new(options)
+            .sink(&sink)
+            .progress(&progress)
+            .build(dir)
+    } else {
+        Builder::new(options).progress(&progress).build(dir)
+    };
+    if let Some((bar, done)) = bar {
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = bar.join();
+    }
+    let outcome = result.with_context(|| format!("hashing {}", dir.display()))?;
+    let tree = collect.then(|| sink.into_tree(outcome.root, outcome.profile));
+    Ok((outcome, tree))
+}
+
+fn spawn_bar(
+    progress: Arc<Progress>,
+) -> (
+    std::thread::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let handle = std::thread::spawn(move || {
+        let bar = ProgressBar::new(0);
+        let style = ProgressStyle::with_template(
+            "{spinner} {msg:9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .map(|s| s.progress_chars("=> "));
+        if let Ok(style) = style {
+            bar.set_style(style);
+        }
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let s = progress.snapshot();
+            bar.set_message(match s.phase {
+                Phase::Scanning => format!("scan {}", s.files_total),
+                Phase::Hashing => "hashing".to_owned(),
+                Phase::Done => "done".to_owned(),
+            });
+            bar.set_length(s.bytes_total);
+            bar.set_position(s.bytes_done);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+    });
+    (handle, done)
+}
+
+/// Peak resident memory of this process, from /proc (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn hash(args: HashArgs) -> anyhow::Result<()> {
+    let dir = resolve(&args.dir)?;
+    let mut options = args.tree.options();
+    if !args.no_cache
+        && let Some(cache_dir) = args.cache_dir.clone().or_else(default_cache_dir)
+    {
+        let key = merkle_core::digest::file_leaf(dir.as_os_str().as_encoded_bytes());
+        options.stat_cache = Some(cache_dir.join(format!("{}.stat", &key.to_hex()[..24])));
+    }
+    let (outcome, _) = build(&dir, options, false)?;
+    if args.json {
+        let value = serde_json::json!({
+            "root_hash": outcome.root.to_hex(),
+            "profile": outcome.profile.name(),
+            "path": dir.to_string_lossy(),
+            "file_count": outcome.stats.file_count,
+            "dir_count": outcome.stats.dir_count,
+            "symlink_count": outcome.stats.symlink_count,
+            "skipped_count": outcome.stats.skipped_count,
+            "total_bytes": outcome.stats.total_bytes,
+            "node_count": outcome.node_count,
+            "files_hashed": outcome.files_hashed,
+            "duration_ms": outcome.duration.as_secs_f64() * 1000.0,
+            "peak_rss_bytes": peak_rss_bytes(),
+        });
+        println!("{value}");
+    } else {
+        println!("{}", outcome.root);
+    }
+    Ok(())
+}
+
+/// `merklectl diff`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiffArgs {
+    /// The old directory.
+    pub old: PathBuf,
+    /// The new directory.
+    pub new: PathBuf,
+    #[command(flatten)]
+    pub tree: TreeArgs,
+    /// One JSON object per changed path instead of `A|D|M|T path` lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the changed paths; returns whether there were any.
+pub fn diff(args: DiffArgs) -> anyhow::Result<bool> {
+    let (_, old) = build(&resolve(&args.old)?, args.tree.options(), true)?;
+    let (_, new) = build(&resolve(&args.new)?, args.tree.options(), true)?;
+    let (old, new) = (old.unwrap_or_default(), new.unwrap_or_default());
+    let changes = diff_all(&old, old.root, &new, new.root)?;
+    for c in &changes {
+        let path = String::from_utf8_lossy(&c.path);
+        let (letter, word) = match c.change {
+            ChangeType::Added => ("A", "added"),
+            ChangeType::Removed => ("D", "removed"),
+            ChangeType::Modified => ("M", "modified"),
+            ChangeType::KindChanged => ("T", "kind_changed"),
+        };
+        if args.json {
+            let value = serde_json::json!({
+                "path": path,
+                "change": word,
+                "old_kind": c.old.map(|s| s.kind.name()),
+                "new_kind": c.new.map(|s| s.kind.name()),
+                "old_hash": c.old.map(|s| s.hash.to_hex()),
+                "new_hash": c.new.map(|s| s.hash.to_hex()),
+            });
+            println!("{value}");
+        } else {
+            println!("{letter} {path}");
+        }
+    }
+    Ok(!changes.is_empty())
+}
+
+/// `merklectl prove`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProveArgs {
+    /// The directory (the tree's root).
+    pub dir: PathBuf,
+    /// The entry to prove, relative to DIR, `/`-separated.
+    pub path: String,
+    #[command(flatten)]
+    pub tree: TreeArgs,
+}
+
+pub fn prove_cmd(args: ProveArgs) -> anyhow::Result<()> {
+    let (outcome, tree) = build(&resolve(&args.dir)?, args.tree.options(), true)?;
+    let tree = tree.unwrap_or_default();
+    let proof = prove(&tree, outcome.root, outcome.profile, args.path.as_bytes())?;
+    println!("{}", proof.to_json());
+    Ok(())
+}
+
+/// `merklectl verify-proof`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyProofArgs {
+    /// The proof file (JSON, docs/merkle-spec.md section 7); `-` reads standard input.
+    pub proof: PathBuf,
+    /// The root you trust (e.g. from a signed snapshot); the proof must be for it.
+    #[arg(long)]
+    pub root: Option<String>,
+    /// A local copy of the proven file: its content must hash to the proven leaf.
+    #[arg(long)]
+    pub content: Option<PathBuf>,
+}
+
+pub fn verify_proof(args: VerifyProofArgs) -> anyhow::Result<()> {
+    let text = if args.proof.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the proof from stdin")?
+    } else {
+        std::fs::read_to_string(&args.proof)
+            .with_context(|| format!("reading {}", args.proof.display()))?
+    };
+    let proof = InclusionProof::from_json(&text)?;
+    let entry = proof.verify().context("the proof does not verify")?;
+    if let Some(root) = &args.root {
+        let trusted: Digest = root.parse().context("--root")?;
+        if trusted != proof.root {
+            bail!(
+                "the proof is for root {}, not the trusted root {trusted}",
+                proof.root
+            );
+        }
+    }
+    if let Some(path) = &args.content {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let (leaf, _) = file_leaf_from_reader(&mut file, &mut vec![0u8; 256 * 1024])?;
+        if leaf != entry.hash {
+            bail!(
+                "{} hashes to {leaf}, but the proof says {}",
+                path.display(),
+                entry.hash
+            );
+        }
+    }
+    let joined = proof.path.join(&b'/');
+    println!(
+        "valid: {} is a {} with hash {} in root {} ({} profile){}",
+        String::from_utf8_lossy(&joined),
+        entry.kind.name(),
+        entry.hash,
+        proof.root,
+        proof.profile.name(),
+        if args.root.is_some() {
+            ", the trusted root"
+        } else {
+            "; pass --root to check it is a root you trust"
+        }
+    );
+    Ok(())
+}

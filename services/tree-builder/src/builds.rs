@@ -1,0 +1,300 @@
+//! Running builds for the API: on a blocking thread, streaming progress and node batches to the
+//! caller, stopping when the caller goes away, and keeping recent trees for VerifyTree.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use merkle_core::{
+    BuildError, BuildOptions, BuildOutcome, Builder, Digest, DirNode, MemTree, NodeSink, Profile,
+    Progress, build::Phase,
+};
+use merkle_proto::{
+    common::v1::{BuildPhase, BuildProgress, TreeNode},
+    treebuilder::v1::{BuildTreeResponse, NodeBatch, build_tree_response::Event},
+};
+use merkle_shared::convert::node_to_proto;
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::{config::Config, error::Error};
+
+/// What one build needs to know besides the request.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub stat_cache_dir: Option<PathBuf>,
+    pub threads: usize,
+    pub max_entries: u64,
+    pub max_depth: usize,
+    /// Largest encoded size of one NodeBatch message.
+    pub batch_bytes: usize,
+}
+
+impl BuildSettings {
+    pub fn from_config(config: &Config) -> Self {
+        BuildSettings {
+            stat_cache_dir: config.stat_cache_dir.clone(),
+            threads: config.hash_threads,
+            max_entries: config.max_entries,
+            max_depth: config.max_depth as usize,
+            // Headroom for the message envelope: a batch stays well under the limit.
+            batch_bytes: (config.server.max_message_bytes as usize) * 3 / 4,
+        }
+    }
+
+    /// The options of a build of `root`, with the stat cache file of that directory.
+    pub fn options(
+        &self,
+        root: &std::path::Path,
+        profile: Profile,
+        exclude: Vec<String>,
+    ) -> BuildOptions {
+        let stat_cache = self.stat_cache_dir.as_ref().map(|dir| {
+            let key = Sha256::digest(root.as_os_str().as_encoded_bytes());
+            dir.join(format!("{}.stat", merkle_core::digest::hex(&key[..12])))
+        });
+        BuildOptions {
+            profile,
+            exclude,
+            threads: self.threads,
+            max_entries: self.max_entries,
+            max_depth: self.max_depth,
+            stat_cache,
+            ..BuildOptions::default()
+        }
+    }
+}
+
+pub type EventSender = mpsc::Sender<Result<BuildTreeResponse, Status>>;
+
+/// Streams nodes to the caller in batches under `batch_bytes`, splitting a node too large for
+/// one message, and keeps a copy of each node when the tree is to be remembered.
+pub struct StreamSink {
+    tx: Option<EventSender>,
+    batch_bytes: usize,
+    pending: Mutex<(Vec<TreeNode>, usize)>,
+    cancel: Arc<AtomicBool>,
+    keep: Option<Mutex<HashMap<Digest, DirNode>>>,
+}
+
+impl StreamSink {
+    /// `tx` is `None` when the caller does not want nodes; `keep` remembers them locally.
+    pub fn new(
+        tx: Option<EventSender>,
+        batch_bytes: usize,
+        cancel: Arc<AtomicBool>,
+        keep: bool,
+    ) -> Self {
+        StreamSink {
+            tx,
+            batch_bytes,
+            pending: Mutex::new((Vec::new(), 0)),
+            cancel,
+            keep: keep.then(|| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn send(&self, nodes: Vec<TreeNode>) -> Result<(), BuildError> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let event = BuildTreeResponse {
+            event: Some(Event::Nodes(NodeBatch { nodes })),
+        };
+        // Blocking here is backpressure: hashing waits while the caller is slow to read.
+        tx.blocking_send(Ok(event)).map_err(|_| {
+            self.cancel.store(true, Ordering::Relaxed);
+            BuildError::Cancelled
+        })
+    }
+
+    /// Sends what is still pending.
+    pub fn flush(&self) -> Result<(), BuildError> {
+        let nodes = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.1 = 0;
+            std::mem::take(&mut pending.0)
+        };
+        if nodes.is_empty() {
+            Ok(())
+        } else {
+            self.send(nodes)
+        }
+    }
+
+    /// The nodes kept, if asked to keep them.
+    pub fn into_kept(self) -> Option<HashMap<Digest, DirNode>> {
+        self.keep
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Splits a node whose encoding exceeds the batch size into consecutive parts.
+    fn parts(&self, node: TreeNode) -> Vec<TreeNode> {
+        if node.encoded_len() <= self.batch_bytes {
+            return vec![node];
+        }
+        let mut parts = Vec::new();
+        let mut current = Vec::new();
+        let mut size = 0;
+        for entry in node.entries {
+            let len = entry.encoded_len() + 8;
+            if size + len > self.batch_bytes && !current.is_empty() {
+                parts.push(TreeNode {
+                    hash: node.hash.clone(),
+                    entries: std::mem::take(&mut current),
+                    more_entries: true,
+                });
+                size = 0;
+            }
+            size += len;
+            current.push(entry);
+        }
+        parts.push(TreeNode {
+            hash: node.hash,
+            entries: current,
+            more_entries: false,
+        });
+        parts
+    }
+}
+
+impl NodeSink for StreamSink {
+    fn node(&self, hash: Digest, node: DirNode) -> Result<(), BuildError> {
+        if self.tx.is_some() {
+            for part in self.parts(node_to_proto(hash, &node)) {
+                let len = part.encoded_len() + 8;
+                let full = {
+                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    if pending.1 + len > self.batch_bytes && !pending.0.is_empty() {
+                        pending.1 = len;
+                        Some(std::mem::replace(&mut pending.0, vec![part]))
+                    } else {
+                        pending.1 += len;
+                        pending.0.push(part);
+                        None
+                    }
+                };
+                if let Some(nodes) = full {
+                    self.send(nodes)?;
+                }
+            }
+        }
+        if let Some(keep) = &self.keep {
+            keep.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(hash, node);
+        }
+        Ok(())
+    }
+}
+
+/// The progress message of a snapshot of the counters.
+pub fn progress_event(progress: &Progress) -> BuildTreeResponse {
+    let s = progress.snapshot();
+    let phase = match s.phase {
+        Phase::Scanning => BuildPhase::Scanning,
+        Phase::Hashing => BuildPhase::Hashing,
+        Phase::Done => BuildPhase::Done,
+    };
+    BuildTreeResponse {
+        event: Some(Event::Progress(BuildProgress {
+            phase: phase as i32,
+            files_done: s.files_done,
+            files_total: s.files_total,
+            bytes_done: s.bytes_done,
+            bytes_total: s.bytes_total,
+        })),
+    }
+}
+
+/// Runs a build on a blocking thread; while it runs, sends progress to `tx` every
+/// `interval` and cancels the build if the caller goes away.
+pub async fn run(
+    root: PathBuf,
+    options: BuildOptions,
+    sink: Arc<StreamSink>,
+    tx: Option<EventSender>,
+    cancel: Arc<AtomicBool>,
+    interval: Duration,
+) -> Result<(BuildOutcome, Arc<Progress>), Error> {
+    let progress = Arc::new(Progress::default());
+    let job = {
+        let (progress, cancel, sink) = (progress.clone(), cancel.clone(), sink.clone());
+        tokio::task::spawn_blocking(move || {
+            let outcome = Builder::new(options)
+                .sink(&*sink)
+                .progress(&progress)
+                .cancel(&cancel)
+                .build(&root)?;
+            sink.flush()?;
+            Ok::<_, BuildError>(outcome)
+        })
+    };
+    tokio::pin!(job);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            joined = &mut job => break joined,
+            _ = ticker.tick() => {
+                if let Some(tx) = &tx
+                    && tx.send(Ok(progress_event(&progress))).await.is_err()
+                {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    let outcome = outcome.map_err(|e| Error::Internal(e.to_string()))??;
+    Ok((outcome, progress))
+}
+
+/// Recent trees by root, for VerifyTree's list of differing paths; bounded by node count.
+pub struct RecentTrees {
+    max_nodes: usize,
+    trees: Mutex<VecDeque<Arc<MemTree>>>,
+}
+
+impl RecentTrees {
+    pub fn new(max_nodes: usize) -> Self {
+        RecentTrees {
+            max_nodes,
+            trees: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Whether trees are kept at all.
+    pub fn enabled(&self) -> bool {
+        self.max_nodes > 0
+    }
+
+    /// Remembers a tree, forgetting the oldest ones beyond the node budget.
+    pub fn insert(&self, tree: MemTree) {
+        if tree.nodes.len() > self.max_nodes {
+            return;
+        }
+        let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+        trees.retain(|t| !(t.root == tree.root && t.profile == tree.profile));
+        trees.push_front(Arc::new(tree));
+        let mut total = 0;
+        trees.retain(|t| {
+            total += t.nodes.len();
+            total <= self.max_nodes
+        });
+    }
+
+    pub fn get(&self, root: Digest, profile: Profile) -> Option<Arc<MemTree>> {
+        self.trees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|t| t.root == root && t.profile == profile)
+            .cloned()
+    }
+}

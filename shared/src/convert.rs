@@ -1,0 +1,164 @@
+//! Conversions between the Merkle core's types and the contract's messages, in one place for
+//! every service and the CLI.
+
+use merkle_core::{
+    Digest, DirNode, Entry, EntryKind, Meta, Profile, TreeStats,
+    diff::{Change, ChangeType},
+};
+use merkle_proto::common::v1 as pb;
+
+/// The contract's profile; UNSPECIFIED means content.
+pub fn profile_from_proto(value: i32) -> Result<Profile, String> {
+    match pb::Profile::try_from(value) {
+        Ok(pb::Profile::Unspecified | pb::Profile::Content) => Ok(Profile::Content),
+        Ok(pb::Profile::Full) => Ok(Profile::Full),
+        Err(_) => Err(format!(
+            "profile: {value} is not a known profile (use PROFILE_CONTENT or PROFILE_FULL)"
+        )),
+    }
+}
+
+pub fn profile_to_proto(profile: Profile) -> pb::Profile {
+    match profile {
+        Profile::Content => pb::Profile::Content,
+        Profile::Full => pb::Profile::Full,
+    }
+}
+
+pub fn kind_to_proto(kind: EntryKind) -> pb::EntryKind {
+    match kind {
+        EntryKind::File => pb::EntryKind::File,
+        EntryKind::Executable => pb::EntryKind::Executable,
+        EntryKind::Directory => pb::EntryKind::Directory,
+        EntryKind::Symlink => pb::EntryKind::Symlink,
+    }
+}
+
+pub fn kind_from_proto(value: i32) -> Result<EntryKind, String> {
+    match pb::EntryKind::try_from(value) {
+        Ok(pb::EntryKind::File) => Ok(EntryKind::File),
+        Ok(pb::EntryKind::Executable) => Ok(EntryKind::Executable),
+        Ok(pb::EntryKind::Directory) => Ok(EntryKind::Directory),
+        Ok(pb::EntryKind::Symlink) => Ok(EntryKind::Symlink),
+        _ => Err(format!("kind: {value} is not a known entry kind")),
+    }
+}
+
+/// A name or path as the contract carries it: the UTF-8 text (lossy when not UTF-8) and the
+/// exact bytes only when they are not UTF-8.
+pub fn name_to_proto(bytes: &[u8]) -> (String, Vec<u8>) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_owned(), Vec::new()),
+        Err(_) => (String::from_utf8_lossy(bytes).into_owned(), bytes.to_vec()),
+    }
+}
+
+/// The exact bytes of a name or path from its text and raw forms (raw wins when set).
+pub fn name_from_proto(text: &str, raw: &[u8]) -> Vec<u8> {
+    if raw.is_empty() {
+        text.as_bytes().to_vec()
+    } else {
+        raw.to_vec()
+    }
+}
+
+pub fn entry_to_proto(entry: &Entry) -> pb::DirectoryEntry {
+    let (name, raw_name) = name_to_proto(&entry.name);
+    let meta = entry.meta.unwrap_or_default();
+    pb::DirectoryEntry {
+        name,
+        raw_name,
+        kind: kind_to_proto(entry.kind) as i32,
+        hash: entry.hash.to_hex(),
+        size: entry.size,
+        mode: meta.perm,
+        uid: meta.uid,
+        gid: meta.gid,
+    }
+}
+
+/// An entry from the contract; `full` says whether mode, uid and gid are part of it.
+pub fn entry_from_proto(entry: &pb::DirectoryEntry, full: bool) -> Result<Entry, String> {
+    Ok(Entry {
+        name: name_from_proto(&entry.name, &entry.raw_name),
+        kind: kind_from_proto(entry.kind)?,
+        hash: entry
+            .hash
+            .parse::<Digest>()
+            .map_err(|e| format!("hash: {e}"))?,
+        size: entry.size,
+        meta: full.then_some(Meta {
+            perm: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+        }),
+    })
+}
+
+pub fn node_to_proto(hash: Digest, node: &DirNode) -> pb::TreeNode {
+    pb::TreeNode {
+        hash: hash.to_hex(),
+        entries: node.entries.iter().map(entry_to_proto).collect(),
+        more_entries: false,
+    }
+}
+
+pub fn stats_to_proto(stats: &TreeStats) -> pb::TreeStats {
+    pb::TreeStats {
+        file_count: stats.file_count,
+        dir_count: stats.dir_count,
+        symlink_count: stats.symlink_count,
+        skipped_count: stats.skipped_count,
+        total_bytes: stats.total_bytes,
+    }
+}
+
+pub fn change_to_proto(change: &Change) -> pb::PathChange {
+    let (path, raw_path) = name_to_proto(&change.path);
+    let change_type = match change.change {
+        ChangeType::Added => pb::ChangeType::Added,
+        ChangeType::Removed => pb::ChangeType::Removed,
+        ChangeType::Modified => pb::ChangeType::Modified,
+        ChangeType::KindChanged => pb::ChangeType::KindChanged,
+    };
+    pb::PathChange {
+        path,
+        raw_path,
+        change_type: change_type as i32,
+        old_kind: change.old.map_or(0, |s| kind_to_proto(s.kind) as i32),
+        new_kind: change.new.map_or(0, |s| kind_to_proto(s.kind) as i32),
+        old_hash: change.old.map(|s| s.hash.to_hex()).unwrap_or_default(),
+        new_hash: change.new.map(|s| s.hash.to_hex()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use merkle_core::digest::file_leaf;
+
+    #[test]
+    fn entries_round_trip_including_non_utf8_names() {
+        let entry = Entry {
+            name: b"f\xffo".to_vec(),
+            kind: EntryKind::Executable,
+            hash: file_leaf(b"x"),
+            size: 1,
+            meta: Some(Meta {
+                perm: 0o755,
+                uid: 1,
+                gid: 2,
+            }),
+        };
+        let pb = entry_to_proto(&entry);
+        assert_eq!(pb.raw_name, b"f\xffo");
+        assert_eq!(entry_from_proto(&pb, true), Ok(entry));
+    }
+
+    #[test]
+    fn unknown_enum_values_are_named() {
+        assert!(profile_from_proto(9).unwrap_err().starts_with("profile:"));
+        assert!(kind_from_proto(0).unwrap_err().starts_with("kind:"));
+        assert_eq!(profile_from_proto(0), Ok(Profile::Content));
+    }
+}
