@@ -1,0 +1,450 @@
+//! TreeBuilder through real gRPC: the BuildTree stream (progress, node batches under 4 MiB,
+//! one result), bad input, symlinked paths, VerifyTree, cancellation, and SIGTERM during a
+//! build.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{RunningService, TestStack, tail};
+use merkle_core::{BuildOptions, Builder, Digest, DirNode, Profile};
+use merkle_proto::{
+    common::v1::{BuildPhase, ChangeType, Profile as PbProfile, TreeNode},
+    treebuilder::v1::{
+        BuildResult, BuildTreeRequest, VerifyTreeRequest, build_tree_response::Event,
+        tree_builder_service_client::TreeBuilderServiceClient,
+    },
+};
+use merkle_shared::convert::entry_from_proto;
+use nix::sys::signal::Signal;
+use tonic::{Code, transport::Channel};
+
+fn write(path: &Path, content: &[u8]) {
+    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    fs::write(path, content).expect("write");
+}
+
+fn client(service: &RunningService) -> TreeBuilderServiceClient<Channel> {
+    // The default 4 MiB decoding limit: a larger message from the server fails the call.
+    TreeBuilderServiceClient::new(service.channel())
+}
+
+/// Everything a BuildTree stream carried.
+#[derive(Default)]
+struct Streamed {
+    progress: Vec<merkle_proto::common::v1::BuildProgress>,
+    parts: Vec<TreeNode>,
+    result: Option<BuildResult>,
+    after_result: usize,
+}
+
+async fn build_tree(
+    client: &mut TreeBuilderServiceClient<Channel>,
+    request: BuildTreeRequest,
+) -> Result<Streamed, tonic::Status> {
+    let mut stream = client.build_tree(request).await?.into_inner();
+    let mut out = Streamed::default();
+    while let Some(message) = stream.message().await? {
+        if out.result.is_some() {
+            out.after_result += 1;
+        }
+        match message.event.expect("every message has an event") {
+            Event::Progress(p) => out.progress.push(p),
+            Event::Nodes(batch) => out.parts.extend(batch.nodes),
+            Event::Result(r) => out.result = Some(r),
+        }
+    }
+    Ok(out)
+}
+
+/// Reassembles split nodes and checks each hashes to its claimed hash.
+fn nodes_of(parts: Vec<TreeNode>, profile: Profile) -> HashMap<Digest, DirNode> {
+    let mut nodes: HashMap<Digest, DirNode> = HashMap::new();
+    let mut open: Option<(Digest, DirNode)> = None;
+    for part in parts {
+        let hash: Digest = part.hash.parse().expect("hex hash");
+        let entries: Vec<_> = part
+            .entries
+            .iter()
+            .map(|e| entry_from_proto(e, profile == Profile::Full).expect("valid entry"))
+            .collect();
+        let (h, mut node) = open.take().unwrap_or((hash, DirNode::default()));
+        assert_eq!(h, hash, "a split node's parts are consecutive");
+        node.entries.extend(entries);
+        if part.more_entries {
+            open = Some((hash, node));
+        } else {
+            assert_eq!(
+                node.hash(profile).expect("valid node"),
+                hash,
+                "node content matches its hash"
+            );
+            assert!(nodes.insert(hash, node).is_none(), "each node is sent once");
+        }
+    }
+    assert!(open.is_none(), "no split node is left unfinished");
+    nodes
+}
+
+fn request(path: &Path) -> BuildTreeRequest {
+    BuildTreeRequest {
+        path: path.display().to_string(),
+        include_nodes: true,
+        ..BuildTreeRequest::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_tree_streams_progress_nodes_and_one_final_result() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("tree");
+    for i in 0..300 {
+        write(
+            &tree.join(format!("d{}/e{}/f{i}.txt", i % 5, i % 3)),
+            format!("content {i}").as_bytes(),
+        );
+    }
+    std::os::unix::fs::symlink("d0", tree.join("link")).expect("symlink");
+    let service = stack.start_serving("tree-builder").await;
+    let streamed = build_tree(&mut client(service), request(&tree))
+        .await
+        .expect("build");
+
+    let result = streamed.result.expect("a final result");
+    assert_eq!(streamed.after_result, 0, "the result is the last message");
+    let local = Builder::new(BuildOptions::default())
+        .build(&tree)
+        .expect("local build");
+    assert_eq!(
+        result.root_hash,
+        local.root.to_hex(),
+        "the service's root equals the library's"
+    );
+    let stats = result.stats.expect("stats");
+    assert_eq!(
+        (stats.file_count, stats.symlink_count, stats.dir_count),
+        (300, 1, 1 + 5 + 15)
+    );
+    assert_eq!(
+        result.resolved_path,
+        tree.canonicalize()
+            .expect("canonical")
+            .display()
+            .to_string()
+    );
+    assert_eq!(result.profile, PbProfile::Content as i32);
+
+    let last = streamed.progress.last().expect("progress was reported");
+    assert_eq!(last.phase, BuildPhase::Done as i32);
+    assert_eq!((last.files_done, last.files_total), (300, 300));
+
+    let nodes = nodes_of(streamed.parts, Profile::Content);
+    assert_eq!(nodes.len() as u64, result.node_count);
+    assert!(nodes.contains_key(&local.root), "the root node is sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_message_exceeds_4_mib_however_large_a_directory() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("wide");
+    fs::create_dir_all(&tree).expect("mkdir");
+    // One directory whose node alone is about 8 MiB in the contract's encoding.
+    for i in 0..60_000 {
+        fs::write(
+            tree.join(format!(
+                "a-rather-long-file-name-to-make-entries-big-{i:06}"
+            )),
+            b"",
+        )
+        .expect("write");
+    }
+    let service = stack.start_serving("tree-builder").await;
+    let streamed = build_tree(&mut client(service), request(&tree))
+        .await
+        .expect("every message fits in 4 MiB");
+    assert!(
+        streamed.parts.iter().any(|p| p.more_entries),
+        "the big node was split"
+    );
+    let result = streamed.result.expect("result");
+    let nodes = nodes_of(streamed.parts, Profile::Content);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(
+        nodes.keys().next().map(Digest::to_hex),
+        Some(result.root_hash)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_a_clear_status_naming_the_field() {
+    let mut stack = TestStack::new();
+    let inside = stack.dir().join("inside");
+    write(&inside.join("file"), b"x");
+    let outside = tempfile::tempdir().expect("another tempdir");
+    std::os::unix::fs::symlink(outside.path(), inside.join("escape")).expect("symlink");
+    let service = stack.start_serving("tree-builder").await;
+    let mut client = client(service);
+
+    let cases: Vec<(BuildTreeRequest, Code, &str)> = vec![
+        (BuildTreeRequest::default(), Code::InvalidArgument, "path"),
+        (
+            request(outside.path()),
+            Code::PermissionDenied,
+            "outside the allowed roots",
+        ),
+        (
+            request(&inside.join("escape")),
+            Code::PermissionDenied,
+            "outside the allowed roots",
+        ),
+        (
+            request(&inside.join("../inside")),
+            Code::PermissionDenied,
+            "'..'",
+        ),
+        (
+            request(&inside.join("missing")),
+            Code::NotFound,
+            "does not exist",
+        ),
+        (
+            request(&inside.join("file")),
+            Code::InvalidArgument,
+            "not a directory",
+        ),
+        (
+            BuildTreeRequest {
+                exclude_patterns: vec!["[z-a]".into()],
+                ..request(&inside)
+            },
+            Code::InvalidArgument,
+            "exclude pattern",
+        ),
+        (
+            BuildTreeRequest {
+                profile: 42,
+                ..request(&inside)
+            },
+            Code::InvalidArgument,
+            "profile",
+        ),
+    ];
+    for (req, code, words) in cases {
+        let path = req.path.clone();
+        let status = match build_tree(&mut client, req).await {
+            Err(status) => status,
+            Ok(_) => panic!("{path:?} should fail"),
+        };
+        assert_eq!(status.code(), code, "{path:?}: {}", status.message());
+        assert!(
+            status.message().contains(words),
+            "{path:?}: {:?} lacks {words:?}",
+            status.message()
+        );
+    }
+
+    let status = client
+        .verify_tree(VerifyTreeRequest {
+            path: inside.display().to_string(),
+            expected_root_hash: "not-a-hash".into(),
+            ..VerifyTreeRequest::default()
+        })
+        .await
+        .expect_err("bad hash");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("expected_root_hash:"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_path_is_resolved_once_and_reported() {
+    let mut stack = TestStack::new();
+    let real = stack.dir().join("real");
+    write(&real.join("f"), b"x");
+    let link = stack.dir().join("link-to-real");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let service = stack.start_serving("tree-builder").await;
+    let streamed = build_tree(&mut client(service), request(&link))
+        .await
+        .expect("build");
+    let result = streamed.result.expect("result");
+    assert_eq!(
+        result.resolved_path,
+        real.canonicalize()
+            .expect("canonical")
+            .display()
+            .to_string()
+    );
+    assert_eq!(result.stats.expect("stats").file_count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_tree_lists_the_paths_that_differ_from_a_previous_build() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("tree");
+    write(&tree.join("a/keep.txt"), b"same");
+    write(&tree.join("a/edit.txt"), b"before");
+    write(&tree.join("gone.txt"), b"bye");
+    let service = stack.start_serving("tree-builder").await;
+    let mut client = client(service);
+    let before = build_tree(
+        &mut client,
+        BuildTreeRequest {
+            include_nodes: false,
+            ..request(&tree)
+        },
+    )
+    .await
+    .expect("build")
+    .result
+    .expect("result");
+
+    write(&tree.join("a/edit.txt"), b"after!");
+    fs::remove_file(tree.join("gone.txt")).expect("rm");
+    write(&tree.join("new/file"), b"hello");
+
+    let verify = client
+        .verify_tree(VerifyTreeRequest {
+            path: tree.display().to_string(),
+            expected_root_hash: before.root_hash.clone(),
+            ..VerifyTreeRequest::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(!verify.matches);
+    assert!(verify.differences_complete);
+    let got: Vec<(String, i32)> = verify
+        .differences
+        .iter()
+        .map(|d| (d.path.clone(), d.change_type))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a/edit.txt".to_owned(), ChangeType::Modified as i32),
+            ("gone.txt".to_owned(), ChangeType::Removed as i32),
+            ("new".to_owned(), ChangeType::Added as i32),
+            ("new/file".to_owned(), ChangeType::Added as i32),
+        ]
+    );
+
+    let same = client
+        .verify_tree(VerifyTreeRequest {
+            path: tree.display().to_string(),
+            expected_root_hash: verify.actual_root_hash.clone(),
+            ..VerifyTreeRequest::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(same.matches && same.differences.is_empty());
+
+    // A root TreeBuilder never built: the roots are compared, no paths can be listed.
+    let unknown = client
+        .verify_tree(VerifyTreeRequest {
+            path: tree.display().to_string(),
+            expected_root_hash: "0".repeat(64),
+            ..VerifyTreeRequest::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(!unknown.matches && !unknown.differences_complete && unknown.differences.is_empty());
+}
+
+/// Sparse files: large to hash (seconds), cheap to make.
+fn big_sparse_tree(dir: &Path, files: u32, gib_each: u64) {
+    fs::create_dir_all(dir).expect("mkdir");
+    for i in 0..files {
+        let f = fs::File::create(dir.join(format!("big{i}"))).expect("create");
+        f.set_len(gib_each << 30).expect("set_len");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_call_stops_the_build() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("big");
+    big_sparse_tree(&tree, 8, 2);
+    let service = stack.start_serving("tree-builder").await;
+    let log = service.log.clone();
+    let mut stream = client(service)
+        .build_tree(BuildTreeRequest {
+            disable_stat_cache: true,
+            ..request(&tree)
+        })
+        .await
+        .expect("started")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("a first message");
+    assert!(matches!(first.event, Some(Event::Progress(_))));
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("build failed") && text.contains("cancelled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build did not stop:\n{}",
+            tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_in_flight_build_finish_then_exits_zero() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("big");
+    big_sparse_tree(&tree, 2, 1);
+    stack.start_serving("tree-builder").await;
+    let service = stack.service_mut("tree-builder");
+    let mut stream = client(service)
+        .build_tree(BuildTreeRequest {
+            disable_stat_cache: true,
+            ..request(&tree)
+        })
+        .await
+        .expect("started")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("first message");
+
+    service.process.signal(Signal::SIGTERM);
+    let signalled = Instant::now();
+    let mut result = None;
+    while let Some(message) = stream
+        .message()
+        .await
+        .expect("the call completes despite SIGTERM")
+    {
+        if let Some(Event::Result(r)) = message.event {
+            result = Some(r);
+        }
+    }
+    let result = result.expect("the in-flight build delivered its result");
+    assert_eq!(result.stats.expect("stats").total_bytes, 2 << 30);
+
+    let status = service
+        .process
+        .wait_timeout(Duration::from_secs(10).saturating_sub(signalled.elapsed()))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", tail(&service.log)));
+    assert_eq!(status.code(), Some(0), "{}", tail(&service.log));
+}
