@@ -22,7 +22,7 @@ use std::{
     os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{
-        Mutex,
+        Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use crate::{
     digest::{Digest, FileHasher, symlink_leaf},
     node::{DirNode, Entry, EntryKind, Meta, Profile},
-    statcache::{CachedFile, FileStat, StatCache},
+    statcache::{CachedFile, FileStat, StatCache, StatCacheWriter},
 };
 
 /// How to build.
@@ -292,7 +292,6 @@ impl<'a> Builder<'a> {
             entries: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             emitted: Mutex::new(HashSet::new()),
-            fresh: Mutex::new(Vec::new()),
             files_read: AtomicU64::new(0),
         };
         progress.set_phase(Phase::Scanning);
@@ -304,9 +303,10 @@ impl<'a> Builder<'a> {
         progress.set_phase(Phase::Done);
 
         if let Some(path) = &self.options.stat_cache {
-            let fresh = run.fresh.into_inner().unwrap_or_else(|e| e.into_inner());
+            let mut writer = StatCacheWriter::new(scan_started - self.options.racy_margin);
+            record_files(&skeleton, &mut Vec::new(), &mut writer);
             // A cache that cannot be written only costs speed next time.
-            let _ = StatCache::save(path, scan_started - self.options.racy_margin, fresh);
+            let _ = writer.finish(path);
         }
         Ok(BuildOutcome {
             root: root_digest,
@@ -344,6 +344,29 @@ struct ScanEntry {
     name: Vec<u8>,
     stat: FileStat,
     item: ScanItem,
+    /// A file's digest and the stat it was read under, once hashed (for the stat cache).
+    hashed: OnceLock<CachedFile>,
+}
+
+/// Writes every hashed file of the skeleton into the stat cache, depth first.
+fn record_files(dir: &ScanDir, rel: &mut Vec<u8>, writer: &mut StatCacheWriter) {
+    for e in &dir.entries {
+        let len = rel.len();
+        if len > 0 {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&e.name);
+        match &e.item {
+            ScanItem::File => {
+                if let Some(cached) = e.hashed.get() {
+                    writer.push(rel, cached);
+                }
+            }
+            ScanItem::Dir(sub) => record_files(sub, rel, writer),
+            ScanItem::Symlink(_) => {}
+        }
+        rel.truncate(len);
+    }
 }
 
 enum ScanItem {
@@ -363,7 +386,6 @@ struct Run<'a> {
     entries: AtomicU64,
     skipped: AtomicU64,
     emitted: Mutex<HashSet<Digest>>,
-    fresh: Mutex<Vec<(Vec<u8>, CachedFile)>>,
     files_read: AtomicU64,
 }
 
@@ -417,13 +439,14 @@ impl Run<'_> {
             }
             let ft = meta.file_type();
             let special = !(ft.is_file() || ft.is_dir() || ft.is_symlink());
-            let excluded = self
-                .excludes
-                .matched(
-                    Path::new(OsStr::from_bytes(&child_rel(rel, &name))),
-                    ft.is_dir(),
-                )
-                .is_ignore();
+            let excluded = !self.options.exclude.is_empty()
+                && self
+                    .excludes
+                    .matched(
+                        Path::new(OsStr::from_bytes(&child_rel(rel, &name))),
+                        ft.is_dir(),
+                    )
+                    .is_ignore();
             if special || excluded {
                 self.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -453,6 +476,7 @@ impl Run<'_> {
                     name,
                     stat: FileStat::from_metadata(&meta),
                     item,
+                    hashed: OnceLock::new(),
                 })
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
@@ -471,11 +495,9 @@ impl Run<'_> {
             .entries
             .par_iter()
             .map(|e| {
-                let child = path.join(OsStr::from_bytes(&e.name));
                 let (kind, hash, size, stat, stats) = match &e.item {
                     ScanItem::File => {
-                        let (hash, stat) =
-                            self.hash_file(&child, &child_rel(rel, &e.name), &e.stat)?;
+                        let (hash, stat) = self.hash_file(path, rel, e)?;
                         let kind = if stat.mode & 0o100 != 0 {
                             EntryKind::Executable
                         } else {
@@ -489,6 +511,7 @@ impl Run<'_> {
                         (kind, hash, stat.size, stat, stats)
                     }
                     ScanItem::Dir(sub) => {
+                        let child = path.join(OsStr::from_bytes(&e.name));
                         let (hash, mut stats) =
                             self.hash_dir(sub, &child, &child_rel(rel, &e.name))?;
                         stats.dir_count += 1;
@@ -542,14 +565,22 @@ impl Run<'_> {
     }
 
     /// The file's leaf and the stat it was read under (or cached with).
+    /// The file's leaf and the stat it was read under (or cached with); remembers both in
+    /// the skeleton for the next stat cache.
     fn hash_file(
         &self,
-        path: &Path,
+        dir: &Path,
         rel: &[u8],
-        scanned: &FileStat,
+        entry: &ScanEntry,
     ) -> Result<(Digest, FileStat), BuildError> {
         self.check_cancel()?;
-        let (digest, stat) = match self.cache.lookup(rel, scanned) {
+        let scanned = &entry.stat;
+        let cached = if self.cache.is_empty() {
+            None
+        } else {
+            self.cache.lookup(&child_rel(rel, &entry.name), scanned)
+        };
+        let (digest, stat) = match cached {
             Some(digest) => {
                 self.progress
                     .bytes_done
@@ -558,16 +589,11 @@ impl Run<'_> {
             }
             None => {
                 self.files_read.fetch_add(1, Ordering::Relaxed);
-                self.read_file(path)?
+                self.read_file(&dir.join(OsStr::from_bytes(&entry.name)))?
             }
         };
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
-        if self.options.stat_cache.is_some() {
-            self.fresh
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((rel.to_vec(), CachedFile { stat, digest }));
-        }
+        let _ = entry.hashed.set(CachedFile { stat, digest });
         Ok((digest, stat))
     }
 

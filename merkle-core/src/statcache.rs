@@ -112,44 +112,17 @@ impl StatCache {
         self.files.is_empty()
     }
 
-    /// Writes a cache of `files` atomically (a temporary file renamed over `path`). Files
-    /// whose mtime or ctime is not before `trusted_before` (the scan start less the racy
-    /// margin) will be read again by the next build.
+    /// Writes a cache of `files` (see [`StatCacheWriter`]).
     pub fn save(
         path: &Path,
         trusted_before: SystemTime,
-        files: Vec<(Vec<u8>, CachedFile)>,
+        files: &[(Vec<u8>, CachedFile)],
     ) -> io::Result<()> {
-        let scan_ns = epoch_ns(trusted_before);
-        let mut out = Vec::with_capacity(32 + files.len() * 120);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&((scan_ns.div_euclid(1_000_000_000)) as i64).to_le_bytes());
-        out.extend_from_slice(&((scan_ns.rem_euclid(1_000_000_000)) as u32).to_le_bytes());
-        out.extend_from_slice(&(files.len() as u64).to_le_bytes());
-        for (rel, f) in &files {
-            out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
-            out.extend_from_slice(rel);
-            let s = &f.stat;
-            out.extend_from_slice(&s.size.to_le_bytes());
-            out.extend_from_slice(&s.mtime_s.to_le_bytes());
-            out.extend_from_slice(&s.mtime_ns.to_le_bytes());
-            out.extend_from_slice(&s.ctime_s.to_le_bytes());
-            out.extend_from_slice(&s.ctime_ns.to_le_bytes());
-            out.extend_from_slice(&s.ino.to_le_bytes());
-            out.extend_from_slice(&s.mode.to_le_bytes());
-            out.extend_from_slice(&s.uid.to_le_bytes());
-            out.extend_from_slice(&s.gid.to_le_bytes());
-            out.extend_from_slice(f.digest.as_bytes());
+        let mut writer = StatCacheWriter::new(trusted_before);
+        for (rel, file) in files {
+            writer.push(rel, file);
         }
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(&out)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
+        writer.finish(path)
     }
 
     fn parse(bytes: &[u8]) -> Option<StatCache> {
@@ -182,6 +155,58 @@ impl StatCache {
             trusted_before_ns: secs as i128 * 1_000_000_000 + nanos as i128,
             files,
         })
+    }
+}
+
+/// Builds a cache file record by record, then writes it atomically (a temporary file renamed
+/// over the old one). No fsync: a cache lost or torn by a crash fails to parse and is ignored.
+pub struct StatCacheWriter {
+    out: Vec<u8>,
+    count: u64,
+}
+
+impl StatCacheWriter {
+    /// Files whose mtime or ctime is not before `trusted_before` (the scan start less the racy
+    /// margin) will be read again by the next build.
+    pub fn new(trusted_before: SystemTime) -> Self {
+        let ns = epoch_ns(trusted_before);
+        let mut out = Vec::with_capacity(1 << 16);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(ns.div_euclid(1_000_000_000) as i64).to_le_bytes());
+        out.extend_from_slice(&(ns.rem_euclid(1_000_000_000) as u32).to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes()); // the count, patched by finish
+        StatCacheWriter { out, count: 0 }
+    }
+
+    pub fn push(&mut self, rel: &[u8], f: &CachedFile) {
+        let out = &mut self.out;
+        out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
+        out.extend_from_slice(rel);
+        let s = &f.stat;
+        out.extend_from_slice(&s.size.to_le_bytes());
+        out.extend_from_slice(&s.mtime_s.to_le_bytes());
+        out.extend_from_slice(&s.mtime_ns.to_le_bytes());
+        out.extend_from_slice(&s.ctime_s.to_le_bytes());
+        out.extend_from_slice(&s.ctime_ns.to_le_bytes());
+        out.extend_from_slice(&s.ino.to_le_bytes());
+        out.extend_from_slice(&s.mode.to_le_bytes());
+        out.extend_from_slice(&s.uid.to_le_bytes());
+        out.extend_from_slice(&s.gid.to_le_bytes());
+        out.extend_from_slice(f.digest.as_bytes());
+        self.count += 1;
+    }
+
+    pub fn finish(mut self, path: &Path) -> io::Result<()> {
+        self.out[20..28].copy_from_slice(&self.count.to_le_bytes());
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(&self.out)?;
+        drop(file);
+        fs::rename(&tmp, path)
     }
 }
 
@@ -234,7 +259,7 @@ mod tests {
         StatCache::save(
             &path,
             scan,
-            vec![
+            &[
                 (b"old".to_vec(), CachedFile { stat: old, digest }),
                 (b"racy".to_vec(), CachedFile { stat: racy, digest }),
             ],

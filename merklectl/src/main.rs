@@ -28,11 +28,14 @@ enum Command {
     VerifyProof(merklectl::local::VerifyProofArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up(args) => merklectl::up::run(args).await.map(|()| ExitCode::SUCCESS),
+        // Only `up` needs an async runtime; the local commands run on the hashing threads.
+        Command::Up(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(merklectl::up::run(args)))
+            .map(|()| ExitCode::SUCCESS),
         Command::Hash(args) => merklectl::local::hash(args).map(|()| ExitCode::SUCCESS),
         Command::Diff(args) => merklectl::local::diff(args).map(|changed| {
             if changed {
