@@ -107,3 +107,42 @@ fn bad_log_filter_is_named() {
     assert_eq!(code, Some(2), "{stderr}");
     assert_one_line_naming(&stderr, "LOG_LEVEL");
 }
+
+#[test]
+fn the_effective_config_is_logged_with_the_password_redacted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("db-sync.log");
+    let mut command = Command::new(binary("merkle-db-sync"));
+    command.env("LISTEN_ADDR", "127.0.0.1:0").env(
+        "DATABASE_URL",
+        "postgres://merkle:hunter2secret@127.0.0.1:1/merkle",
+    );
+    let mut process = integration_tests::ManagedProcess::spawn(
+        "db-sync",
+        command,
+        nix::sys::signal::Signal::SIGTERM,
+        &log,
+    )
+    .expect("start");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("serving gRPC") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start-up log:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    process.stop(std::time::Duration::from_secs(10));
+    assert!(
+        text.contains("postgres://merkle:***@127.0.0.1:1/merkle"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2secret"),
+        "the password leaked into the log:\n{text}"
+    );
+}
