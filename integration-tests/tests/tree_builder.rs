@@ -309,15 +309,18 @@ async fn verify_tree_lists_the_paths_that_differ_from_a_previous_build() {
     fs::remove_file(tree.join("gone.txt")).expect("rm");
     write(&tree.join("new/file"), b"hello");
 
-    let verify = client
-        .verify_tree(VerifyTreeRequest {
-            path: tree.display().to_string(),
-            expected_root_hash: before.root_hash.clone(),
-            ..VerifyTreeRequest::default()
-        })
-        .await
-        .expect("verify")
-        .into_inner();
+    let mut verify_against = async |expected: &str| {
+        client
+            .verify_tree(VerifyTreeRequest {
+                path: tree.display().to_string(),
+                expected_root_hash: expected.to_owned(),
+                ..VerifyTreeRequest::default()
+            })
+            .await
+            .expect("verify")
+            .into_inner()
+    };
+    let verify = verify_against(&before.root_hash).await;
     assert!(!verify.matches);
     assert!(verify.differences_complete);
     let got: Vec<(String, i32)> = verify
@@ -335,27 +338,11 @@ async fn verify_tree_lists_the_paths_that_differ_from_a_previous_build() {
         ]
     );
 
-    let same = client
-        .verify_tree(VerifyTreeRequest {
-            path: tree.display().to_string(),
-            expected_root_hash: verify.actual_root_hash.clone(),
-            ..VerifyTreeRequest::default()
-        })
-        .await
-        .expect("verify")
-        .into_inner();
+    let same = verify_against(&verify.actual_root_hash).await;
     assert!(same.matches && same.differences.is_empty());
 
     // A root TreeBuilder never built: the roots are compared, no paths can be listed.
-    let unknown = client
-        .verify_tree(VerifyTreeRequest {
-            path: tree.display().to_string(),
-            expected_root_hash: "0".repeat(64),
-            ..VerifyTreeRequest::default()
-        })
-        .await
-        .expect("verify")
-        .into_inner();
+    let unknown = verify_against(&"0".repeat(64)).await;
     assert!(!unknown.matches && !unknown.differences_complete && unknown.differences.is_empty());
 }
 

@@ -32,7 +32,7 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rayon::prelude::*;
 
 use crate::{
-    digest::{Digest, FileHasher, symlink_leaf},
+    digest::{Digest, file_leaf_from_reader, symlink_leaf},
     node::{DirNode, Entry, EntryKind, Meta, Profile},
     statcache::{CachedFile, FileStat, StatCache, StatCacheWriter},
 };
@@ -641,26 +641,38 @@ impl Run<'_> {
 
     fn hash_reader(
         &self,
-        mut file: &File,
+        file: &File,
         path: &Path,
         buf: &mut [u8],
     ) -> Result<(Digest, u64), BuildError> {
-        let mut hasher = FileHasher::new();
-        let mut total = 0u64;
-        loop {
-            let n = match file.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Self::unreadable(path)(e)),
-            };
-            hasher.update(&buf[..n]);
-            total += n as u64;
-            self.progress
-                .bytes_done
-                .fetch_add(n as u64, Ordering::Relaxed);
-            self.check_cancel()?;
+        let mut reader = Counted { file, run: self };
+        file_leaf_from_reader(&mut reader, buf).map_err(|e| {
+            if self.cancel.load(Ordering::Relaxed) {
+                BuildError::Cancelled
+            } else {
+                Self::unreadable(path)(e)
+            }
+        })
+    }
+}
+
+/// A file read that reports its bytes to the progress and stops once the build is cancelled.
+struct Counted<'a> {
+    file: &'a File,
+    run: &'a Run<'a>,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.run.cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::other("cancelled"));
         }
-        Ok((hasher.finish(), total))
+        let mut file = self.file;
+        let n = file.read(buf)?;
+        self.run
+            .progress
+            .bytes_done
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }

@@ -66,23 +66,28 @@ fn write_dir(path: &Path, dir: &Dir) {
     }
 }
 
+/// An entry's kind and digest by the spec's rules alone (no file system, no builder).
+fn model_entry(node: &Node) -> (EntryKind, Digest) {
+    match node {
+        Node::File { content, exec } => {
+            let kind = if *exec {
+                EntryKind::Executable
+            } else {
+                EntryKind::File
+            };
+            (kind, file_leaf(content))
+        }
+        Node::Link(target) => (EntryKind::Symlink, symlink_leaf(target.as_bytes())),
+        Node::Dir(sub) => (EntryKind::Directory, model_hash(sub)),
+    }
+}
+
 /// The root by the spec's rules alone, from the model (no file system, no builder).
 fn model_hash(dir: &Dir) -> Digest {
     let entries = dir
         .iter()
         .map(|(name, node)| {
-            let (kind, hash) = match node {
-                Node::File { content, exec } => (
-                    if *exec {
-                        EntryKind::Executable
-                    } else {
-                        EntryKind::File
-                    },
-                    file_leaf(content),
-                ),
-                Node::Link(target) => (EntryKind::Symlink, symlink_leaf(target.as_bytes())),
-                Node::Dir(sub) => (EntryKind::Directory, model_hash(sub)),
-            };
+            let (kind, hash) = model_entry(node);
             Entry {
                 name: name.as_bytes().to_vec(),
                 kind,
@@ -117,21 +122,10 @@ fn flatten(dir: &Dir, prefix: &str, out: &mut BTreeMap<String, (u8, EntryKind, D
         } else {
             format!("{prefix}/{name}")
         };
-        let (kind, hash) = match node {
-            Node::File { content, exec } => (
-                if *exec {
-                    EntryKind::Executable
-                } else {
-                    EntryKind::File
-                },
-                file_leaf(content),
-            ),
-            Node::Link(t) => (EntryKind::Symlink, symlink_leaf(t.as_bytes())),
-            Node::Dir(sub) => {
-                flatten(sub, &path, out);
-                (EntryKind::Directory, model_hash(sub))
-            }
-        };
+        if let Node::Dir(sub) = node {
+            flatten(sub, &path, out);
+        }
+        let (kind, hash) = model_entry(node);
         out.insert(path, (kind.group(), kind, hash));
     }
 }
