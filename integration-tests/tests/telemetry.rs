@@ -92,6 +92,15 @@ async fn the_callers_trace_reaches_the_otlp_collector() {
         .into_inner();
     while stream.message().await.expect("stream").is_some() {}
 
+    // The call's log lines carry the caller's trace id, to find the trace from the logs.
+    let log = std::fs::read_to_string(&service.log).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("build started") && l.contains(trace_id)),
+        "no log line of the call names trace {trace_id}:\n{}",
+        tail(&service.log)
+    );
+
     let want: Vec<u8> = (0..16)
         .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex"))
         .collect();

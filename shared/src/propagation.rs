@@ -87,9 +87,19 @@ where
             rpc.system = "grpc",
             rpc.service = %service,
             rpc.method = %method,
+            trace_id = tracing::field::Empty,
         );
         // No parent in the headers leaves the span a new root; that is not an error.
         let _ = span.set_parent(parent);
+        // The trace id in every log line of the call, to find its trace from the logs.
+        {
+            use opentelemetry::trace::TraceContextExt as _;
+            let context = span.context();
+            let trace_id = context.span().span_context().trace_id();
+            if trace_id != opentelemetry::trace::TraceId::INVALID {
+                span.record("trace_id", tracing::field::display(trace_id));
+            }
+        }
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
