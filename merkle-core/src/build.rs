@@ -19,10 +19,13 @@ use std::{
     ffi::OsStr,
     fs::{self, File, Metadata},
     io::{self, Read},
-    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
+    os::unix::{
+        ffi::{OsStrExt as _, OsStringExt as _},
+        fs::OpenOptionsExt as _,
+    },
     path::{Path, PathBuf},
     sync::{
-        Mutex, OnceLock,
+        Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -293,18 +296,22 @@ impl<'a> Builder<'a> {
             skipped: AtomicU64::new(0),
             emitted: Mutex::new(HashSet::new()),
             files_read: AtomicU64::new(0),
+            writer: self.options.stat_cache.as_ref().map(|_| {
+                Mutex::new(StatCacheWriter::new(
+                    scan_started - self.options.racy_margin,
+                ))
+            }),
         };
         progress.set_phase(Phase::Scanning);
         let skeleton = pool.install(|| run.scan_dir(root, b"", 0))?;
         progress.set_phase(Phase::Hashing);
-        let (root_digest, mut stats) = pool.install(|| run.hash_dir(&skeleton, root, b""))?;
+        let (root_digest, mut stats) = pool.install(|| run.hash_dir(skeleton, root, b""))?;
         stats.dir_count += 1;
         stats.skipped_count = run.skipped.load(Ordering::Relaxed);
         progress.set_phase(Phase::Done);
 
-        if let Some(path) = &self.options.stat_cache {
-            let mut writer = StatCacheWriter::new(scan_started - self.options.racy_margin);
-            record_files(&skeleton, &mut Vec::new(), &mut writer);
+        if let (Some(path), Some(writer)) = (&self.options.stat_cache, run.writer) {
+            let writer = writer.into_inner().unwrap_or_else(|e| e.into_inner());
             // A cache that cannot be written only costs speed next time.
             let _ = writer.finish(path);
         }
@@ -335,44 +342,22 @@ fn exclude_matcher(root: &Path, patterns: &[String]) -> Result<Gitignore, BuildE
     })
 }
 
-/// The scanned skeleton of one directory, entries sorted by name.
+/// The scanned skeleton of one directory, entries sorted by name. Kept compact: it is the
+/// build's memory, about 100 bytes per entry plus the name.
 struct ScanDir {
-    entries: Vec<ScanEntry>,
+    entries: Box<[ScanEntry]>,
 }
 
 struct ScanEntry {
-    name: Vec<u8>,
+    name: Box<[u8]>,
     stat: FileStat,
     item: ScanItem,
-    /// A file's digest and the stat it was read under, once hashed (for the stat cache).
-    hashed: OnceLock<CachedFile>,
-}
-
-/// Writes every hashed file of the skeleton into the stat cache, depth first.
-fn record_files(dir: &ScanDir, rel: &mut Vec<u8>, writer: &mut StatCacheWriter) {
-    for e in &dir.entries {
-        let len = rel.len();
-        if len > 0 {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(&e.name);
-        match &e.item {
-            ScanItem::File => {
-                if let Some(cached) = e.hashed.get() {
-                    writer.push(rel, cached);
-                }
-            }
-            ScanItem::Dir(sub) => record_files(sub, rel, writer),
-            ScanItem::Symlink(_) => {}
-        }
-        rel.truncate(len);
-    }
 }
 
 enum ScanItem {
     File,
     Dir(ScanDir),
-    Symlink(Vec<u8>),
+    Symlink(Box<[u8]>),
 }
 
 /// The state shared by the threads of one build.
@@ -387,6 +372,8 @@ struct Run<'a> {
     skipped: AtomicU64,
     emitted: Mutex<HashSet<Digest>>,
     files_read: AtomicU64,
+    /// The next stat cache, filled a directory at a time as files are hashed.
+    writer: Option<Mutex<StatCacheWriter>>,
 }
 
 fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
@@ -464,7 +451,7 @@ impl Run<'_> {
                     ScanItem::Dir(self.scan_dir(&path, &child_rel(rel, &name), depth + 1)?)
                 } else if ft.is_symlink() {
                     let target = fs::read_link(&path).map_err(Self::unreadable(&path))?;
-                    ScanItem::Symlink(target.into_os_string().as_bytes().to_vec())
+                    ScanItem::Symlink(target.into_os_string().into_vec().into_boxed_slice())
                 } else {
                     self.progress.files_total.fetch_add(1, Ordering::Relaxed);
                     self.progress
@@ -473,19 +460,21 @@ impl Run<'_> {
                     ScanItem::File
                 };
                 Ok(ScanEntry {
-                    name,
+                    name: name.into_boxed_slice(),
                     stat: FileStat::from_metadata(&meta),
                     item,
-                    hashed: OnceLock::new(),
                 })
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
-        Ok(ScanDir { entries })
+        Ok(ScanDir {
+            entries: entries.into_boxed_slice(),
+        })
     }
 
+    /// Hashes a scanned directory, consuming its skeleton as it goes.
     fn hash_dir(
         &self,
-        dir: &ScanDir,
+        dir: ScanDir,
         path: &Path,
         rel: &[u8],
     ) -> Result<(Digest, TreeStats), BuildError> {
@@ -493,11 +482,13 @@ impl Run<'_> {
         let full = self.options.profile == Profile::Full;
         let results = dir
             .entries
-            .par_iter()
+            .into_vec()
+            .into_par_iter()
             .map(|e| {
-                let (kind, hash, size, stat, stats) = match &e.item {
+                let mut cached = None;
+                let (kind, hash, size, stat, stats) = match e.item {
                     ScanItem::File => {
-                        let (hash, stat) = self.hash_file(path, rel, e)?;
+                        let (hash, stat) = self.hash_file(path, rel, &e.name, &e.stat)?;
                         let kind = if stat.mode & 0o100 != 0 {
                             EntryKind::Executable
                         } else {
@@ -508,6 +499,7 @@ impl Run<'_> {
                             total_bytes: stat.size,
                             ..TreeStats::default()
                         };
+                        cached = Some(CachedFile { stat, digest: hash });
                         (kind, hash, stat.size, stat, stats)
                     }
                     ScanItem::Dir(sub) => {
@@ -522,11 +514,11 @@ impl Run<'_> {
                             symlink_count: 1,
                             ..TreeStats::default()
                         };
-                        (EntryKind::Symlink, symlink_leaf(target), 0, e.stat, stats)
+                        (EntryKind::Symlink, symlink_leaf(&target), 0, e.stat, stats)
                     }
                 };
                 let entry = Entry {
-                    name: e.name.clone(),
+                    name: e.name.into_vec(),
                     kind,
                     hash,
                     size,
@@ -536,13 +528,21 @@ impl Run<'_> {
                         gid: stat.gid,
                     }),
                 };
-                Ok((entry, stats))
+                Ok((entry, stats, cached))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
 
+        if let Some(writer) = &self.writer {
+            let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+            for (entry, _, cached) in &results {
+                if let Some(cached) = cached {
+                    writer.push_child(rel, &entry.name, cached);
+                }
+            }
+        }
         let mut stats = TreeStats::default();
         let mut entries = Vec::with_capacity(results.len());
-        for (entry, s) in results {
+        for (entry, s, _) in results {
             stats.file_count += s.file_count;
             stats.dir_count += s.dir_count;
             stats.symlink_count += s.symlink_count;
@@ -565,22 +565,20 @@ impl Run<'_> {
     }
 
     /// The file's leaf and the stat it was read under (or cached with).
-    /// The file's leaf and the stat it was read under (or cached with); remembers both in
-    /// the skeleton for the next stat cache.
     fn hash_file(
         &self,
         dir: &Path,
         rel: &[u8],
-        entry: &ScanEntry,
+        name: &[u8],
+        scanned: &FileStat,
     ) -> Result<(Digest, FileStat), BuildError> {
         self.check_cancel()?;
-        let scanned = &entry.stat;
         let cached = if self.cache.is_empty() {
             None
         } else {
-            self.cache.lookup(&child_rel(rel, &entry.name), scanned)
+            self.cache.lookup(&child_rel(rel, name), scanned)
         };
-        let (digest, stat) = match cached {
+        let result = match cached {
             Some(digest) => {
                 self.progress
                     .bytes_done
@@ -589,12 +587,11 @@ impl Run<'_> {
             }
             None => {
                 self.files_read.fetch_add(1, Ordering::Relaxed);
-                self.read_file(&dir.join(OsStr::from_bytes(&entry.name)))?
+                self.read_file(&dir.join(OsStr::from_bytes(name)))?
             }
         };
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
-        let _ = entry.hashed.set(CachedFile { stat, digest });
-        Ok((digest, stat))
+        Ok(result)
     }
 
     /// Reads and hashes a file, re-reading it while it changes under us.

@@ -180,9 +180,24 @@ impl StatCacheWriter {
     }
 
     pub fn push(&mut self, rel: &[u8], f: &CachedFile) {
+        self.push_child(b"", rel, f);
+    }
+
+    /// Pushes the file `name` of the directory `dir` (both relative, `dir` empty for the root),
+    /// without building the joined path.
+    pub fn push_child(&mut self, dir: &[u8], name: &[u8], f: &CachedFile) {
         let out = &mut self.out;
-        out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
-        out.extend_from_slice(rel);
+        let len = if dir.is_empty() {
+            name.len()
+        } else {
+            dir.len() + 1 + name.len()
+        };
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        if !dir.is_empty() {
+            out.extend_from_slice(dir);
+            out.push(b'/');
+        }
+        out.extend_from_slice(name);
         let s = &f.stat;
         out.extend_from_slice(&s.size.to_le_bytes());
         out.extend_from_slice(&s.mtime_s.to_le_bytes());
