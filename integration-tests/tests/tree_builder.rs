@@ -435,3 +435,37 @@ async fn sigterm_lets_an_in_flight_build_finish_then_exits_zero() {
         .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", tail(&service.log)));
     assert_eq!(status.code(), Some(0), "{}", tail(&service.log));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_independent_python_grpcio_client_gets_the_same_root() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("tree");
+    write(&tree.join("a/b.txt"), b"from python");
+    write(&tree.join("c"), b"c");
+    let expected = Builder::new(BuildOptions::default())
+        .build(&tree)
+        .expect("build")
+        .root;
+    let service = stack.start_serving("tree-builder").await;
+    let python = integration_tests::workspace_root().join(".tools/venv/bin/python");
+    let script = integration_tests::workspace_root().join("integration-tests/python/interop.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(service.addr.to_string())
+        .arg(&tree)
+        .arg(expected.to_hex())
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} (scripts/install-tools.sh installs it): {e}",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
