@@ -469,3 +469,35 @@ async fn an_independent_python_grpcio_client_gets_the_same_root() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trees_over_the_recent_entries_budget_are_compared_by_root_only() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("tree");
+    for i in 0..5 {
+        write(&tree.join(format!("f{i}")), b"x");
+    }
+    stack.start_service("tree-builder", &[("RECENT_ENTRIES", "3".to_owned())]);
+    let service = stack.service_mut("tree-builder");
+    service
+        .wait_for(integration_tests::ServingStatus::Serving)
+        .await;
+    let mut client = client(service);
+    let before = build_tree(&mut client, request(&tree))
+        .await
+        .expect("build")
+        .result
+        .expect("result");
+    write(&tree.join("f0"), b"changed");
+    let verify = client
+        .verify_tree(VerifyTreeRequest {
+            path: tree.display().to_string(),
+            expected_root_hash: before.root_hash,
+            ..VerifyTreeRequest::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(!verify.matches);
+    assert!(!verify.differences_complete && verify.differences.is_empty());
+}

@@ -94,7 +94,7 @@ impl TreeBuilderService for TreeBuilderApi {
 
         let (tx, rx) = mpsc::channel(16);
         let cancel = Arc::new(AtomicBool::new(false));
-        let keep = self.recent.enabled();
+        let keep = self.recent.budget();
         let sink = Arc::new(StreamSink::new(
             request.include_nodes.then(|| tx.clone()),
             self.settings.batch_bytes,
@@ -170,11 +170,12 @@ impl TreeBuilderService for TreeBuilderApi {
             .settings
             .options(&root, profile, request.exclude_patterns);
         let cancel = Arc::new(AtomicBool::new(false));
+        // The rebuilt tree is needed whole to list differences, within the same budget.
         let sink = Arc::new(StreamSink::new(
             None,
             self.settings.batch_bytes,
             cancel.clone(),
-            true,
+            self.recent.budget(),
         ));
         let (outcome, _) = builds::run(
             root.clone(),
@@ -185,18 +186,17 @@ impl TreeBuilderService for TreeBuilderApi {
             PROGRESS_INTERVAL,
         )
         .await?;
-        let actual = MemTree {
-            root: outcome.root,
-            profile,
-            nodes: Arc::into_inner(sink)
-                .and_then(StreamSink::into_kept)
-                .unwrap_or_default(),
-        };
-
-        let matches = actual.root == expected;
+        let actual_nodes = Arc::into_inner(sink).and_then(StreamSink::into_kept);
+        let matches = outcome.root == expected;
+        let expected_tree = self.recent.get(expected, profile);
         let (differences, complete) = if matches {
             (Vec::new(), true)
-        } else if let Some(expected_tree) = self.recent.get(expected, profile) {
+        } else if let (Some(expected_tree), Some(nodes)) = (expected_tree, actual_nodes) {
+            let actual = MemTree {
+                root: outcome.root,
+                profile,
+                nodes,
+            };
             let mut changes = Vec::new();
             let complete = diff::diff(&*expected_tree, expected, &actual, actual.root, &mut |c| {
                 if changes.len() == max {
@@ -208,12 +208,13 @@ impl TreeBuilderService for TreeBuilderApi {
             .map_err(|e| Error::Internal(e.to_string()))?;
             (changes, complete)
         } else {
-            // The expected tree is not known here: only the roots can be compared.
+            // The expected tree is not known here (or a tree is over RECENT_ENTRIES): only the
+            // roots can be compared.
             (Vec::new(), false)
         };
         Ok(Response::new(VerifyTreeResponse {
             matches,
-            actual_root_hash: actual.root.to_hex(),
+            actual_root_hash: outcome.root.to_hex(),
             expected_root_hash: expected.to_hex(),
             differences,
             differences_complete: complete,

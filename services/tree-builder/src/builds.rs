@@ -82,23 +82,39 @@ pub struct StreamSink {
     batch_bytes: usize,
     pending: Mutex<(Vec<TreeNode>, usize)>,
     cancel: Arc<AtomicBool>,
-    keep: Option<Mutex<HashMap<Digest, DirNode>>>,
+    keep: Option<Mutex<Kept>>,
+}
+
+/// Nodes kept for [`RecentTrees`], up to a budget of entries; beyond it nothing is kept.
+struct Kept {
+    nodes: HashMap<Digest, DirNode>,
+    entries: usize,
+    budget: usize,
+    over: bool,
 }
 
 impl StreamSink {
-    /// `tx` is `None` when the caller does not want nodes; `keep` remembers them locally.
+    /// `tx` is `None` when the caller does not want nodes; the nodes are also kept locally
+    /// while they fit in `keep_entries` entries (0: never).
     pub fn new(
         tx: Option<EventSender>,
         batch_bytes: usize,
         cancel: Arc<AtomicBool>,
-        keep: bool,
+        keep_entries: usize,
     ) -> Self {
         StreamSink {
             tx,
             batch_bytes,
             pending: Mutex::new((Vec::new(), 0)),
             cancel,
-            keep: keep.then(|| Mutex::new(HashMap::new())),
+            keep: (keep_entries > 0).then(|| {
+                Mutex::new(Kept {
+                    nodes: HashMap::new(),
+                    entries: 0,
+                    budget: keep_entries,
+                    over: false,
+                })
+            }),
         }
     }
 
@@ -128,10 +144,10 @@ impl StreamSink {
         }
     }
 
-    /// The nodes kept, if asked to keep them.
+    /// The nodes kept, unless the tree was over the budget.
     pub fn into_kept(self) -> Option<HashMap<Digest, DirNode>> {
-        self.keep
-            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        let kept = self.keep?.into_inner().unwrap_or_else(|e| e.into_inner());
+        (!kept.over).then_some(kept.nodes)
     }
 
     /// Splits a node whose encoding exceeds the batch size into consecutive parts.
@@ -186,9 +202,15 @@ impl NodeSink for StreamSink {
             }
         }
         if let Some(keep) = &self.keep {
-            keep.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(hash, node);
+            let mut kept = keep.lock().unwrap_or_else(|e| e.into_inner());
+            kept.entries += node.entries.len();
+            if kept.entries > kept.budget {
+                // Too big to remember: free what was kept and keep nothing more.
+                kept.over = true;
+                kept.nodes = HashMap::new();
+            } else if !kept.over {
+                kept.nodes.insert(hash, node);
+            }
         }
         Ok(())
     }
@@ -255,28 +277,30 @@ pub async fn run(
     Ok((outcome, progress))
 }
 
-/// Recent trees by root, for VerifyTree's list of differing paths; bounded by node count.
+/// Recent trees by root, for VerifyTree's list of differing paths; bounded by the number of
+/// directory entries they hold (about 100 bytes each).
 pub struct RecentTrees {
-    max_nodes: usize,
+    max_entries: usize,
     trees: Mutex<VecDeque<Arc<MemTree>>>,
 }
 
 impl RecentTrees {
-    pub fn new(max_nodes: usize) -> Self {
+    pub fn new(max_entries: usize) -> Self {
         RecentTrees {
-            max_nodes,
+            max_entries,
             trees: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// Whether trees are kept at all.
-    pub fn enabled(&self) -> bool {
-        self.max_nodes > 0
+    /// The entry budget of one tree (0: trees are not kept).
+    pub fn budget(&self) -> usize {
+        self.max_entries
     }
 
     /// Remembers a tree, forgetting the oldest ones beyond the node budget.
     pub fn insert(&self, tree: MemTree) {
-        if tree.nodes.len() > self.max_nodes {
+        let size = |t: &MemTree| t.nodes.values().map(|n| n.entries.len()).sum::<usize>();
+        if size(&tree) > self.max_entries {
             return;
         }
         let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
@@ -284,8 +308,8 @@ impl RecentTrees {
         trees.push_front(Arc::new(tree));
         let mut total = 0;
         trees.retain(|t| {
-            total += t.nodes.len();
-            total <= self.max_nodes
+            total += size(t);
+            total <= self.max_entries
         });
     }
 

@@ -40,10 +40,10 @@ pub struct Config {
     #[arg(long, env = "MAX_DEPTH", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_depth: u32,
-    /// Directory nodes of recent builds kept in memory, so VerifyTree can list the paths that
-    /// differ from one of them; 0 keeps none.
-    #[arg(long, env = "RECENT_NODES", default_value_t = 1_000_000)]
-    pub recent_nodes: usize,
+    /// Directory entries of recent builds kept in memory (about 100 bytes each), so
+    /// VerifyTree can list the paths that differ from one of them; 0 keeps none.
+    #[arg(long, env = "RECENT_ENTRIES", default_value_t = 1_000_000)]
+    pub recent_entries: usize,
 }
 
 impl Validate for Config {

@@ -27,7 +27,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let api = api::TreeBuilderApi::new(
         roots,
         builds::BuildSettings::from_config(&config),
-        builds::RecentTrees::new(config.recent_nodes),
+        builds::RecentTrees::new(config.recent_entries),
     );
     let service = merkle_shared::limit_messages!(TreeBuilderServiceServer::new(api), config.server);
     // TreeBuilder's only dependency is its file system; it serves as soon as it listens.
