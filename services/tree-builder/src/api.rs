@@ -102,45 +102,50 @@ impl TreeBuilderService for TreeBuilderApi {
             keep,
         ));
         let recent = self.recent.clone();
-        tokio::spawn(async move {
-            let result = builds::run(
-                root.clone(),
-                options,
-                sink.clone(),
-                Some(tx.clone()),
-                cancel,
-                PROGRESS_INTERVAL,
-            )
-            .await;
-            let message = match result {
-                Ok((outcome, progress)) => {
-                    tracing::info!(
-                        root = %outcome.root,
-                        files = outcome.stats.file_count,
-                        read = outcome.files_hashed,
-                        ms = outcome.duration.as_millis() as u64,
-                        "build finished"
-                    );
-                    let _ = tx.send(Ok(builds::progress_event(&progress))).await;
-                    if let Some(nodes) = Arc::into_inner(sink).and_then(StreamSink::into_kept) {
-                        recent.insert(MemTree {
-                            root: outcome.root,
-                            profile: outcome.profile,
-                            nodes,
-                        });
+        // The build outlives this handler: it stays in the call's span (and trace).
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = builds::run(
+                    root.clone(),
+                    options,
+                    sink.clone(),
+                    Some(tx.clone()),
+                    cancel,
+                    PROGRESS_INTERVAL,
+                )
+                .await;
+                let message = match result {
+                    Ok((outcome, progress)) => {
+                        tracing::info!(
+                            root = %outcome.root,
+                            files = outcome.stats.file_count,
+                            read = outcome.files_hashed,
+                            ms = outcome.duration.as_millis() as u64,
+                            "build finished"
+                        );
+                        let _ = tx.send(Ok(builds::progress_event(&progress))).await;
+                        if let Some(nodes) = Arc::into_inner(sink).and_then(StreamSink::into_kept) {
+                            recent.insert(MemTree {
+                                root: outcome.root,
+                                profile: outcome.profile,
+                                nodes,
+                            });
+                        }
+                        Ok(BuildTreeResponse {
+                            event: Some(Event::Result(result_message(&outcome, &root))),
+                        })
                     }
-                    Ok(BuildTreeResponse {
-                        event: Some(Event::Result(result_message(&outcome, &root))),
-                    })
-                }
-                Err(err) => {
-                    tracing::warn!(path = %root.display(), error = %err, "build failed");
-                    Err(Status::from(err))
-                }
-            };
-            // The caller may be gone; then there is no one to tell.
-            let _ = tx.send(message).await;
-        });
+                    Err(err) => {
+                        tracing::warn!(path = %root.display(), error = %err, "build failed");
+                        Err(Status::from(err))
+                    }
+                };
+                // The caller may be gone; then there is no one to tell.
+                let _ = tx.send(message).await;
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
