@@ -145,3 +145,78 @@ where
         self.inner.call(request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        sync::{Arc, Mutex},
+    };
+
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        TracerProvider as _,
+    };
+    use tower::ServiceExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+    fn with_tracing<T>(f: impl FnOnce() -> T) -> T {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    #[test]
+    fn the_client_layer_sends_the_current_trace() {
+        let seen = Arc::new(Mutex::new(None::<String>));
+        let captured = seen.clone();
+        let inner = tower::service_fn(move |req: Request<()>| {
+            let header = req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            *captured.lock().expect("lock") = header;
+            async { Ok::<_, Infallible>(()) }
+        });
+        with_tracing(|| {
+            let parent = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_hex(TRACE_ID).expect("hex"),
+                SpanId::from_hex("00f067aa0ba902b7").expect("hex"),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            ));
+            let span = tracing::info_span!("caller");
+            span.set_parent(parent).expect("parent");
+            let _entered = span.enter();
+            let call = ClientTraceLayer.layer(inner).oneshot(Request::new(()));
+            poll_once(call).expect("call");
+        });
+        let header = seen
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("a traceparent header");
+        assert!(header.starts_with(&format!("00-{TRACE_ID}-")), "{header}");
+    }
+
+    /// Polls a future that is ready at once (the inner service answers immediately).
+    fn poll_once<F: Future>(future: F) -> F::Output {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut future = std::pin::pin!(future);
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("the test service should answer at once"),
+        }
+    }
+}
