@@ -347,11 +347,11 @@ async fn verify_tree_lists_the_paths_that_differ_from_a_previous_build() {
 }
 
 /// Sparse files: large to hash (seconds), cheap to make.
-fn big_sparse_tree(dir: &Path, files: u32, gib_each: u64) {
+fn big_sparse_tree(dir: &Path, files: u32, mib_each: u64) {
     fs::create_dir_all(dir).expect("mkdir");
     for i in 0..files {
         let f = fs::File::create(dir.join(format!("big{i}"))).expect("create");
-        f.set_len(gib_each << 30).expect("set_len");
+        f.set_len(mib_each << 20).expect("set_len");
     }
 }
 
@@ -359,7 +359,7 @@ fn big_sparse_tree(dir: &Path, files: u32, gib_each: u64) {
 async fn a_cancelled_call_stops_the_build() {
     let mut stack = TestStack::new();
     let tree = stack.dir().join("big");
-    big_sparse_tree(&tree, 8, 2);
+    big_sparse_tree(&tree, 8, 2048);
     let service = stack.start_serving("tree-builder").await;
     let log = service.log.clone();
     let mut stream = client(service)
@@ -397,7 +397,7 @@ async fn a_cancelled_call_stops_the_build() {
 async fn sigterm_lets_an_in_flight_build_finish_then_exits_zero() {
     let mut stack = TestStack::new();
     let tree = stack.dir().join("big");
-    big_sparse_tree(&tree, 2, 1);
+    big_sparse_tree(&tree, 2, 512);
     stack.start_serving("tree-builder").await;
     let service = stack.service_mut("tree-builder");
     let mut stream = client(service)
@@ -427,7 +427,7 @@ async fn sigterm_lets_an_in_flight_build_finish_then_exits_zero() {
         }
     }
     let result = result.expect("the in-flight build delivered its result");
-    assert_eq!(result.stats.expect("stats").total_bytes, 2 << 30);
+    assert_eq!(result.stats.expect("stats").total_bytes, 1 << 30);
 
     let status = service
         .process
