@@ -501,3 +501,51 @@ async fn trees_over_the_recent_entries_budget_are_compared_by_root_only() {
     assert!(!verify.matches);
     assert!(!verify.differences_complete && verify.differences.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_beyond_the_limit_wait_in_the_queued_phase() {
+    let mut stack = TestStack::new();
+    let big = stack.dir().join("big");
+    big_sparse_tree(&big, 4, 1024);
+    let small = stack.dir().join("small");
+    write(&small.join("f"), b"x");
+    stack.start_service("tree-builder", &[("MAX_CONCURRENT_BUILDS", "1".to_owned())]);
+    let service = stack.service_mut("tree-builder");
+    service
+        .wait_for(integration_tests::ServingStatus::Serving)
+        .await;
+
+    let mut first = client(service)
+        .build_tree(BuildTreeRequest {
+            disable_stat_cache: true,
+            ..request(&big)
+        })
+        .await
+        .expect("first build")
+        .into_inner();
+    first
+        .message()
+        .await
+        .expect("stream")
+        .expect("the first build runs");
+
+    let mut second = client(service)
+        .build_tree(request(&small))
+        .await
+        .expect("second")
+        .into_inner();
+    let message = second.message().await.expect("stream").expect("a message");
+    match message.event {
+        Some(Event::Progress(p)) => assert_eq!(p.phase, BuildPhase::Queued as i32),
+        other => panic!("expected a QUEUED progress event, got {other:?}"),
+    }
+    // Cancelling the first frees its slot: the second then runs to its result.
+    drop(first);
+    let mut result = None;
+    while let Some(message) = second.message().await.expect("stream") {
+        if let Some(Event::Result(r)) = message.event {
+            result = Some(r);
+        }
+    }
+    assert_eq!(result.expect("result").stats.expect("stats").file_count, 1);
+}

@@ -102,6 +102,7 @@ impl TreeBuilderService for TreeBuilderApi {
             keep,
         ));
         let recent = self.recent.clone();
+        let slots = self.settings.slots.clone();
         // The build outlives this handler: it stays in the call's span (and trace).
         let span = tracing::Span::current();
         tokio::spawn(tracing::Instrument::instrument(
@@ -113,6 +114,7 @@ impl TreeBuilderService for TreeBuilderApi {
                     Some(tx.clone()),
                     cancel,
                     PROGRESS_INTERVAL,
+                    &slots,
                 )
                 .await;
                 let message = match result {
@@ -189,6 +191,7 @@ impl TreeBuilderService for TreeBuilderApi {
             None,
             cancel,
             PROGRESS_INTERVAL,
+            &self.settings.slots,
         )
         .await?;
         let actual_nodes = Arc::into_inner(sink).and_then(StreamSink::into_kept);

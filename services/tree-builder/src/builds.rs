@@ -36,6 +36,8 @@ pub struct BuildSettings {
     pub max_depth: usize,
     /// Largest encoded size of one NodeBatch message.
     pub batch_bytes: usize,
+    /// Builds that may run at once; more wait in the QUEUED phase.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl BuildSettings {
@@ -47,6 +49,9 @@ impl BuildSettings {
             max_depth: config.max_depth as usize,
             // Headroom for the message envelope: a batch stays well under the limit.
             batch_bytes: (config.server.max_message_bytes as usize) * 3 / 4,
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_builds as usize,
+            )),
         }
     }
 
@@ -216,6 +221,16 @@ impl NodeSink for StreamSink {
     }
 }
 
+/// The progress message of a build waiting for a slot.
+fn queued_event() -> BuildTreeResponse {
+    BuildTreeResponse {
+        event: Some(Event::Progress(BuildProgress {
+            phase: BuildPhase::Queued as i32,
+            ..BuildProgress::default()
+        })),
+    }
+}
+
 /// The progress message of a snapshot of the counters.
 pub fn progress_event(progress: &Progress) -> BuildTreeResponse {
     let s = progress.snapshot();
@@ -244,7 +259,27 @@ pub async fn run(
     tx: Option<EventSender>,
     cancel: Arc<AtomicBool>,
     interval: Duration,
+    slots: &tokio::sync::Semaphore,
 ) -> Result<(BuildOutcome, Arc<Progress>), Error> {
+    // Hashing uses every core: builds beyond the slots wait their turn, saying so.
+    let _slot = match slots.try_acquire() {
+        Ok(permit) => permit,
+        Err(_) => {
+            if let Some(tx) = &tx {
+                let _ = tx.send(Ok(queued_event())).await;
+            }
+            let closed = async {
+                match &tx {
+                    Some(tx) => tx.closed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                permit = slots.acquire() => permit.map_err(|e| Error::Internal(e.to_string()))?,
+                () = closed => return Err(Error::Build(BuildError::Cancelled)),
+            }
+        }
+    };
     let progress = Arc::new(Progress::default());
     let job = {
         let (progress, cancel, sink) = (progress.clone(), cancel.clone(), sink.clone());

@@ -29,6 +29,10 @@ pub struct Config {
     /// built directory); unset reads every file on every build.
     #[arg(long, env = "STAT_CACHE_DIR")]
     pub stat_cache_dir: Option<PathBuf>,
+    /// Builds that run at once; further BuildTree and VerifyTree calls wait (phase QUEUED).
+    #[arg(long, env = "MAX_CONCURRENT_BUILDS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_concurrent_builds: u32,
     /// Hashing threads per build; 0 means one per core.
     #[arg(long, env = "HASH_THREADS", default_value_t = 0)]
     pub hash_threads: usize,
