@@ -145,7 +145,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &database_url,
         &redis_url,
     );
-    println!("\nlogs: {}/logs   stop: Ctrl-C", data_dir.display());
+    let tree_builder = SERVICES
+        .iter()
+        .find(|s| s.name == "tree-builder")
+        .map_or(0, |s| args.port_of(s));
+    let roots: Vec<String> = allowed_roots
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    println!("\nTreeBuilder may hash under: {}", roots.join(", "));
+    println!(
+        "try: grpcurl -plaintext -d '{{\"path\":\"{}\"}}' 127.0.0.1:{tree_builder} \
+         merkle.treebuilder.v1.TreeBuilderService/BuildTree",
+        roots[0]
+    );
+    println!("logs: {}/logs   stop: Ctrl-C", data_dir.display());
 
     let reason = loop {
         tokio::select! {
