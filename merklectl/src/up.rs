@@ -299,36 +299,31 @@ fn print_table(
             spec.grpc_name
         );
     }
-    match postgres {
-        Some(pg) => println!(
-            "{:<14} {:<18} {:>8}  running  {}",
-            "postgres",
-            format!("127.0.0.1:{}", pg.port()),
-            pg.pid().unwrap_or(0),
-            pg.url()
+    dependency_row(
+        "postgres",
+        postgres.map(|pg| (pg.port(), pg.pid(), pg.url())),
+        database_url,
+    );
+    dependency_row(
+        "redis",
+        redis.map(|r| (r.port(), r.pid(), r.url())),
+        redis_url,
+    );
+}
+
+/// One table row for PostgreSQL or Redis: ours (port, pid, URL) or an external one.
+fn dependency_row(name: &str, ours: Option<(u16, Option<u32>, String)>, external_url: &str) {
+    match ours {
+        Some((port, pid, url)) => println!(
+            "{name:<14} {:<18} {:>8}  running  {url}",
+            format!("127.0.0.1:{port}"),
+            pid.unwrap_or(0)
         ),
         None => println!(
-            "{:<14} {:<18} {:>8}  external {}",
-            "postgres",
+            "{name:<14} {:<18} {:>8}  external {}",
             "-",
             "-",
-            merkle_shared::config::redact_url(database_url)
-        ),
-    }
-    match redis {
-        Some(r) => println!(
-            "{:<14} {:<18} {:>8}  running  {}",
-            "redis",
-            format!("127.0.0.1:{}", r.port()),
-            r.pid().unwrap_or(0),
-            r.url()
-        ),
-        None => println!(
-            "{:<14} {:<18} {:>8}  external {}",
-            "redis",
-            "-",
-            "-",
-            merkle_shared::config::redact_url(redis_url)
+            merkle_shared::config::redact_url(external_url)
         ),
     }
 }
