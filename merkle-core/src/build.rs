@@ -21,7 +21,7 @@ use std::{
     io::{self, Read},
     os::unix::{
         ffi::{OsStrExt as _, OsStringExt as _},
-        fs::OpenOptionsExt as _,
+        fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
     sync::{
@@ -32,12 +32,15 @@ use std::{
 };
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use nix::sys::inotify::WatchDescriptor;
 use rayon::prelude::*;
 
 use crate::{
     digest::{Digest, file_leaf_from_reader, symlink_leaf},
     node::{DirNode, Entry, EntryKind, Meta, Profile},
     statcache::{CachedFile, FileStat, StatCache, StatCacheWriter},
+    watch::Watch,
+    watched::{KeptDir, KeptEntry},
 };
 
 /// How to build.
@@ -119,8 +122,14 @@ pub struct BuildOutcome {
     pub stats: TreeStats,
     /// Distinct directory nodes.
     pub node_count: u64,
-    /// Files whose content was read (the rest came from the stat cache).
+    /// Files whose content was read (the rest came from the stat cache or the kept tree).
     pub files_hashed: u64,
+    /// Set when the build rebuilt a watched tree from change events: how many directories
+    /// were listed again (the rest were not looked at).
+    pub dirs_relisted: Option<u64>,
+    /// Set when a watched tree had to be scanned whole again: why (its change events were
+    /// incomplete, or it now names another directory).
+    pub rescan_reason: Option<&'static str>,
     pub duration: Duration,
 }
 
@@ -128,6 +137,11 @@ pub struct BuildOutcome {
 /// Called from the hashing threads.
 pub trait NodeSink: Sync {
     fn node(&self, hash: Digest, node: DirNode) -> Result<(), BuildError>;
+
+    /// True when the sink keeps nothing, so a rebuild need not hand it the unchanged nodes.
+    fn discards(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that keeps nothing (when only the root is wanted).
@@ -136,6 +150,10 @@ pub struct DiscardNodes;
 impl NodeSink for DiscardNodes {
     fn node(&self, _hash: Digest, _node: DirNode) -> Result<(), BuildError> {
         Ok(())
+    }
+
+    fn discards(&self) -> bool {
+        true
     }
 }
 
@@ -182,17 +200,30 @@ impl Progress {
         }
     }
 
-    fn set_phase(&self, phase: Phase) {
+    pub(crate) fn set_phase(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Done: all of `files` files and `bytes` bytes.
+    pub(crate) fn complete(&self, files: u64, bytes: u64) {
+        for (counter, value) in [
+            (&self.files_total, files),
+            (&self.files_done, files),
+            (&self.bytes_total, bytes),
+            (&self.bytes_done, bytes),
+        ] {
+            counter.store(value, Ordering::Relaxed);
+        }
+        self.set_phase(Phase::Done);
     }
 }
 
 /// Builds trees; see the module docs.
 pub struct Builder<'a> {
-    options: BuildOptions,
-    sink: &'a dyn NodeSink,
-    progress: Option<&'a Progress>,
-    cancel: Option<&'a AtomicBool>,
+    pub(crate) options: BuildOptions,
+    pub(crate) sink: &'a dyn NodeSink,
+    pub(crate) progress: Option<&'a Progress>,
+    pub(crate) cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> Builder<'a> {
@@ -246,66 +277,40 @@ impl<'a> Builder<'a> {
 
     /// Builds the tree of the directory `root` (already resolved and checked by the caller).
     pub fn build(&self, root: &Path) -> Result<BuildOutcome, BuildError> {
-        let started = Instant::now();
-        let meta = match fs::metadata(root) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BuildError::NotFound(root.to_owned()));
-            }
-            Err(source) => {
-                return Err(BuildError::Unreadable {
-                    path: root.to_owned(),
-                    source,
-                });
-            }
-        };
-        if !meta.is_dir() {
-            return Err(BuildError::NotADirectory(root.to_owned()));
-        }
-        let excludes = exclude_matcher(root, &self.options.exclude)?;
-        let threads = if self.options.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            self.options.threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("merkle-hash-{i}"))
-            .build()
-            .map_err(|e| BuildError::Threads(e.to_string()))?;
+        self.build_full(root, None).map(|(outcome, _)| outcome)
+    }
 
+    /// A build that scans the whole tree (taking unchanged files from the stat cache). With
+    /// `watch`, every directory is watched before it is listed and the hashed tree is kept.
+    pub(crate) fn build_full(
+        &self,
+        root: &Path,
+        watch: Option<&Watch>,
+    ) -> Result<(BuildOutcome, Option<KeptDir>), BuildError> {
+        let started = Instant::now();
+        let meta = root_metadata(root)?;
+        let pool = self.pool()?;
         let local_progress = Progress::default();
         let progress = self.progress.unwrap_or(&local_progress);
         let never = AtomicBool::new(false);
-        let cancel = self.cancel.unwrap_or(&never);
         // Taken before any lstat: entries whose mtime is not safely older are re-read next time.
         let scan_started = SystemTime::now();
         let cache = match &self.options.stat_cache {
             Some(path) => StatCache::load(path),
             None => StatCache::default(),
         };
+        let mut run = Run::new(self, root, &cache, progress, &never)?;
+        run.writer = self.options.stat_cache.as_ref().map(|_| {
+            Mutex::new(StatCacheWriter::new(
+                scan_started - self.options.racy_margin,
+            ))
+        });
+        run.watch = watch;
 
-        let run = Run {
-            options: &self.options,
-            excludes,
-            sink: self.sink,
-            progress,
-            cancel,
-            cache: &cache,
-            entries: AtomicU64::new(0),
-            skipped: AtomicU64::new(0),
-            emitted: Mutex::new(HashSet::new()),
-            files_read: AtomicU64::new(0),
-            writer: self.options.stat_cache.as_ref().map(|_| {
-                Mutex::new(StatCacheWriter::new(
-                    scan_started - self.options.racy_margin,
-                ))
-            }),
-        };
         progress.set_phase(Phase::Scanning);
-        let skeleton = pool.install(|| run.scan_dir(root, b"", 0))?;
+        let skeleton = pool.install(|| run.scan_dir(root, b"", 0, meta.dev()))?;
         progress.set_phase(Phase::Hashing);
-        let (root_digest, mut stats) = pool.install(|| run.hash_dir(skeleton, root, b""))?;
+        let (root_digest, mut stats, kept) = pool.install(|| run.hash_dir(skeleton, root, b""))?;
         stats.dir_count += 1;
         stats.skipped_count = run.skipped.load(Ordering::Relaxed);
         progress.set_phase(Phase::Done);
@@ -315,15 +320,52 @@ impl<'a> Builder<'a> {
             // A cache that cannot be written only costs speed next time.
             let _ = writer.finish(path);
         }
-        Ok(BuildOutcome {
+        let outcome = BuildOutcome {
             root: root_digest,
             profile: self.options.profile,
             stats,
             node_count: run.emitted.into_inner().map_or(0, |s| s.len() as u64),
             files_hashed: run.files_read.load(Ordering::Relaxed),
+            dirs_relisted: None,
+            rescan_reason: None,
             duration: started.elapsed(),
-        })
+        };
+        Ok((outcome, kept))
     }
+
+    /// The build's own thread pool, sized by [`BuildOptions::threads`].
+    pub(crate) fn pool(&self) -> Result<rayon::ThreadPool, BuildError> {
+        let threads = if self.options.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.options.threads
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("merkle-hash-{i}"))
+            .build()
+            .map_err(|e| BuildError::Threads(e.to_string()))
+    }
+}
+
+/// The root's metadata, which must be a directory's.
+pub(crate) fn root_metadata(root: &Path) -> Result<Metadata, BuildError> {
+    let meta = match fs::metadata(root) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(BuildError::NotFound(root.to_owned()));
+        }
+        Err(source) => {
+            return Err(BuildError::Unreadable {
+                path: root.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.is_dir() {
+        return Err(BuildError::NotADirectory(root.to_owned()));
+    }
+    Ok(meta)
 }
 
 fn exclude_matcher(root: &Path, patterns: &[String]) -> Result<Gitignore, BuildError> {
@@ -344,13 +386,18 @@ fn exclude_matcher(root: &Path, patterns: &[String]) -> Result<Gitignore, BuildE
 
 /// The scanned skeleton of one directory, entries sorted by name. Kept compact: it is the
 /// build's memory, about 100 bytes per entry plus the name.
-struct ScanDir {
+pub(crate) struct ScanDir {
     entries: Box<[ScanEntry]>,
+    /// Entries left out (special files and excluded names).
+    skipped: u32,
+    /// Its watch, when the tree is watched.
+    wd: Option<WatchDescriptor>,
 }
 
 struct ScanEntry {
     name: Box<[u8]>,
     stat: FileStat,
+    nlink: u32,
     item: ScanItem,
 }
 
@@ -360,23 +407,33 @@ enum ScanItem {
     Symlink(Box<[u8]>),
 }
 
+/// One listed directory: its entries (lstat, sorted by name, excludes applied) and how many
+/// were skipped.
+pub(crate) struct Listing {
+    pub entries: Vec<(Vec<u8>, Metadata)>,
+    pub skipped: u32,
+}
+
 /// The state shared by the threads of one build.
-struct Run<'a> {
-    options: &'a BuildOptions,
+pub(crate) struct Run<'a> {
+    pub options: &'a BuildOptions,
     excludes: Gitignore,
-    sink: &'a dyn NodeSink,
-    progress: &'a Progress,
+    pub sink: &'a dyn NodeSink,
+    pub progress: &'a Progress,
     cancel: &'a AtomicBool,
     cache: &'a StatCache,
     entries: AtomicU64,
-    skipped: AtomicU64,
+    pub skipped: AtomicU64,
     emitted: Mutex<HashSet<Digest>>,
-    files_read: AtomicU64,
+    pub files_read: AtomicU64,
     /// The next stat cache, filled a directory at a time as files are hashed.
     writer: Option<Mutex<StatCacheWriter>>,
+    /// Set when the tree is watched: directories are watched before they are listed, and
+    /// the hashed tree is kept.
+    pub watch: Option<&'a Watch>,
 }
 
-fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
+pub(crate) fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(rel.len() + 1 + name.len());
     if !rel.is_empty() {
         out.extend_from_slice(rel);
@@ -386,8 +443,63 @@ fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The entry of a file, directory or symlink as hashed with `profile`.
+pub(crate) fn entry_of(
+    name: Vec<u8>,
+    kind: EntryKind,
+    hash: Digest,
+    stat: &FileStat,
+    profile: Profile,
+) -> Entry {
+    Entry {
+        name,
+        kind,
+        hash,
+        size: if kind.group() == 0 { stat.size } else { 0 },
+        meta: (profile == Profile::Full).then_some(Meta {
+            perm: stat.mode & 0o7777,
+            uid: stat.uid,
+            gid: stat.gid,
+        }),
+    }
+}
+
+/// A file's kind from its mode: the owner's execute bit makes it executable.
+pub(crate) fn file_kind(stat: &FileStat) -> EntryKind {
+    if stat.mode & 0o100 != 0 {
+        EntryKind::Executable
+    } else {
+        EntryKind::File
+    }
+}
+
+impl<'a> Run<'a> {
+    pub fn new(
+        builder: &'a Builder<'a>,
+        root: &Path,
+        cache: &'a StatCache,
+        progress: &'a Progress,
+        never: &'a AtomicBool,
+    ) -> Result<Run<'a>, BuildError> {
+        Ok(Run {
+            options: &builder.options,
+            excludes: exclude_matcher(root, &builder.options.exclude)?,
+            sink: builder.sink,
+            progress,
+            cancel: builder.cancel.unwrap_or(never),
+            cache,
+            entries: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            emitted: Mutex::new(HashSet::new()),
+            files_read: AtomicU64::new(0),
+            writer: None,
+            watch: None,
+        })
+    }
+}
+
 impl Run<'_> {
-    fn check_cancel(&self) -> Result<(), BuildError> {
+    pub fn check_cancel(&self) -> Result<(), BuildError> {
         if self.cancel.load(Ordering::Relaxed) {
             Err(BuildError::Cancelled)
         } else {
@@ -395,7 +507,7 @@ impl Run<'_> {
         }
     }
 
-    fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> BuildError + '_ {
+    pub fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> BuildError + '_ {
         move |source| match source.kind() {
             io::ErrorKind::NotFound => BuildError::Vanished(path.to_owned()),
             _ => BuildError::Unreadable {
@@ -405,7 +517,8 @@ impl Run<'_> {
         }
     }
 
-    fn scan_dir(&self, dir: &Path, rel: &[u8], depth: usize) -> Result<ScanDir, BuildError> {
+    /// Lists a directory with `lstat`, applying the limits and the exclude patterns.
+    pub fn list_dir(&self, dir: &Path, rel: &[u8], depth: usize) -> Result<Listing, BuildError> {
         self.check_cancel()?;
         if depth > self.options.max_depth {
             return Err(BuildError::TooDeep {
@@ -413,7 +526,8 @@ impl Run<'_> {
                 limit: self.options.max_depth,
             });
         }
-        let mut found: Vec<(Vec<u8>, Metadata)> = Vec::new();
+        let mut entries: Vec<(Vec<u8>, Metadata)> = Vec::new();
+        let mut skipped = 0;
         for item in fs::read_dir(dir).map_err(Self::unreadable(dir))? {
             let item = item.map_err(Self::unreadable(dir))?;
             let name = item.file_name().as_bytes().to_vec();
@@ -436,22 +550,41 @@ impl Run<'_> {
                     .is_ignore();
             if special || excluded {
                 self.skipped.fetch_add(1, Ordering::Relaxed);
+                skipped += 1;
                 continue;
             }
-            found.push((name, meta));
+            entries.push((name, meta));
         }
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(Listing { entries, skipped })
+    }
 
-        let entries = found
+    /// Scans a directory tree (`dev`: the directory's device) into its skeleton.
+    pub fn scan_dir(
+        &self,
+        dir: &Path,
+        rel: &[u8],
+        depth: usize,
+        dev: u64,
+    ) -> Result<ScanDir, BuildError> {
+        // Watched before it is listed: a change after the listing is an event.
+        let wd = self.watch.and_then(|w| w.add(dir, rel, dev));
+        let listing = self.list_dir(dir, rel, depth)?;
+        let entries = listing
+            .entries
             .into_par_iter()
             .map(|(name, meta)| {
                 let path = dir.join(OsStr::from_bytes(&name));
                 let ft = meta.file_type();
                 let item = if ft.is_dir() {
-                    ScanItem::Dir(self.scan_dir(&path, &child_rel(rel, &name), depth + 1)?)
+                    ScanItem::Dir(self.scan_dir(
+                        &path,
+                        &child_rel(rel, &name),
+                        depth + 1,
+                        meta.dev(),
+                    )?)
                 } else if ft.is_symlink() {
-                    let target = fs::read_link(&path).map_err(Self::unreadable(&path))?;
-                    ScanItem::Symlink(target.into_os_string().into_vec().into_boxed_slice())
+                    ScanItem::Symlink(self.read_link(&path)?)
                 } else {
                     self.progress.files_total.fetch_add(1, Ordering::Relaxed);
                     self.progress
@@ -462,79 +595,82 @@ impl Run<'_> {
                 Ok(ScanEntry {
                     name: name.into_boxed_slice(),
                     stat: FileStat::from_metadata(&meta),
+                    nlink: meta.nlink().min(u32::MAX as u64) as u32,
                     item,
                 })
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
         Ok(ScanDir {
             entries: entries.into_boxed_slice(),
+            skipped: listing.skipped,
+            wd,
         })
     }
 
-    /// Hashes a scanned directory, consuming its skeleton as it goes.
-    fn hash_dir(
+    pub fn read_link(&self, path: &Path) -> Result<Box<[u8]>, BuildError> {
+        let target = fs::read_link(path).map_err(Self::unreadable(path))?;
+        Ok(target.into_os_string().into_vec().into_boxed_slice())
+    }
+
+    /// Hashes a scanned directory, consuming its skeleton as it goes; returns the directory
+    /// kept whole when the tree is watched.
+    pub fn hash_dir(
         &self,
         dir: ScanDir,
         path: &Path,
         rel: &[u8],
-    ) -> Result<(Digest, TreeStats), BuildError> {
+    ) -> Result<(Digest, TreeStats, Option<KeptDir>), BuildError> {
         self.check_cancel()?;
-        let full = self.options.profile == Profile::Full;
+        let profile = self.options.profile;
+        let keep = self.watch.is_some();
         let results = dir
             .entries
             .into_vec()
             .into_par_iter()
             .map(|e| {
                 let mut cached = None;
-                let (kind, hash, size, stat, stats) = match e.item {
+                let mut sub = None;
+                let (kind, hash, stat, stats) = match e.item {
                     ScanItem::File => {
                         let (hash, stat) = self.hash_file(path, rel, &e.name, &e.stat)?;
-                        let kind = if stat.mode & 0o100 != 0 {
-                            EntryKind::Executable
-                        } else {
-                            EntryKind::File
-                        };
                         let stats = TreeStats {
                             file_count: 1,
                             total_bytes: stat.size,
                             ..TreeStats::default()
                         };
                         cached = Some(CachedFile { stat, digest: hash });
-                        (kind, hash, stat.size, stat, stats)
+                        (file_kind(&stat), hash, stat, stats)
                     }
-                    ScanItem::Dir(sub) => {
+                    ScanItem::Dir(scanned) => {
                         let child = path.join(OsStr::from_bytes(&e.name));
-                        let (hash, mut stats) =
-                            self.hash_dir(sub, &child, &child_rel(rel, &e.name))?;
+                        let (hash, mut stats, kept) =
+                            self.hash_dir(scanned, &child, &child_rel(rel, &e.name))?;
                         stats.dir_count += 1;
-                        (EntryKind::Directory, hash, 0, e.stat, stats)
+                        sub = kept.map(Box::new);
+                        (EntryKind::Directory, hash, e.stat, stats)
                     }
                     ScanItem::Symlink(target) => {
                         let stats = TreeStats {
                             symlink_count: 1,
                             ..TreeStats::default()
                         };
-                        (EntryKind::Symlink, symlink_leaf(&target), 0, e.stat, stats)
+                        (EntryKind::Symlink, symlink_leaf(&target), e.stat, stats)
                     }
                 };
-                let entry = Entry {
-                    name: e.name.into_vec(),
-                    kind,
-                    hash,
-                    size,
-                    meta: full.then_some(Meta {
-                        perm: stat.mode & 0o7777,
-                        uid: stat.uid,
-                        gid: stat.gid,
-                    }),
-                };
-                Ok((entry, stats, cached))
+                let entry = entry_of(e.name.into_vec(), kind, hash, &stat, profile);
+                let kept = keep.then(|| KeptEntry {
+                    entry: entry.clone(),
+                    stat,
+                    nlink: e.nlink,
+                    sub,
+                });
+                Ok((entry, stats, cached, kept))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
 
         if let Some(writer) = &self.writer {
             let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
-            for (entry, _, cached) in &results {
+            for (entry, _, cached, _) in &results {
                 if let Some(cached) = cached {
                     writer.push_child(rel, &entry.name, cached);
                 }
@@ -542,26 +678,44 @@ impl Run<'_> {
         }
         let mut stats = TreeStats::default();
         let mut entries = Vec::with_capacity(results.len());
-        for (entry, s, _) in results {
+        let mut kept_entries = Vec::with_capacity(if keep { results.len() } else { 0 });
+        for (entry, s, _, kept) in results {
             stats.file_count += s.file_count;
             stats.dir_count += s.dir_count;
             stats.symlink_count += s.symlink_count;
             stats.total_bytes += s.total_bytes;
             entries.push(entry);
+            kept_entries.extend(kept);
         }
         let node = DirNode { entries };
         let hash = node
-            .hash(self.options.profile)
+            .hash(profile)
             .expect("entries are sorted, named and carry metadata by construction");
+        self.emit_with(hash, || node)?;
+        let kept = keep.then(|| KeptDir::new(hash, kept_entries, dir.skipped, dir.wd));
+        Ok((hash, stats, kept))
+    }
+
+    /// Hands a node to the sink, the first time it is seen in this build.
+    pub fn emit_with(
+        &self,
+        hash: Digest,
+        node: impl FnOnce() -> DirNode,
+    ) -> Result<(), BuildError> {
         let first = self
             .emitted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(hash);
         if first {
-            self.sink.node(hash, node)?;
+            self.sink.node(hash, node())?;
         }
-        Ok((hash, stats))
+        Ok(())
+    }
+
+    /// The number of distinct nodes handed to the sink so far.
+    pub fn emitted(&self) -> u64 {
+        self.emitted.lock().map_or(0, |s| s.len() as u64)
     }
 
     /// The file's leaf and the stat it was read under (or cached with).
@@ -595,7 +749,7 @@ impl Run<'_> {
     }
 
     /// Reads and hashes a file, re-reading it while it changes under us.
-    fn read_file(&self, path: &Path) -> Result<(Digest, FileStat), BuildError> {
+    pub fn read_file(&self, path: &Path) -> Result<(Digest, FileStat), BuildError> {
         thread_local! {
             static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
         }

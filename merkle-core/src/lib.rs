@@ -4,6 +4,7 @@
 //! - [`node`]: directory entries and nodes, their canonical encoding and hash;
 //! - [`build`]: a parallel, incremental, safe build of a directory's tree;
 //! - [`statcache`]: the persistent stat cache that makes rebuilds incremental;
+//! - [`watched`]: a built tree kept and watched (inotify), so a rebuild costs what changed;
 //! - [`tree`]: an in-memory tree (all directory nodes by hash);
 //! - [`proof`]: inclusion proofs, their JSON file format and verification;
 //! - [`diff`]: the changed paths between two trees, skipping equal subtrees.
@@ -18,8 +19,11 @@ pub mod node;
 pub mod proof;
 pub mod statcache;
 pub mod tree;
+mod watch;
+pub mod watched;
 
 pub use build::{BuildError, BuildOptions, BuildOutcome, Builder, NodeSink, Progress, TreeStats};
 pub use digest::Digest;
 pub use node::{DirNode, Entry, EntryKind, Meta, Profile};
 pub use tree::MemTree;
+pub use watched::WatchedTree;

@@ -60,7 +60,7 @@ impl FileStat {
     }
 
     /// The later of mtime and ctime, in nanoseconds since the epoch.
-    fn newest_ns(&self) -> i128 {
+    pub(crate) fn newest_ns(&self) -> i128 {
         let m = self.mtime_s as i128 * 1_000_000_000 + self.mtime_ns as i128;
         let c = self.ctime_s as i128 * 1_000_000_000 + self.ctime_ns as i128;
         m.max(c)
@@ -82,7 +82,7 @@ pub struct StatCache {
     files: HashMap<Vec<u8>, CachedFile>,
 }
 
-fn epoch_ns(t: SystemTime) -> i128 {
+pub(crate) fn epoch_ns(t: SystemTime) -> i128 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i128,
         Err(e) => -(e.duration().as_nanos() as i128),

@@ -424,6 +424,75 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Rebuilds of a watched tree, right after the edits (no time for timestamps to tell),
+    /// give the root of a full build; renames and moves are real renames on disk, so moved
+    /// directories keep their watches.
+    #[test]
+    fn watched_rebuild_equals_full_build_after_random_edits(
+        model in tree(),
+        rounds in proptest::collection::vec(proptest::collection::vec((any::<usize>(), mutation()), 1..4), 1..5),
+        profile in prop_oneof![Just(Profile::Content), Just(Profile::Full)],
+    ) {
+        let disk = on_disk(&model);
+        let options = BuildOptions { profile, ..BuildOptions::default() };
+        let (_, watched) = Builder::new(options.clone()).build_watched(disk.path(), None).expect("build");
+        let mut watched = Some(watched.expect("the temporary folder can be watched"));
+        let mut current = model;
+        for edits in rounds {
+            for (target, m) in &edits {
+                let mut next = current.clone();
+                let moved = move_paths(&current, *target, m);
+                if apply(&mut next, *target, m) {
+                    match moved {
+                        Some((from, to)) => fs::rename(disk.path().join(from), disk.path().join(to)).expect("rename"),
+                        None => sync_disk(disk.path(), &current, &next),
+                    }
+                    current = next;
+                }
+            }
+            let sink = CollectNodes::default();
+            let (outcome, next) = Builder::new(options.clone())
+                .sink(&sink)
+                .build_watched(disk.path(), watched.take())
+                .expect("rebuild");
+            prop_assert!(outcome.dirs_relisted.is_some(), "rebuilt from events, not rescanned: {:?}", outcome.rescan_reason);
+            watched = Some(next.expect("still watched"));
+            let full_sink = CollectNodes::default();
+            let full = Builder::new(options.clone()).sink(&full_sink).build(disk.path()).expect("full build");
+            prop_assert_eq!(outcome.root, full.root);
+            prop_assert_eq!(outcome.stats, full.stats);
+            prop_assert_eq!(outcome.node_count, full.node_count);
+            let nodes = sink.into_tree(outcome.root, profile).nodes;
+            prop_assert_eq!(nodes, full_sink.into_tree(full.root, profile).nodes);
+            if profile == Profile::Content {
+                prop_assert_eq!(full.root, model_hash(&current));
+            }
+        }
+    }
+}
+
+/// For a rename or a move, the paths it moves between (as `apply` would do it).
+fn move_paths(root: &Dir, target: usize, m: &Mutation) -> Option<(String, String)> {
+    let mut all = Vec::new();
+    paths(root, &mut Vec::new(), &mut all);
+    if all.is_empty() {
+        return None;
+    }
+    let path = &all[target % all.len()];
+    let (parent, leaf) = path.split_at(path.len() - 1);
+    let to = match m {
+        Mutation::Rename(new) => [parent, std::slice::from_ref(new)].concat(),
+        Mutation::MoveUp if !parent.is_empty() => {
+            [&parent[..parent.len() - 1], &[format!("{}-moved", leaf[0])]].concat()
+        }
+        _ => return None,
+    };
+    Some((path.join("/"), to.join("/")))
+}
+
 /// Makes the directory at `path` go from `old` to `new`, touching only what differs.
 fn sync_disk(path: &Path, old: &Dir, new: &Dir) {
     for (name, node) in old {
