@@ -1,5 +1,6 @@
-//! `merkle-bench`: measures `merklectl hash` (release build) beside the peers the TreeBuilder
-//! issue names, in one run on this machine, and prints a table with the targets.
+//! `merkle-bench`: measures `merklectl hash` and the TreeBuilder service (release builds)
+//! beside the peers the TreeBuilder issue names, in one run on this machine, and prints a
+//! table with the targets.
 //!
 //! Trees: T1 = 10,000 files of 1-64 KiB in nested directories, T2 = 100 files of 10 MiB (both
 //! generated deterministically, incompressible), and the Rust toolchain's sysroot. Warm page
@@ -7,6 +8,9 @@
 //! Peers: `find | xargs sha256sum`, `git add -A && git write-tree` (fresh repository each
 //! run), `openssl speed -evp sha256`. Memory: peak RSS of merklectl on each tree, on one 10 GiB
 //! file (sparse), and optionally on a 1,000,000-file tree (`--million`).
+//! Incremental: T1 after changing 1% of its files, through `merklectl hash` with its stat
+//! cache (a new process each time), and through the TreeBuilder service, which keeps the
+//! trees it builds watched; both against a full build by the same tool in the same run.
 //!
 //! Run it with `scripts/bench.sh`.
 
@@ -36,6 +40,9 @@ struct Args {
     /// Skip the git peer (slow on large trees).
     #[arg(long)]
     no_git: bool,
+    /// Only the incremental rows (T1 through merklectl and through TreeBuilder).
+    #[arg(long)]
+    incremental_only: bool,
 }
 
 /// A deterministic, fast pseudo-random generator (xorshift64*): the trees are the same on
@@ -183,6 +190,107 @@ fn merklectl_hash(
     ))
 }
 
+/// TreeBuilder's times on T1: a full build, and the best rebuild after changing 1% of it.
+struct ServiceTimes {
+    full: Duration,
+    incremental: Duration,
+    files_read: u64,
+    full_root: String,
+    incremental_root: String,
+}
+
+/// Starts the release TreeBuilder on a loopback port and times BuildTree calls on T1 (from
+/// the request to the final result, as a client sees it).
+fn tree_builder_rebuilds(work: &Path, t1: &Path, runs: u32) -> anyhow::Result<ServiceTimes> {
+    use merkle_proto::treebuilder::v1::{
+        BuildResult, BuildTreeRequest, build_tree_response::Event,
+        tree_builder_service_client::TreeBuilderServiceClient,
+    };
+    use merklectl::stack;
+
+    let spec = stack::SERVICES
+        .iter()
+        .find(|s| s.name == "tree-builder")
+        .context("tree-builder spec")?;
+    let port = stack::free_port()?;
+    let env = [
+        ("ALLOWED_ROOTS", work.display().to_string()),
+        (
+            "STAT_CACHE_DIR",
+            work.join("tree-builder-cache").display().to_string(),
+        ),
+        ("LOG_LEVEL", "warn".to_owned()),
+    ];
+    let mut process = stack::spawn_service(spec, port, &env, &work.join("tree-builder.log"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        stack::wait_for_status(
+            addr,
+            spec.grpc_name,
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            Duration::from_secs(20),
+        )
+        .await?;
+        let mut client = TreeBuilderServiceClient::connect(format!("http://{addr}")).await?;
+        let mut call = async |fresh: bool| -> anyhow::Result<(Duration, BuildResult)> {
+            let request = BuildTreeRequest {
+                path: t1.display().to_string(),
+                disable_stat_cache: fresh,
+                ..BuildTreeRequest::default()
+            };
+            let started = Instant::now();
+            let mut stream = client.build_tree(request).await?.into_inner();
+            while let Some(message) = stream.message().await? {
+                if let Some(Event::Result(result)) = message.event {
+                    return Ok((started.elapsed(), result));
+                }
+            }
+            bail!("BuildTree ended without a result")
+        };
+        let mut full = Duration::MAX;
+        call(true).await?; // warm-up
+        for _ in 0..runs {
+            full = full.min(call(true).await?.0);
+        }
+        let mut rng = Rng(0x5eed_0004);
+        let mut incremental = Duration::MAX;
+        let mut files_read = 0;
+        let mut incremental_root = String::new();
+        for round in 0..runs {
+            change_one_percent(t1, &mut rng, round)?;
+            let (d, r) = call(false).await?;
+            incremental = incremental.min(d);
+            files_read = r.files_hashed;
+            incremental_root = r.root_hash;
+        }
+        // The root to compare with: a full build of the tree as the last rebuild saw it.
+        let (_, reference) = call(true).await?;
+        anyhow::Ok(ServiceTimes {
+            full,
+            incremental,
+            files_read,
+            full_root: reference.root_hash,
+            incremental_root,
+        })
+    });
+    process.stop(Duration::from_secs(10));
+    result
+}
+
+/// Rewrites the start of 100 of T1's 10,000 files (a different 1% each round).
+fn change_one_percent(t1: &Path, rng: &mut Rng, round: u32) -> anyhow::Result<()> {
+    for k in 0..100u32 {
+        let i = (k * 100 + round * 7) % 10_000;
+        let path = t1.join(format!("d{:02}/e{:02}/f{i:05}.bin", i % 25, (i / 25) % 16));
+        let mut f = fs::OpenOptions::new().write(true).open(&path)?;
+        f.write_all(&rng.next().to_le_bytes())?;
+    }
+    Ok(())
+}
+
 fn openssl_sha256_bytes_per_sec() -> anyhow::Result<f64> {
     let out = Command::new("openssl")
         .args([
@@ -254,7 +362,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut targets: Vec<(String, bool)> = Vec::new();
-    for (name, dir) in &trees {
+    for (name, dir) in trees.iter().filter(|_| !args.incremental_only) {
         let bytes = tree_bytes(dir);
         let mut rss = 0;
         let ours = best(args.runs, || {
@@ -350,18 +458,29 @@ fn main() -> anyhow::Result<()> {
     // Files must be older than the racy margin (2 s) before the priming scan to be trusted.
     std::thread::sleep(Duration::from_millis(2500));
     merklectl_hash(&merklectl, &t1, &["--cache-dir", &cache_arg])?;
-    let full_t1 = rows[0].time;
+    let full_t1 = match rows.first() {
+        Some(row) => row.time,
+        None => {
+            let time = best(args.runs, || {
+                Ok(merklectl_hash(&merklectl, &t1, &["--no-cache"])?.0)
+            })?;
+            rows.push(Row {
+                tree: "T1".into(),
+                tool: "merklectl hash".into(),
+                time,
+                bytes: tree_bytes(&t1),
+                rss: None,
+                ours: None,
+            });
+            time
+        }
+    };
     let mut rng = Rng(0x5eed_0003);
     let mut incremental = Duration::MAX;
     let mut hashed = 0;
     let mut inc_root = String::new();
     for round in 0..args.runs {
-        for k in 0..100u32 {
-            let i = (k * 100 + round * 7) % 10_000;
-            let path = t1.join(format!("d{:02}/e{:02}/f{i:05}.bin", i % 25, (i / 25) % 16));
-            let mut f = fs::OpenOptions::new().write(true).open(&path)?;
-            f.write_all(&rng.next().to_le_bytes())?;
-        }
+        change_one_percent(&t1, &mut rng, round)?;
         // Builds run minutes apart, not right after an edit: let the edits age past the racy
         // margin (2 s), else they are read once more by the following build.
         std::thread::sleep(Duration::from_millis(2500));
@@ -371,25 +490,58 @@ fn main() -> anyhow::Result<()> {
         inc_root = h.root;
     }
     let (_, full) = merklectl_hash(&merklectl, &t1, &["--no-cache"])?;
+    let speedup = full_t1.as_secs_f64() / incremental.as_secs_f64();
     rows.push(Row {
         tree: "T1, 1% changed".into(),
-        tool: format!("merklectl hash, stat cache ({hashed} files read)"),
+        tool: format!(
+            "merklectl hash, stat cache ({hashed} files read; {speedup:.1}x faster than full)"
+        ),
         time: incremental,
         bytes: tree_bytes(&t1),
         rss: None,
         ours: None,
     });
-    let speedup = full_t1.as_secs_f64() / incremental.as_secs_f64();
+
+    // The same through the TreeBuilder service, which keeps the trees it builds watched.
+    let service = tree_builder_rebuilds(&work, &t1, args.runs)?;
+    rows.push(Row {
+        tree: "T1".into(),
+        tool: "TreeBuilder BuildTree, disable_stat_cache (full)".into(),
+        time: service.full,
+        bytes: tree_bytes(&t1),
+        rss: None,
+        ours: None,
+    });
+    rows.push(Row {
+        tree: "T1, 1% changed".into(),
+        tool: format!(
+            "TreeBuilder BuildTree, watched ({} files read; {:.1}x faster than full)",
+            service.files_read,
+            service.full.as_secs_f64() / service.incremental.as_secs_f64()
+        ),
+        time: service.incremental,
+        bytes: tree_bytes(&t1),
+        rss: None,
+        ours: None,
+    });
+    let speedup = service.full.as_secs_f64() / service.incremental.as_secs_f64();
     targets.push((
-        format!("T1 incremental after 1% changed >= 20x faster than full (is {speedup:.1}x)"),
+        format!(
+            "T1 rebuild after 1% changed >= 20x faster than a full build (TreeBuilder: is {speedup:.1}x)"
+        ),
         speedup >= 20.0,
     ));
     targets.push((
-        "T1 incremental root == full root".into(),
-        inc_root == full.root,
+        "T1 incremental roots == full root (merklectl and TreeBuilder)".into(),
+        inc_root == full.root && service.incremental_root == service.full_root,
     ));
     // The benchmark changed T1: regenerate it next time.
     let _ = fs::remove_file(t1.with_extension("done"));
+
+    if args.incremental_only {
+        print_tables(cores, args.runs, &rows, &targets);
+        return Ok(());
+    }
 
     // Memory: one 10 GiB file (sparse: no disk needed, every byte is still read and hashed).
     let big = work.join("ten-gib");
@@ -427,13 +579,15 @@ fn main() -> anyhow::Result<()> {
         });
     }
 
-    println!(
-        "\nmerkle-bench: {cores} cores, best of {} warm runs\n",
-        args.runs
-    );
+    print_tables(cores, args.runs, &rows, &targets);
+    Ok(())
+}
+
+fn print_tables(cores: usize, runs: u32, rows: &[Row], targets: &[(String, bool)]) {
+    println!("\nmerkle-bench: {cores} cores, best of {runs} warm runs\n");
     println!("| tree | tool | time (s) | MB/s | peak RSS (MiB) | ours is faster by |");
     println!("|---|---|---:|---:|---:|---:|");
-    for r in &rows {
+    for r in rows {
         println!(
             "| {} | {} | {:.3} | {:.0} | {} | {} |",
             r.tree,
@@ -449,8 +603,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("\n| target | met |\n|---|---|");
-    for (what, met) in &targets {
+    for (what, met) in targets {
         println!("| {what} | {} |", if *met { "yes" } else { "NO" });
     }
-    Ok(())
 }

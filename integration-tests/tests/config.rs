@@ -84,6 +84,15 @@ fn bad_duration_and_range_are_named() {
     let (code, stderr) = run("merkle-discovery", &[("LOG_FORMAT", "xml")]);
     assert_eq!(code, Some(2), "{stderr}");
     assert_one_line_naming(&stderr, "LOG_FORMAT");
+
+    for (variable, value) in [("WATCH_RESCAN_INTERVAL", "often"), ("WATCH_TREES", "1000")] {
+        let (code, stderr) = run(
+            "merkle-tree-builder",
+            &[(variable, value), ("ALLOWED_ROOTS", "/tmp")],
+        );
+        assert_eq!(code, Some(2), "{stderr}");
+        assert_one_line_naming(&stderr, variable);
+    }
 }
 
 #[test]

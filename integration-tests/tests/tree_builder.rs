@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{RunningService, TestStack, tail};
+use integration_tests::{RunningService, ServingStatus, TestStack, tail};
 use merkle_core::{BuildOptions, Builder, Digest, DirNode, Profile};
 use merkle_proto::{
     common::v1::{BuildPhase, ChangeType, Profile as PbProfile, TreeNode},
@@ -548,4 +548,61 @@ async fn builds_beyond_the_limit_wait_in_the_queued_phase() {
         }
     }
     assert_eq!(result.expect("result").stats.expect("stats").file_count, 1);
+}
+
+/// Builds `tree` and returns the result and its nodes.
+async fn built(
+    client: &mut TreeBuilderServiceClient<Channel>,
+    request: BuildTreeRequest,
+) -> (BuildResult, HashMap<Digest, DirNode>) {
+    let streamed = build_tree(client, request).await.expect("build");
+    let nodes = nodes_of(streamed.parts, Profile::Content);
+    (streamed.result.expect("a final result"), nodes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_reads_only_what_changed_since_the_last_build() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("tree");
+    for i in 0..200 {
+        write(
+            &tree.join(format!("d{}/f{i}", i % 10)),
+            format!("content {i}").as_bytes(),
+        );
+    }
+    let watching = stack.start_serving("tree-builder").await;
+    let mut watching = client(watching);
+    let unwatched = stack.start_service("tree-builder", &[("WATCH_TREES", "0".to_owned())]);
+    unwatched.wait_for(ServingStatus::Serving).await;
+    let mut unwatched = client(unwatched);
+
+    let (first, _) = built(&mut watching, request(&tree)).await;
+    assert_eq!(first.files_hashed, 200);
+    built(&mut unwatched, request(&tree)).await;
+    // Right away: every file is too new for the stat cache to trust (the racy-git rule), so
+    // only the change events can tell that 199 of them are unchanged.
+    write(&tree.join("d3/f3"), b"changed");
+    let (second, nodes) = built(&mut watching, request(&tree)).await;
+    assert_eq!(second.files_hashed, 1, "only the changed file is read");
+    let (by_stat, _) = built(&mut unwatched, request(&tree)).await;
+    assert_eq!(
+        by_stat.files_hashed, 200,
+        "the stat cache trusts no new file"
+    );
+
+    let fresh = BuildTreeRequest {
+        disable_stat_cache: true,
+        ..request(&tree)
+    };
+    let (reread, reread_nodes) = built(&mut watching, fresh).await;
+    assert_eq!(
+        reread.files_hashed, 200,
+        "disable_stat_cache reads every file"
+    );
+    assert_eq!(second.root_hash, reread.root_hash);
+    assert_eq!(second.root_hash, by_stat.root_hash);
+    assert_eq!(second.stats, reread.stats);
+    assert_eq!(second.node_count, reread.node_count);
+    assert_eq!(nodes, reread_nodes, "a rebuild streams the whole tree");
+    assert_ne!(second.root_hash, first.root_hash);
 }

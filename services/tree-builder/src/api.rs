@@ -20,7 +20,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    builds::{self, BuildSettings, RecentTrees, StreamSink},
+    builds::{self, BuildJob, BuildSettings, RecentTrees, StreamSink},
     error::Error,
     paths::AllowedRoots,
 };
@@ -90,6 +90,11 @@ impl TreeBuilderService for TreeBuilderApi {
         if request.disable_stat_cache {
             options.stat_cache = None;
         }
+        let job = BuildJob {
+            root: root.clone(),
+            options,
+            fresh: request.disable_stat_cache,
+        };
         tracing::info!(path = %root.display(), build_id = %request.build_id, profile = profile.name(), "build started");
 
         let (tx, rx) = mpsc::channel(16);
@@ -102,19 +107,18 @@ impl TreeBuilderService for TreeBuilderApi {
             keep,
         ));
         let recent = self.recent.clone();
-        let slots = self.settings.slots.clone();
+        let settings = self.settings.clone();
         // The build outlives this handler: it stays in the call's span (and trace).
         let span = tracing::Span::current();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let result = builds::run(
-                    root.clone(),
-                    options,
+                    job,
+                    &settings,
                     sink.clone(),
                     Some(tx.clone()),
                     cancel,
                     PROGRESS_INTERVAL,
-                    &slots,
                 )
                 .await;
                 let message = match result {
@@ -123,6 +127,8 @@ impl TreeBuilderService for TreeBuilderApi {
                             root = %outcome.root,
                             files = outcome.stats.file_count,
                             read = outcome.files_hashed,
+                            relisted_dirs = outcome.dirs_relisted,
+                            rescan_reason = outcome.rescan_reason,
                             ms = outcome.duration.as_millis() as u64,
                             "build finished"
                         );
@@ -184,14 +190,18 @@ impl TreeBuilderService for TreeBuilderApi {
             cancel.clone(),
             self.recent.budget(),
         ));
-        let (outcome, _) = builds::run(
-            root.clone(),
+        let job = BuildJob {
+            root: root.clone(),
             options,
+            fresh: false,
+        };
+        let (outcome, _) = builds::run(
+            job,
+            &self.settings,
             sink.clone(),
             None,
             cancel,
             PROGRESS_INTERVAL,
-            &self.settings.slots,
         )
         .await?;
         let actual_nodes = Arc::into_inner(sink).and_then(StreamSink::into_kept);

@@ -1,5 +1,6 @@
 //! Running builds for the API: on a blocking thread, streaming progress and node batches to the
-//! caller, stopping when the caller goes away, and keeping recent trees for VerifyTree.
+//! caller, stopping when the caller goes away, keeping the trees built most recently watched
+//! for fast rebuilds, and recent trees' nodes for VerifyTree.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -13,7 +14,7 @@ use std::{
 
 use merkle_core::{
     BuildError, BuildOptions, BuildOutcome, Builder, Digest, DirNode, MemTree, NodeSink, Profile,
-    Progress, build::Phase,
+    Progress, WatchedTree, build::Phase,
 };
 use merkle_proto::{
     common::v1::{BuildPhase, BuildProgress, TreeNode},
@@ -28,7 +29,7 @@ use tonic::Status;
 use crate::{config::Config, error::Error};
 
 /// What one build needs to know besides the request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BuildSettings {
     pub stat_cache_dir: Option<PathBuf>,
     pub threads: usize,
@@ -38,6 +39,8 @@ pub struct BuildSettings {
     pub batch_bytes: usize,
     /// Builds that may run at once; more wait in the QUEUED phase.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The trees kept watched between builds.
+    pub watched: Arc<WatchedTrees>,
 }
 
 impl BuildSettings {
@@ -52,6 +55,12 @@ impl BuildSettings {
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_builds as usize,
             )),
+            watched: Arc::new(WatchedTrees {
+                max_trees: config.watch_trees as usize,
+                max_entries: config.watch_max_entries,
+                rescan_interval: config.watch_rescan_interval,
+                trees: Mutex::new(VecDeque::new()),
+            }),
         }
     }
 
@@ -79,6 +88,75 @@ impl BuildSettings {
 }
 
 pub type EventSender = mpsc::Sender<Result<BuildTreeResponse, Status>>;
+
+/// One build: the directory (resolved and checked) and how to hash it.
+pub struct BuildJob {
+    pub root: PathBuf,
+    pub options: BuildOptions,
+    /// Read every file: neither the stat cache nor a watched tree is trusted (the tree is
+    /// still kept watched for the next build).
+    pub fresh: bool,
+}
+
+/// The trees built most recently, kept in memory and watched, so that the next build of one
+/// lists only the directories with changes ([`merkle_core::watched`]).
+pub struct WatchedTrees {
+    max_trees: usize,
+    max_entries: u64,
+    rescan_interval: Duration,
+    /// Most recently built first.
+    trees: Mutex<VecDeque<(BuildOptions, WatchedTree)>>,
+}
+
+impl WatchedTrees {
+    fn same(a: &BuildOptions, b: &BuildOptions) -> bool {
+        a.profile == b.profile && a.exclude == b.exclude
+    }
+
+    /// Takes the watched tree of `root` built with these options, unless it is due for a
+    /// full scan.
+    fn take(&self, root: &std::path::Path, options: &BuildOptions) -> Option<WatchedTree> {
+        let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+        let i = trees
+            .iter()
+            .position(|(o, t)| t.root() == root && Self::same(o, options))?;
+        let (_, tree) = trees.remove(i)?;
+        (tree.since_full_scan() < self.rescan_interval).then_some(tree)
+    }
+
+    /// Keeps a tree watched, forgetting the least recently built beyond `max_trees`.
+    fn put(&self, options: BuildOptions, tree: WatchedTree) {
+        if tree.entries() > self.max_entries {
+            tracing::info!(
+                entries = tree.entries(),
+                limit = self.max_entries,
+                "tree not kept watched: over WATCH_MAX_ENTRIES"
+            );
+            return;
+        }
+        let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+        trees.retain(|(o, t)| !(t.root() == tree.root() && Self::same(o, &options)));
+        trees.push_front((options, tree));
+        trees.truncate(self.max_trees);
+    }
+
+    /// Builds `job`, from its watched tree when there is one, and keeps the result watched.
+    fn build(&self, builder: &Builder<'_>, job: &BuildJob) -> Result<BuildOutcome, BuildError> {
+        if self.max_trees == 0 {
+            return builder.build(&job.root);
+        }
+        let previous = self.take(&job.root, &job.options);
+        let previous = if job.fresh { None } else { previous };
+        let (outcome, tree) = builder.build_watched(&job.root, previous)?;
+        match tree {
+            Ok(tree) => self.put(job.options.clone(), tree),
+            Err(why) => {
+                tracing::info!(reason = %why, "tree not kept watched; rebuilds use the stat cache")
+            }
+        }
+        Ok(outcome)
+    }
+}
 
 /// Streams nodes to the caller in batches under `batch_bytes`, splitting a node too large for
 /// one message, and keeps a copy of each node when the tree is to be remembered.
@@ -253,14 +331,14 @@ pub fn progress_event(progress: &Progress) -> BuildTreeResponse {
 /// Runs a build on a blocking thread; while it runs, sends progress to `tx` every
 /// `interval` and cancels the build if the caller goes away.
 pub async fn run(
-    root: PathBuf,
-    options: BuildOptions,
+    job: BuildJob,
+    settings: &BuildSettings,
     sink: Arc<StreamSink>,
     tx: Option<EventSender>,
     cancel: Arc<AtomicBool>,
     interval: Duration,
-    slots: &tokio::sync::Semaphore,
 ) -> Result<(BuildOutcome, Arc<Progress>), Error> {
+    let slots = &settings.slots;
     // Hashing uses every core: builds beyond the slots wait their turn, saying so.
     let _slot = match slots.try_acquire() {
         Ok(permit) => permit,
@@ -283,12 +361,15 @@ pub async fn run(
     let progress = Arc::new(Progress::default());
     let job = {
         let (progress, cancel, sink) = (progress.clone(), cancel.clone(), sink.clone());
+        let watched = settings.watched.clone();
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
-            let outcome = Builder::new(options)
+            let _span = span.enter();
+            let builder = Builder::new(job.options.clone())
                 .sink(&*sink)
                 .progress(&progress)
-                .cancel(&cancel)
-                .build(&root)?;
+                .cancel(&cancel);
+            let outcome = watched.build(&builder, &job)?;
             sink.flush()?;
             Ok::<_, BuildError>(outcome)
         })

@@ -1,10 +1,10 @@
 //! TreeBuilder's configuration.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use merkle_shared::{
-    config::{ConfigError, ServerArgs, TelemetryArgs, Validate},
+    config::{ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration},
     service::ServiceConfig,
 };
 
@@ -44,6 +44,21 @@ pub struct Config {
     #[arg(long, env = "MAX_DEPTH", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_depth: u32,
+    /// Trees kept in memory and watched for changes (Linux inotify), so that rebuilding one
+    /// lists only the directories with changes and reads only the changed files; the most
+    /// recently built are kept. 0 turns watching off (rebuilds then use the stat cache).
+    #[arg(long, env = "WATCH_TREES", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub watch_trees: u32,
+    /// Largest tree, in entries, that is kept watched (about 200 bytes of memory and, per
+    /// directory, one inotify watch each).
+    #[arg(long, env = "WATCH_MAX_ENTRIES", default_value_t = 1_000_000)]
+    pub watch_max_entries: u64,
+    /// A watched tree is scanned whole again once this long has passed since its last full
+    /// scan, to catch what change events cannot report (writes through a shared mmap, a file
+    /// system mounted inside the tree).
+    #[arg(long, env = "WATCH_RESCAN_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub watch_rescan_interval: Duration,
     /// Directory entries of recent builds kept in memory (about 100 bytes each), so
     /// VerifyTree can list the paths that differ from one of them; 0 keeps none.
     #[arg(long, env = "RECENT_ENTRIES", default_value_t = 1_000_000)]
