@@ -12,7 +12,7 @@
 //! Files are read through a descriptor opened with `O_NOFOLLOW`, checked with `fstat` before and
 //! after the read; a file that changed while read is read again, and after `read_retries` the
 //! build fails naming it. Nothing is ever silently wrong. Memory is the skeleton (proportional
-//! to the number of entries) plus a 256 KiB read buffer per thread, whatever the file sizes.
+//! to the number of entries) plus a 128 KiB read buffer per thread, whatever the file sizes.
 
 use std::{
     collections::HashSet,
@@ -36,7 +36,7 @@ use nix::sys::inotify::WatchDescriptor;
 use rayon::prelude::*;
 
 use crate::{
-    digest::{Digest, file_leaf_from_reader, symlink_leaf},
+    digest::{Digest, ReadBuffer, file_leaf_from_reader, symlink_leaf},
     node::{DirNode, Entry, EntryKind, Meta, Profile},
     statcache::{CachedFile, FileStat, StatCache, StatCacheWriter},
     watch::Watch,
@@ -751,7 +751,7 @@ impl Run<'_> {
     /// Reads and hashes a file, re-reading it while it changes under us.
     pub fn read_file(&self, path: &Path) -> Result<(Digest, FileStat), BuildError> {
         thread_local! {
-            static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+            static BUFFER: std::cell::RefCell<ReadBuffer> = std::cell::RefCell::new(ReadBuffer::new());
         }
         let attempts = self.options.read_retries + 1;
         for _ in 0..attempts {
@@ -776,7 +776,7 @@ impl Run<'_> {
                 });
             }
             let (digest, read) =
-                BUFFER.with(|buf| self.hash_reader(&file, path, &mut buf.borrow_mut()))?;
+                BUFFER.with(|buf| self.hash_reader(&file, path, buf.borrow_mut().get()))?;
             let after = FileStat::from_metadata(&file.metadata().map_err(Self::unreadable(path))?);
             if before == after && read == after.size {
                 return Ok((digest, after));

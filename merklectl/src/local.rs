@@ -13,7 +13,7 @@ use merkle_core::{
     BuildOptions, BuildOutcome, Builder, Digest, MemTree, Profile, Progress,
     build::Phase,
     diff::{ChangeType, diff_all},
-    digest::file_leaf_from_reader,
+    digest::{ReadBuffer, file_leaf_from_reader},
     proof::{InclusionProof, prove},
     tree::CollectNodes,
 };
@@ -279,7 +279,7 @@ pub fn verify_proof(args: VerifyProofArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.content {
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let (leaf, _) = file_leaf_from_reader(&mut file, &mut vec![0u8; 256 * 1024])?;
+        let (leaf, _) = file_leaf_from_reader(&mut file, ReadBuffer::new().get())?;
         if leaf != entry.hash {
             bail!(
                 "{} hashes to {leaf}, but the proof says {}",
