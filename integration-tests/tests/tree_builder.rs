@@ -564,17 +564,18 @@ async fn built(
 async fn a_rebuild_reads_only_what_changed_since_the_last_build() {
     let mut stack = TestStack::new();
     let tree = stack.dir().join("tree");
+    let watching = stack.start_serving("tree-builder").await;
+    let mut watching = client(watching);
+    let unwatched = stack.start_service("tree-builder", &[("WATCH_TREES", "0".to_owned())]);
+    unwatched.wait_for(ServingStatus::Serving).await;
+    let mut unwatched = client(unwatched);
+    // Written just before the builds, so that the stat cache cannot trust them yet.
     for i in 0..200 {
         write(
             &tree.join(format!("d{}/f{i}", i % 10)),
             format!("content {i}").as_bytes(),
         );
     }
-    let watching = stack.start_serving("tree-builder").await;
-    let mut watching = client(watching);
-    let unwatched = stack.start_service("tree-builder", &[("WATCH_TREES", "0".to_owned())]);
-    unwatched.wait_for(ServingStatus::Serving).await;
-    let mut unwatched = client(unwatched);
 
     let (first, _) = built(&mut watching, request(&tree)).await;
     assert_eq!(first.files_hashed, 200);

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::{
     build::{
         BuildError, BuildOutcome, Builder, Phase, Progress, Run, TreeStats, child_rel, entry_of,
-        file_kind, root_metadata,
+        file_kind, link_count, root_metadata,
     },
     digest::{Digest, symlink_leaf},
     node::{DirNode, Entry, EntryKind, Profile},
@@ -400,7 +400,7 @@ impl Run<'_> {
         dirty: &Dirty,
     ) -> Result<KeptEntry, BuildError> {
         let stat = FileStat::from_metadata(meta);
-        let nlink = meta.nlink().min(u32::MAX as u64) as u32;
+        let nlink = link_count(meta);
         let ft = meta.file_type();
         let profile = self.options.profile;
         if let Some(mut old) = previous {
