@@ -17,8 +17,8 @@ use rayon::prelude::*;
 
 use crate::{
     build::{
-        BuildError, BuildOutcome, Builder, Phase, Progress, Run, TreeStats, child_rel, entry_of,
-        file_kind, link_count, root_metadata,
+        BuildError, BuildOptions, BuildOutcome, Builder, Phase, Progress, Run, TreeStats,
+        child_rel, entry_of, file_kind, link_count, root_metadata,
     },
     digest::{Digest, symlink_leaf},
     node::{DirNode, Entry, EntryKind, Profile},
@@ -140,6 +140,12 @@ impl WatchedTree {
     pub fn entries(&self) -> u64 {
         self.top.listed
     }
+
+    /// Whether a build of `root` with `options` builds this tree (same directory, profile and
+    /// exclude patterns), so that it can start from it.
+    pub fn is_for(&self, root: &Path, options: &BuildOptions) -> bool {
+        self.root == root && self.profile == options.profile && self.exclude == options.exclude
+    }
 }
 
 impl Builder<'_> {
@@ -159,10 +165,7 @@ impl Builder<'_> {
         let root_id = (meta.dev(), meta.ino());
         let mut rescan_reason = None;
         if let Some(tree) = previous {
-            if tree.root != root
-                || tree.profile != self.options.profile
-                || tree.exclude != self.options.exclude
-            {
+            if !tree.is_for(root, &self.options) {
                 // Another tree's: nothing to reuse.
             } else if tree.root_id != root_id {
                 rescan_reason = Some("the path now names another directory");

@@ -105,27 +105,22 @@ pub struct WatchedTrees {
     max_entries: u64,
     rescan_interval: Duration,
     /// Most recently built first.
-    trees: Mutex<VecDeque<(BuildOptions, WatchedTree)>>,
+    trees: Mutex<VecDeque<WatchedTree>>,
 }
 
 impl WatchedTrees {
-    fn same(a: &BuildOptions, b: &BuildOptions) -> bool {
-        a.profile == b.profile && a.exclude == b.exclude
-    }
-
-    /// Takes the watched tree of `root` built with these options, unless it is due for a
-    /// full scan.
+    /// Takes the watched tree a build of `root` with `options` can start from, unless it is
+    /// due for a full scan.
     fn take(&self, root: &std::path::Path, options: &BuildOptions) -> Option<WatchedTree> {
         let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
-        let i = trees
-            .iter()
-            .position(|(o, t)| t.root() == root && Self::same(o, options))?;
-        let (_, tree) = trees.remove(i)?;
+        let i = trees.iter().position(|t| t.is_for(root, options))?;
+        let tree = trees.remove(i)?;
         (tree.since_full_scan() < self.rescan_interval).then_some(tree)
     }
 
-    /// Keeps a tree watched, forgetting the least recently built beyond `max_trees`.
-    fn put(&self, options: BuildOptions, tree: WatchedTree) {
+    /// Keeps a tree built with `options` watched, forgetting the least recently built beyond
+    /// `max_trees`.
+    fn put(&self, options: &BuildOptions, tree: WatchedTree) {
         if tree.entries() > self.max_entries {
             tracing::info!(
                 entries = tree.entries(),
@@ -135,8 +130,8 @@ impl WatchedTrees {
             return;
         }
         let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
-        trees.retain(|(o, t)| !(t.root() == tree.root() && Self::same(o, &options)));
-        trees.push_front((options, tree));
+        trees.retain(|t| !t.is_for(tree.root(), options));
+        trees.push_front(tree);
         trees.truncate(self.max_trees);
     }
 
@@ -149,7 +144,7 @@ impl WatchedTrees {
         let previous = if job.fresh { None } else { previous };
         let (outcome, tree) = builder.build_watched(&job.root, previous)?;
         match tree {
-            Ok(tree) => self.put(job.options.clone(), tree),
+            Ok(tree) => self.put(&job.options, tree),
             Err(why) => {
                 tracing::info!(reason = %why, "tree not kept watched; rebuilds use the stat cache")
             }
