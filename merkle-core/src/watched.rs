@@ -300,6 +300,15 @@ fn recheck_links(
     }
 }
 
+/// An entry of a directory listed again, with what was kept of it.
+struct Listed {
+    name: Vec<u8>,
+    meta: Metadata,
+    previous: Option<KeptEntry>,
+    /// `Some(replaced)` when an event named it.
+    event: Option<bool>,
+}
+
 impl Run<'_> {
     /// Brings a kept directory up to date with the change events; true when it changed.
     fn refresh(
@@ -373,35 +382,40 @@ impl Run<'_> {
             }
             let previous = old.next_if(|o| o.entry.name == name);
             let event = events.get(name.as_slice()).copied();
-            jobs.push((name, meta, previous, event));
+            jobs.push(Listed {
+                name,
+                meta,
+                previous,
+                event,
+            });
         }
         for gone in old {
             self.release(gone, rel);
         }
         dir.entries = jobs
             .into_par_iter()
-            .map(|(name, meta, previous, event)| {
-                self.refresh_entry(path, rel, depth, name, &meta, previous, event, dirty)
-            })
+            .map(|listed| self.refresh_entry(path, rel, depth, listed, dirty))
             .collect::<Result<Vec<_>, BuildError>>()?;
         dir.own_skipped = listing.skipped;
         Ok(())
     }
 
     /// One entry of a listed directory: kept when nothing says it changed, else hashed again.
-    /// `event` is `Some(replaced)` when an event named it.
-    #[allow(clippy::too_many_arguments)]
     fn refresh_entry(
         &self,
         path: &Path,
         rel: &[u8],
         depth: usize,
-        name: Vec<u8>,
-        meta: &Metadata,
-        previous: Option<KeptEntry>,
-        event: Option<bool>,
+        listed: Listed,
         dirty: &Dirty,
     ) -> Result<KeptEntry, BuildError> {
+        let Listed {
+            name,
+            meta,
+            previous,
+            event,
+        } = listed;
+        let meta = &meta;
         let stat = FileStat::from_metadata(meta);
         let nlink = link_count(meta);
         let ft = meta.file_type();
