@@ -194,3 +194,58 @@ fn excludes_and_limits_hold_on_rebuilds() {
         "{err}"
     );
 }
+
+#[test]
+fn rebuilds_during_constant_changes_end_equal_to_a_full_build() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let tree = tree_of_100();
+    let options = BuildOptions::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (root, stop) = (tree.path().to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Rewrites, creations, removals and directory moves, as fast as they go.
+                let d = i % 7;
+                match i % 5 {
+                    0 | 1 => write(&root.join(format!("d{d}/f{}", i % 100)), &i.to_le_bytes()),
+                    2 => write(&root.join(format!("d{d}/new/n{}", i % 13)), b"n"),
+                    3 => {
+                        let _ = fs::remove_file(root.join(format!("d{d}/new/n{}", (i + 5) % 13)));
+                    }
+                    _ => {
+                        let _ = fs::rename(
+                            root.join(format!("d{d}/new")),
+                            root.join(format!("d{}/new", (d + 1) % 7)),
+                        );
+                    }
+                }
+                i += 1;
+            }
+        })
+    };
+    let mut kept = None;
+    let mut rebuilt = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(1500) {
+        // A build may fail on a file that vanishes under it; the next one starts afresh.
+        match Builder::new(options.clone()).build_watched(tree.path(), kept.take()) {
+            Ok((outcome, tree)) => {
+                rebuilt += u32::from(outcome.dirs_relisted.is_some());
+                kept = tree.ok();
+            }
+            Err(BuildError::Vanished(_) | BuildError::Changed { .. }) => {}
+            Err(e) => panic!("unexpected build error: {e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert!(rebuilt > 0, "some builds were watched rebuilds");
+    let kept = kept.or_else(|| watched(tree.path(), &options, None).1.into());
+    let (last, _) = watched(tree.path(), &options, kept);
+    assert_eq!(last.root, full(tree.path(), &options).root);
+}
