@@ -62,6 +62,9 @@ pub struct BuildOptions {
     /// How much older than a scan a file must be for the stat cache to trust it later (the
     /// racy-git rule); see [`crate::statcache`].
     pub racy_margin: Duration,
+    /// Largest tree, in entries, that [`Builder::build_watched`] keeps: a larger one is built
+    /// without keeping it, so that its memory stays that of a plain build.
+    pub keep_max_entries: u64,
 }
 
 impl Default for BuildOptions {
@@ -75,6 +78,7 @@ impl Default for BuildOptions {
             stat_cache: None,
             read_retries: 2,
             racy_margin: crate::statcache::RACY_MARGIN,
+            keep_max_entries: u64::MAX,
         }
     }
 }
@@ -309,6 +313,10 @@ impl<'a> Builder<'a> {
 
         progress.set_phase(Phase::Scanning);
         let skeleton = pool.install(|| run.scan_dir(root, b"", 0, meta.dev()))?;
+        if run.entries.load(Ordering::Relaxed) > self.options.keep_max_entries {
+            // Too big to keep: hashed as a plain build, and the caller is told so.
+            run.watch = None;
+        }
         progress.set_phase(Phase::Hashing);
         let (root_digest, mut stats, kept) = pool.install(|| run.hash_dir(skeleton, root, b""))?;
         stats.dir_count += 1;

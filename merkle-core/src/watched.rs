@@ -186,7 +186,9 @@ impl Builder<'_> {
         if let Some(why) = watch.failure() {
             return Ok((outcome, Err(why)));
         }
-        let top = kept.expect("a watched build keeps its tree");
+        let Some(top) = kept else {
+            return Ok((outcome, Err(self.too_big())));
+        };
         let tree = WatchedTree {
             root: root.to_owned(),
             root_id,
@@ -198,6 +200,13 @@ impl Builder<'_> {
             full_scan: Instant::now(),
         };
         Ok((outcome, Ok(tree)))
+    }
+
+    fn too_big(&self) -> String {
+        format!(
+            "the tree has more than {} entries, the most kept watched",
+            self.options.keep_max_entries
+        )
     }
 
     fn rebuild(
@@ -261,6 +270,9 @@ impl Builder<'_> {
         drop(run);
         if let Some(why) = tree.watch.failure() {
             return Ok((outcome, Err(why)));
+        }
+        if tree.top.listed > self.options.keep_max_entries {
+            return Ok((outcome, Err(self.too_big())));
         }
         tree.trusted_before_ns = epoch_ns(scan_started - self.options.racy_margin);
         Ok((outcome, Ok(tree)))

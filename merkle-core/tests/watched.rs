@@ -249,3 +249,37 @@ fn rebuilds_during_constant_changes_end_equal_to_a_full_build() {
     let (last, _) = watched(tree.path(), &options, kept);
     assert_eq!(last.root, full(tree.path(), &options).root);
 }
+
+#[test]
+fn trees_over_the_keep_limit_are_built_but_not_kept() {
+    let tree = tree_of_100(); // 100 files in 7 directories: 107 entries
+    let small = BuildOptions {
+        keep_max_entries: 50,
+        ..BuildOptions::default()
+    };
+    let (outcome, kept) = Builder::new(small)
+        .build_watched(tree.path(), None)
+        .expect("build");
+    assert_eq!(
+        outcome.root,
+        full(tree.path(), &BuildOptions::default()).root
+    );
+    let why = kept.err().expect("not kept");
+    assert!(why.contains("more than 50 entries"), "{why}");
+
+    let roomy = BuildOptions {
+        keep_max_entries: 110,
+        ..BuildOptions::default()
+    };
+    let (_, kept) = watched(tree.path(), &roomy, None);
+    assert_eq!(kept.entries(), 107);
+    for i in 0..5 {
+        write(&tree.path().join(format!("d0/more{i}")), b"x");
+    }
+    let (outcome, kept) = Builder::new(roomy.clone())
+        .build_watched(tree.path(), Some(kept))
+        .expect("rebuild");
+    assert!(outcome.dirs_relisted.is_some());
+    assert_eq!(outcome.root, full(tree.path(), &roomy).root);
+    assert!(kept.is_err(), "grown past the limit, no longer kept");
+}

@@ -35,6 +35,8 @@ pub struct BuildSettings {
     pub threads: usize,
     pub max_entries: u64,
     pub max_depth: usize,
+    /// Largest tree kept watched, in entries.
+    pub watch_max_entries: u64,
     /// Largest encoded size of one NodeBatch message.
     pub batch_bytes: usize,
     /// Builds that may run at once; more wait in the QUEUED phase.
@@ -50,6 +52,7 @@ impl BuildSettings {
             threads: config.hash_threads,
             max_entries: config.max_entries,
             max_depth: config.max_depth as usize,
+            watch_max_entries: config.watch_max_entries,
             // Headroom for the message envelope: a batch stays well under the limit.
             batch_bytes: (config.server.max_message_bytes as usize) * 3 / 4,
             slots: Arc::new(tokio::sync::Semaphore::new(
@@ -57,7 +60,6 @@ impl BuildSettings {
             )),
             watched: Arc::new(WatchedTrees {
                 max_trees: config.watch_trees as usize,
-                max_entries: config.watch_max_entries,
                 rescan_interval: config.watch_rescan_interval,
                 trees: Mutex::new(VecDeque::new()),
             }),
@@ -82,6 +84,7 @@ impl BuildSettings {
             max_entries: self.max_entries,
             max_depth: self.max_depth,
             stat_cache,
+            keep_max_entries: self.watch_max_entries,
             ..BuildOptions::default()
         }
     }
@@ -102,7 +105,6 @@ pub struct BuildJob {
 /// lists only the directories with changes ([`merkle_core::watched`]).
 pub struct WatchedTrees {
     max_trees: usize,
-    max_entries: u64,
     rescan_interval: Duration,
     /// Most recently built first.
     trees: Mutex<VecDeque<WatchedTree>>,
@@ -121,14 +123,6 @@ impl WatchedTrees {
     /// Keeps a tree built with `options` watched, forgetting the least recently built beyond
     /// `max_trees`.
     fn put(&self, options: &BuildOptions, tree: WatchedTree) {
-        if tree.entries() > self.max_entries {
-            tracing::info!(
-                entries = tree.entries(),
-                limit = self.max_entries,
-                "tree not kept watched: over WATCH_MAX_ENTRIES"
-            );
-            return;
-        }
         let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
         trees.retain(|t| !t.is_for(tree.root(), options));
         trees.push_front(tree);
