@@ -142,9 +142,12 @@ pub struct BuildOutcome {
 pub trait NodeSink: Sync {
     fn node(&self, hash: Digest, node: DirNode) -> Result<(), BuildError>;
 
-    /// True when the sink keeps nothing, so a rebuild need not hand it the unchanged nodes.
-    fn discards(&self) -> bool {
-        false
+    /// Asked before a rebuild hands over the nodes of a kept tree of `entries` entries (the
+    /// unchanged ones included): false when the sink would keep none of them, so that they
+    /// are not copied out for nothing.
+    fn wants(&self, entries: u64) -> bool {
+        let _ = entries;
+        true
     }
 }
 
@@ -156,8 +159,8 @@ impl NodeSink for DiscardNodes {
         Ok(())
     }
 
-    fn discards(&self) -> bool {
-        true
+    fn wants(&self, _entries: u64) -> bool {
+        false
     }
 }
 

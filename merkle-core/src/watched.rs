@@ -136,7 +136,7 @@ impl WatchedTree {
         self.full_scan.elapsed()
     }
 
-    /// Entries held in memory (about 200 bytes each plus the name).
+    /// Entries held in memory (about 250 bytes each, names included, for short names).
     pub fn entries(&self) -> u64 {
         self.top.listed
     }
@@ -244,14 +244,14 @@ impl Builder<'_> {
                 limit: self.options.max_entries,
             });
         }
-        let node_count = if self.sink.discards() {
-            let mut seen = std::collections::HashSet::new();
-            tree.top.count_nodes(&mut seen);
-            seen.len() as u64
-        } else {
+        let node_count = if self.sink.wants(tree.top.listed) {
             // The sink gets every node of the tree, as from a full build.
             run.emit_kept(&tree.top)?;
             run.emitted()
+        } else {
+            let mut seen = std::collections::HashSet::new();
+            tree.top.count_nodes(&mut seen);
+            seen.len() as u64
         };
         let mut stats = tree.top.stats;
         stats.dir_count += 1;

@@ -286,6 +286,19 @@ impl NodeSink for StreamSink {
         }
         Ok(())
     }
+
+    fn wants(&self, entries: u64) -> bool {
+        let Some(keep) = &self.keep else {
+            return self.tx.is_some();
+        };
+        let mut kept = keep.lock().unwrap_or_else(|e| e.into_inner());
+        if entries > kept.budget as u64 {
+            // Known too big to remember: keep nothing, as if the budget had been reached.
+            kept.over = true;
+            kept.nodes = HashMap::new();
+        }
+        self.tx.is_some() || !kept.over
+    }
 }
 
 /// The progress message of a build waiting for a slot.
@@ -425,5 +438,27 @@ impl RecentTrees {
             .iter()
             .find(|t| t.root == root && t.profile == profile)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sink_declines_a_rebuilt_tree_it_could_not_keep() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let keeping = StreamSink::new(None, 1 << 20, cancel.clone(), 10);
+        assert!(keeping.wants(10));
+        assert!(!keeping.wants(11), "over the budget, nothing to keep");
+        assert!(keeping.into_kept().is_none());
+
+        let (tx, _rx) = mpsc::channel(1);
+        let streaming = StreamSink::new(Some(tx), 1 << 20, cancel.clone(), 10);
+        assert!(streaming.wants(11), "the caller asked for the nodes");
+        assert!(streaming.into_kept().is_none());
+
+        let neither = StreamSink::new(None, 1 << 20, cancel, 0);
+        assert!(!neither.wants(1));
     }
 }

@@ -50,9 +50,9 @@ pub struct Config {
     #[arg(long, env = "WATCH_TREES", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(0..=100))]
     pub watch_trees: u32,
-    /// Largest tree, in entries, that is kept watched (about 200 bytes of memory each, and
+    /// Largest tree, in entries, that is kept watched (about 250 bytes of memory each, and
     /// one inotify watch per directory); a larger tree is built as without watching.
-    #[arg(long, env = "WATCH_MAX_ENTRIES", default_value_t = 1_000_000)]
+    #[arg(long, env = "WATCH_MAX_ENTRIES", default_value_t = 500_000)]
     pub watch_max_entries: u64,
     /// A watched tree is scanned whole again once this long has passed since its last full
     /// scan, to catch what change events cannot report (writes through a shared mmap, a file
