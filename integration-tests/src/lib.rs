@@ -245,6 +245,30 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the real `merklectl` with `args` (its stat caches in a temporary folder); returns
+/// (exit code, stdout, stderr).
+pub fn run_merklectl(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary("merklectl"))
+        .args(args)
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("merklectl-test-cache"),
+        )
+        .env_remove("CACHE_ADDR")
+        .output()
+        .expect("run merklectl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends `signal` to a process (e.g. SIGSTOP to freeze a server while it keeps its data).
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("kill");
+}
+
 /// True while a process with this pid exists.
 pub fn process_exists(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()

@@ -1,25 +1,9 @@
 //! `merklectl hash`, `diff`, `prove` and `verify-proof`, run as the real binary.
 
-use std::{fs, path::Path, process::Command};
+use std::{fs, path::Path};
 
-use integration_tests::binary;
+use integration_tests::run_merklectl as merklectl;
 use merkle_core::{BuildOptions, Builder};
-
-fn merklectl(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(binary("merklectl"))
-        .args(args)
-        .env(
-            "XDG_CACHE_HOME",
-            std::env::temp_dir().join("merklectl-test-cache"),
-        )
-        .output()
-        .expect("run merklectl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn write(path: &Path, content: &[u8]) {
     fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");

@@ -69,6 +69,24 @@ fn bad_redis_url_is_named() {
 }
 
 #[test]
+fn bad_cache_settings_are_named() {
+    let redis = ("REDIS_URL", "redis://127.0.0.1:1/0");
+    for (variable, value, rule) in [
+        ("CACHE_KEY_PREFIX", "team:a", "1-64 characters"),
+        ("CACHE_TTL_TREE_META", "400d", "at most 365 days"),
+        ("CACHE_COMPRESS_THRESHOLD", "2000000", "at most 1048576"),
+        ("REDIS_BREAKER_FAILURES", "0", "1..=1000"),
+        ("DB_SYNC_ADDR", "db-sync:50053", "http://"),
+        ("CACHE_WARMUP_ON_START", "maybe", "maybe"),
+    ] {
+        let (code, stderr) = run("merkle-cache", &[redis, (variable, value)]);
+        assert_eq!(code, Some(2), "{variable}: {stderr}");
+        assert_one_line_naming(&stderr, variable);
+        assert!(stderr.contains(rule), "{variable}: {stderr}");
+    }
+}
+
+#[test]
 fn bad_duration_and_range_are_named() {
     let (code, stderr) = run(
         "merkle-tree-builder",

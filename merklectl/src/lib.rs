@@ -2,6 +2,8 @@
 //! [`stack`] to start real PostgreSQL, Redis and service processes the same way `merklectl up`
 //! does.
 
+pub mod cache;
 pub mod local;
+pub mod remote;
 pub mod stack;
 pub mod up;

@@ -26,16 +26,21 @@ enum Command {
     Prove(merklectl::local::ProveArgs),
     /// Verify an inclusion proof file offline.
     VerifyProof(merklectl::local::VerifyProofArgs),
+    /// The Cache service: statistics, status, clear, warm-up.
+    Cache(merklectl::cache::CacheArgs),
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Runtime::new()?.block_on(future)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        // Only `up` needs an async runtime; the local commands run on the hashing threads.
-        Command::Up(args) => tokio::runtime::Runtime::new()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(merklectl::up::run(args)))
-            .map(|()| ExitCode::SUCCESS),
+        // Commands that talk to services need an async runtime; the local ones run on the
+        // hashing threads.
+        Command::Up(args) => block_on(merklectl::up::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::Cache(args) => block_on(merklectl::cache::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Hash(args) => merklectl::local::hash(args).map(|()| ExitCode::SUCCESS),
         Command::Diff(args) => merklectl::local::diff(args).map(|changed| {
             if changed {

@@ -6,12 +6,16 @@
 //! - [`client`]: lazy gRPC channels with timeouts, trace propagation and retries;
 //! - [`convert`]: the Merkle core's types to and from the contract's messages;
 //! - [`postgres`] and [`redis`]: connection pools, and migrations run at start;
+//! - [`cache`]: the typed, fail-safe client of the Cache service (single-flight loads);
+//! - [`breaker`] and [`single_flight`]: the circuit breaker and call sharing both use;
 //! - [`health`]: health status that follows real dependency checks;
 //! - [`error`]: the one map from a service's errors to `tonic::Status`;
 //! - [`service`]: the common `main` of every service binary.
 //!
 //! A service crate holds only its own domain logic and wires these together in `main.rs`.
 
+pub mod breaker;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod convert;
@@ -23,6 +27,7 @@ pub mod redis;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod single_flight;
 pub mod telemetry;
 
 /// The default local ports, fixed so clients and scripts can rely on them.

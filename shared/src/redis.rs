@@ -1,15 +1,22 @@
-//! Redis: the connection pool. Only the Cache service talks to Redis; every other service goes
+//! Redis: the connections. Only the Cache service talks to Redis; every other service goes
 //! through it over gRPC.
+//!
+//! A [`RedisPool`] is a few multiplexed connections used round-robin. Each one carries any
+//! number of concurrent commands (pipelined on one socket), so no checkout, and no PING per
+//! checkout, sits on the hot path; each reconnects by itself after Redis went away.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use bb8_redis::RedisConnectionManager;
 use clap::Args;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{ConfigError, parse_duration};
-
-/// A pool of multiplexed Redis connections.
-pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 
 /// Redis settings.
 /// `Debug` redacts the password in the URL, so the effective config can be logged.
@@ -18,9 +25,9 @@ pub struct RedisArgs {
     /// Redis URL, e.g. redis://127.0.0.1:6379/0 or redis://:password@host:6379.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: String,
-    /// Most connections kept open.
-    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// Multiplexed connections, used in turn; each carries many concurrent commands.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
     pub redis_pool_size: u32,
     /// Timeout for connecting and for one Redis command.
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
@@ -30,16 +37,16 @@ pub struct RedisArgs {
 impl RedisArgs {
     /// Checks the URL, naming `REDIS_URL` when it is malformed.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.manager().map(drop)
+        self.client().map(drop)
     }
 
-    fn manager(&self) -> Result<RedisConnectionManager, ConfigError> {
+    fn client(&self) -> Result<redis::Client, ConfigError> {
         crate::config::require_scheme(
             "REDIS_URL (--redis-url)",
             &self.redis_url,
             &["redis", "unix", "redis+unix"],
         )?;
-        RedisConnectionManager::new(self.redis_url.as_str()).map_err(|e| {
+        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
             ConfigError::new(
                 "REDIS_URL (--redis-url)",
                 format!("not a valid Redis URL: {e}"),
@@ -48,22 +55,54 @@ impl RedisArgs {
     }
 }
 
-/// A lazily connecting pool; fails only on a malformed URL, naming `REDIS_URL`.
+/// Multiplexed Redis connections, used round-robin; cheap to clone.
+#[derive(Clone)]
+pub struct RedisPool {
+    connections: Arc<[ConnectionManager]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl RedisPool {
+    /// The next connection (a handle: clone it freely, commands on it run concurrently).
+    pub fn connection(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        self.connections[i].clone()
+    }
+}
+
+/// Lazily connecting connections; fails only on a malformed URL, naming `REDIS_URL`. Must be
+/// called inside a tokio runtime (reconnection runs on it).
 pub fn pool(args: &RedisArgs) -> Result<RedisPool, ConfigError> {
-    let manager = args.manager()?;
-    Ok(bb8::Pool::builder()
-        .max_size(args.redis_pool_size)
-        .connection_timeout(args.redis_timeout)
-        .build_unchecked(manager))
+    let client = args.client()?;
+    // One attempt per reconnection: callers bound their own waiting (and the Cache service's
+    // circuit breaker stops calling a Redis that is down), so no command waits on a long
+    // series of reconnection attempts.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(args.redis_timeout))
+        .set_response_timeout(Some(args.redis_timeout))
+        .set_number_of_retries(0);
+    let connections = (0..args.redis_pool_size)
+        .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            ConfigError::new(
+                "REDIS_URL (--redis-url)",
+                format!("cannot use this Redis URL: {e}"),
+            )
+        })?;
+    Ok(RedisPool {
+        connections: connections.into(),
+        next: Arc::new(AtomicUsize::new(0)),
+    })
 }
 
 /// Pings Redis within `timeout`; returns the round-trip time.
 pub async fn ping(pool: &RedisPool, timeout: Duration) -> Result<Duration, String> {
+    let mut conn = pool.connection();
     let check = async {
         let started = Instant::now();
-        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
         let _: String = redis::cmd("PING")
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
         Ok(started.elapsed())

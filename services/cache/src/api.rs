@@ -1,80 +1,212 @@
-//! The gRPC face of Cache. Every RPC is delivered by a later issue (README, RPC status table).
+//! The gRPC face of Cache: each request is checked whole (nothing is written on a rejected
+//! call), then handed to the [`Store`] or the [`Warmer`].
+
+use std::sync::Arc;
 
 use merkle_proto::cache::v1::{
-    ClearRequest, ClearResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse,
-    GetRequest, GetResponse, GetStatsRequest, GetStatsResponse, GetStatusRequest,
-    GetStatusResponse, InvalidatePatternRequest, InvalidatePatternResponse, SetManyRequest,
-    SetManyResponse, SetRequest, SetResponse, WarmupRequest, WarmupResponse,
+    CircuitState, ClearRequest, ClearResponse, DeleteRequest, DeleteResponse, Entry,
+    GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetStatsRequest, GetStatsResponse,
+    GetStatusRequest, GetStatusResponse, InvalidatePatternRequest, InvalidatePatternResponse,
+    SetManyRequest, SetManyResponse, SetRequest, SetResponse, WarmupRequest, WarmupResponse,
     cache_service_server::CacheService,
 };
-use merkle_shared::error::not_yet_implemented;
+use merkle_shared::breaker::BreakerState;
 use tonic::{Request, Response, Status};
 
-pub(crate) struct CacheApi;
+use crate::{
+    error::Error,
+    keys::{
+        Namespace, SCHEMA_VERSION, check_batch, check_key, check_pattern, check_ttl, check_value,
+    },
+    store::{Store, Unavailable},
+    warmup::Warmer,
+};
+
+pub(crate) struct CacheApi {
+    store: Arc<Store>,
+    warmer: Warmer,
+}
+
+impl CacheApi {
+    pub(crate) fn new(store: Arc<Store>, warmer: Warmer) -> Self {
+        CacheApi { store, warmer }
+    }
+}
+
+fn proto_duration(d: std::time::Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(d).ok()
+}
+
+/// Deletions cannot be dropped silently: the caller must know the key may still be there.
+fn unavailable(err: Unavailable) -> Error {
+    Error::Unavailable(format!("Redis is unavailable: {err}"))
+}
 
 #[tonic::async_trait]
 impl CacheService for CacheApi {
-    async fn get(&self, _request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        Err(not_yet_implemented("Get"))
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let request = request.into_inner();
+        let ns = Namespace::from_proto("namespace", request.namespace)?;
+        let key = check_key("key", &request.key)?;
+        let response = match self.store.get(ns, key).await {
+            Some(found) => GetResponse {
+                found: true,
+                value: found.value,
+                ttl_remaining: found.ttl.and_then(proto_duration),
+            },
+            None => GetResponse::default(),
+        };
+        Ok(Response::new(response))
     }
 
-    async fn set(&self, _request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        Err(not_yet_implemented("Set"))
+    async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        let request = request.into_inner();
+        let ns = Namespace::from_proto("namespace", request.namespace)?;
+        let key = check_key("key", &request.key)?;
+        check_value("value", &request.value)?;
+        let ttl = check_ttl("ttl", request.ttl.as_ref())?;
+        let stored = self.store.set(ns, key, &request.value, ttl).await;
+        Ok(Response::new(SetResponse { stored }))
     }
 
     async fn delete(
         &self,
-        _request: Request<DeleteRequest>,
+        request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        Err(not_yet_implemented("Delete"))
+        let request = request.into_inner();
+        let ns = Namespace::from_proto("namespace", request.namespace)?;
+        let key = check_key("key", &request.key)?;
+        let deleted = self.store.delete(ns, key).await.map_err(unavailable)?;
+        Ok(Response::new(DeleteResponse { deleted }))
     }
 
     async fn get_many(
         &self,
-        _request: Request<GetManyRequest>,
+        request: Request<GetManyRequest>,
     ) -> Result<Response<GetManyResponse>, Status> {
-        Err(not_yet_implemented("GetMany"))
+        let request = request.into_inner();
+        let ns = Namespace::from_proto("namespace", request.namespace)?;
+        check_batch("keys", request.keys.len())?;
+        for (i, key) in request.keys.iter().enumerate() {
+            check_key(&format!("keys[{i}]"), key)?;
+        }
+        let values = self.store.get_many(ns, &request.keys).await;
+        let entries = request
+            .keys
+            .into_iter()
+            .zip(values)
+            .map(|(key, value)| Entry {
+                key,
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(GetManyResponse { entries }))
     }
 
     async fn set_many(
         &self,
-        _request: Request<SetManyRequest>,
+        request: Request<SetManyRequest>,
     ) -> Result<Response<SetManyResponse>, Status> {
-        Err(not_yet_implemented("SetMany"))
+        let request = request.into_inner();
+        let ns = Namespace::from_proto("namespace", request.namespace)?;
+        check_batch("entries", request.entries.len())?;
+        for (i, entry) in request.entries.iter().enumerate() {
+            check_key(&format!("entries[{i}].key"), &entry.key)?;
+            check_value(&format!("entries[{i}].value"), &entry.value)?;
+        }
+        let ttl = check_ttl("ttl", request.ttl.as_ref())?;
+        let entries: Vec<(&str, &[u8])> = request
+            .entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_slice()))
+            .collect();
+        let stored = self.store.set_many(ns, &entries, ttl).await;
+        Ok(Response::new(SetManyResponse { stored }))
     }
 
     async fn invalidate_pattern(
         &self,
-        _request: Request<InvalidatePatternRequest>,
+        request: Request<InvalidatePatternRequest>,
     ) -> Result<Response<InvalidatePatternResponse>, Status> {
-        Err(not_yet_implemented("InvalidatePattern"))
+        let request = request.into_inner();
+        let ns = Namespace::from_proto("namespace", request.namespace)?;
+        let pattern = check_pattern("pattern", &request.pattern)?;
+        let deleted = self
+            .store
+            .invalidate(ns, pattern)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(InvalidatePatternResponse { deleted }))
     }
 
     async fn clear(
         &self,
-        _request: Request<ClearRequest>,
+        request: Request<ClearRequest>,
     ) -> Result<Response<ClearResponse>, Status> {
-        Err(not_yet_implemented("Clear"))
+        let request = request.into_inner();
+        let ns = match request.namespace {
+            0 => None,
+            n => Some(Namespace::from_proto("namespace", n)?),
+        };
+        let deleted = self.store.clear(ns).await.map_err(unavailable)?;
+        tracing::info!(
+            namespace = ns.map_or("all", Namespace::segment),
+            deleted,
+            "cache cleared"
+        );
+        Ok(Response::new(ClearResponse { deleted }))
     }
 
     async fn warmup(
         &self,
-        _request: Request<WarmupRequest>,
+        request: Request<WarmupRequest>,
     ) -> Result<Response<WarmupResponse>, Status> {
-        Err(not_yet_implemented("Warmup"))
+        let request = request.into_inner();
+        check_batch("sources", request.sources.len())?;
+        Ok(Response::new(self.warmer.warm(request.sources).await?))
     }
 
     async fn get_stats(
         &self,
         _request: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
-        Err(not_yet_implemented("GetStats"))
+        let mut response = GetStatsResponse {
+            namespaces: self.store.stats().snapshot(),
+            ..Default::default()
+        };
+        if let Ok(info) = self.store.info().await {
+            response.redis_available = true;
+            response.redis_used_memory_bytes = info.used_memory;
+            response.redis_keys = info.deployment_keys;
+            response.redis_evicted_keys = info.evicted_keys;
+            response.redis_version = info.version;
+            response.redis_maxmemory_bytes = info.maxmemory;
+            response.redis_maxmemory_policy = info.maxmemory_policy;
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_status(
         &self,
         _request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        Err(not_yet_implemented("GetStatus"))
+        let ping = self.store.last_ping();
+        let circuit_state = match self.store.breaker_state() {
+            BreakerState::Closed => CircuitState::Closed,
+            BreakerState::Open => CircuitState::Open,
+            BreakerState::HalfOpen => CircuitState::HalfOpen,
+        };
+        Ok(Response::new(GetStatusResponse {
+            circuit_state: circuit_state as i32,
+            redis_reachable: ping.reachable,
+            redis_latency: ping.latency.and_then(proto_duration),
+            uptime: proto_duration(self.store.uptime()),
+            key_prefix: self.store.keys().prefix().to_owned(),
+            schema_version: SCHEMA_VERSION,
+            latest_root_invalidating: self.store.latest_root_untrusted(),
+            circuit_opened_count: self.store.breaker_opened(),
+            last_error: self.store.last_error(),
+        }))
     }
 }

@@ -1,0 +1,62 @@
+//! What every command that talks to a running service shares: the channel (built by the
+//! services' own client builder) and readable errors.
+
+use std::time::Duration;
+
+use merkle_shared::{
+    client::{Channel, channel},
+    config::ClientArgs,
+};
+
+/// A channel to the service at `addr` (`http://host:port`).
+pub fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let args = ClientArgs {
+        client_connect_timeout: Duration::from_secs(3),
+        client_request_timeout: Duration::from_secs(60),
+        client_max_attempts: 1,
+    };
+    Ok(channel("--addr", addr, &args)?)
+}
+
+/// `"<service> at <addr>: <CODE>: <message>"`, for a failed call.
+pub fn call_failed(
+    service: &'static str,
+    addr: &str,
+) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+    let addr = addr.to_owned();
+    move |status| {
+        let code = format!("{:?}", status.code());
+        anyhow::anyhow!(
+            "{service} at {addr}: {}: {}",
+            screaming_snake(&code),
+            status.message()
+        )
+    }
+}
+
+/// `InvalidArgument` -> `INVALID_ARGUMENT`, the way gRPC names its codes.
+fn screaming_snake(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_service_and_the_code() {
+        let err =
+            call_failed("Cache", "http://127.0.0.1:1")(tonic::Status::failed_precondition("no"));
+        assert_eq!(
+            err.to_string(),
+            "Cache at http://127.0.0.1:1: FAILED_PRECONDITION: no"
+        );
+    }
+}

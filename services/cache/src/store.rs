@@ -1,0 +1,580 @@
+//! Every Redis operation of Merkle Mesh, behind a circuit breaker.
+//!
+//! Each command runs with a timeout on one of the pool's multiplexed connections. Failures
+//! feed the breaker; while it is open, reads are misses and writes are dropped at once, so
+//! callers never wait on a Redis that is gone (they fall back to PostgreSQL).
+//!
+//! No stale `LATEST_ROOT` after an outage: that namespace is the one mutable one whose
+//! staleness matters (a source's latest root). Whenever a write to it may have been lost (a
+//! failed or skipped write, or the breaker opening), the namespace is marked untrusted: its reads
+//! answer "not found" until a background SCAN + UNLINK has deleted every entry, which starts
+//! with the next successful Redis call. Epochs, not a flag, so that a write lost while the
+//! deletion runs marks it untrusted again.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use merkle_shared::{
+    breaker::{BreakerState, CircuitBreaker},
+    redis::RedisPool,
+};
+use redis::{RedisResult, aio::ConnectionManager};
+
+use crate::{
+    codec,
+    keys::{KeySpace, Namespace},
+    stats::{Event, Stats},
+};
+
+/// Keys asked for per SCAN step, and deleted per UNLINK.
+const SCAN_BATCH: usize = 1000;
+
+/// Why Redis was not used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error("Redis is not called while the circuit breaker is open")]
+    Skipped,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A value read from Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Found {
+    pub value: Vec<u8>,
+    /// Time left; `None` without expiry.
+    pub ttl: Option<Duration>,
+}
+
+/// Settings of the store.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub keys: KeySpace,
+    /// Default TTL per namespace (indexed by [`Namespace::index`]); `None`: no expiry.
+    pub ttls: [Option<Duration>; 5],
+    pub compress_threshold: usize,
+    pub timeout: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+}
+
+/// The last health ping.
+#[derive(Debug, Clone, Default)]
+pub struct Ping {
+    pub reachable: bool,
+    pub latency: Option<Duration>,
+}
+
+/// Redis figures for GetStats.
+#[derive(Debug, Default)]
+pub struct RedisInfo {
+    pub used_memory: u64,
+    pub evicted_keys: u64,
+    pub version: String,
+    pub maxmemory: u64,
+    pub maxmemory_policy: String,
+    pub deployment_keys: u64,
+}
+
+#[derive(Default)]
+struct Epochs {
+    /// Bumped whenever a `LATEST_ROOT` write may have been lost.
+    dirty: AtomicU64,
+    /// The `dirty` value the last completed deletion started from.
+    clean: AtomicU64,
+    running: AtomicBool,
+}
+
+impl Epochs {
+    fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire) > self.clean.load(Ordering::Acquire)
+    }
+
+    fn mark(&self) {
+        self.dirty.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The cache's Redis side.
+pub struct Store {
+    pool: RedisPool,
+    settings: StoreSettings,
+    breaker: CircuitBreaker,
+    stats: Stats,
+    latest_root: Epochs,
+    ping: Mutex<Ping>,
+    last_error: Mutex<String>,
+    started: Instant,
+}
+
+impl Store {
+    pub fn new(pool: RedisPool, settings: StoreSettings) -> Arc<Self> {
+        Arc::new(Store {
+            pool,
+            breaker: CircuitBreaker::new(
+                "redis",
+                settings.breaker_failures,
+                settings.breaker_cooldown,
+            ),
+            settings,
+            stats: Stats::default(),
+            latest_root: Epochs::default(),
+            ping: Mutex::new(Ping::default()),
+            last_error: Mutex::new(String::new()),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.settings.keys
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    pub fn breaker_opened(&self) -> u64 {
+        self.breaker.times_opened()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn last_ping(&self) -> Ping {
+        lock(&self.ping).clone()
+    }
+
+    pub fn last_error(&self) -> String {
+        lock(&self.last_error).clone()
+    }
+
+    /// True while `LATEST_ROOT` entries from before an outage may still be in Redis.
+    pub fn latest_root_untrusted(&self) -> bool {
+        self.latest_root.is_dirty()
+    }
+
+    /// Runs one Redis operation through the breaker, with the timeout. `ns` is charged with
+    /// the error or skip.
+    async fn redis<T, F, Fut>(
+        self: &Arc<Self>,
+        ns: Option<Namespace>,
+        op: F,
+    ) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(permit) = self.breaker.acquire() else {
+            if let Some(ns) = ns {
+                self.stats.count(ns, Event::Skipped);
+            }
+            return Err(Unavailable::Skipped);
+        };
+        let timeout = self.settings.timeout;
+        let outcome = match tokio::time::timeout(timeout, op(self.pool.connection())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err(format!("Redis did not answer within {timeout:?}")),
+        };
+        match outcome {
+            Ok(value) => {
+                permit.success();
+                self.resume_invalidation();
+                Ok(value)
+            }
+            Err(reason) => {
+                permit.failure();
+                if self.breaker.state() == BreakerState::Open {
+                    // Writes may have been lost by this outage: trust no latest root from before.
+                    self.latest_root.mark();
+                }
+                if let Some(ns) = ns {
+                    self.stats.count(ns, Event::Error);
+                }
+                tracing::debug!(error = %reason, "Redis operation failed");
+                *lock(&self.last_error) = reason.clone();
+                Err(Unavailable::Failed(reason))
+            }
+        }
+    }
+
+    /// Marks `LATEST_ROOT` untrusted when a write to it failed.
+    fn write_failed(&self, ns: Namespace) {
+        if ns == Namespace::LatestRoot {
+            self.latest_root.mark();
+        }
+    }
+
+    /// Starts deleting untrusted `LATEST_ROOT` entries, once at a time, in the background.
+    fn resume_invalidation(self: &Arc<Self>) {
+        if !self.latest_root.is_dirty() || self.latest_root.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let epoch = store.latest_root.dirty.load(Ordering::Acquire);
+            let pattern = store.keys().pattern(Namespace::LatestRoot, "*");
+            match store
+                .delete_matching(&pattern, Some(Namespace::LatestRoot))
+                .await
+            {
+                Ok(deleted) => {
+                    store.latest_root.clean.fetch_max(epoch, Ordering::AcqRel);
+                    tracing::info!(
+                        deleted,
+                        "deleted the LATEST_ROOT entries written before a Redis outage; serving them again"
+                    );
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "LATEST_ROOT invalidation interrupted; retried on the next call")
+                }
+            }
+            store.latest_root.running.store(false, Ordering::Release);
+        });
+    }
+
+    /// Reads one key: GET and PTTL in one round trip. Unavailable Redis reads as a miss.
+    pub async fn get(self: &Arc<Self>, ns: Namespace, key: &str) -> Option<Found> {
+        if ns == Namespace::LatestRoot && self.latest_root.is_dirty() {
+            self.stats.count(ns, Event::Misses(1));
+            // A read is as good a moment as any to (re)start the deletion.
+            self.resume_invalidation();
+            return None;
+        }
+        let redis_key = self.keys().key(ns, key);
+        let read = self
+            .redis(Some(ns), |mut c| async move {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&redis_key)
+                    .cmd("PTTL")
+                    .arg(&redis_key)
+                    .query_async::<(Option<Vec<u8>>, i64)>(&mut c)
+                    .await
+            })
+            .await;
+        let (stored, pttl) = match read {
+            Ok((Some(stored), pttl)) => (stored, pttl),
+            Ok((None, _)) | Err(_) => {
+                self.stats.count(ns, Event::Misses(1));
+                return None;
+            }
+        };
+        match self.decode(ns, key, &stored) {
+            Some(value) => {
+                self.stats.count(ns, Event::Hits(1));
+                Some(Found {
+                    value,
+                    ttl: (pttl > 0).then(|| Duration::from_millis(pttl as u64)),
+                })
+            }
+            None => {
+                self.stats.count(ns, Event::Misses(1));
+                None
+            }
+        }
+    }
+
+    /// Reads many keys with one MGET; `None` for each missing (or unreadable) one.
+    pub async fn get_many(
+        self: &Arc<Self>,
+        ns: Namespace,
+        keys: &[String],
+    ) -> Vec<Option<Vec<u8>>> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let untrusted = ns == Namespace::LatestRoot && self.latest_root.is_dirty();
+        let read = if untrusted {
+            self.resume_invalidation();
+            Err(Unavailable::Skipped)
+        } else {
+            let redis_keys: Vec<String> = keys.iter().map(|k| self.keys().key(ns, k)).collect();
+            self.redis(Some(ns), |mut c| async move {
+                redis::cmd("MGET")
+                    .arg(&redis_keys)
+                    .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
+                    .await
+            })
+            .await
+        };
+        let values: Vec<Option<Vec<u8>>> = match read {
+            Ok(stored) if stored.len() == keys.len() => stored
+                .iter()
+                .zip(keys)
+                .map(|(s, k)| s.as_deref().and_then(|s| self.decode(ns, k, s)))
+                .collect(),
+            _ => vec![None; keys.len()],
+        };
+        let hits = values.iter().filter(|v| v.is_some()).count() as u64;
+        self.stats.count(ns, Event::Hits(hits));
+        self.stats
+            .count(ns, Event::Misses(keys.len() as u64 - hits));
+        values
+    }
+
+    fn decode(&self, ns: Namespace, key: &str, stored: &[u8]) -> Option<Vec<u8>> {
+        match codec::decode(stored) {
+            Ok(value) => Some(value),
+            Err(err) => {
+                // Not the caller's bytes: a miss, so the caller reloads and overwrites it.
+                self.stats.count(ns, Event::Error);
+                tracing::warn!(namespace = ns.segment(), key, error = %err, "unreadable cached value; treated as a miss");
+                None
+            }
+        }
+    }
+
+    fn ttl_for(&self, ns: Namespace, ttl: Option<Duration>) -> Option<Duration> {
+        ttl.or(self.settings.ttls[ns.index()])
+    }
+
+    /// Writes one key (plain SET without expiry clears an old TTL). False when dropped.
+    pub async fn set(
+        self: &Arc<Self>,
+        ns: Namespace,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> bool {
+        self.set_many(ns, &[(key, value)], ttl).await == 1
+    }
+
+    /// Writes many keys in one pipeline; returns how many were stored (all or none).
+    pub async fn set_many(
+        self: &Arc<Self>,
+        ns: Namespace,
+        entries: &[(&str, &[u8])],
+        ttl: Option<Duration>,
+    ) -> u64 {
+        if entries.is_empty() {
+            return 0;
+        }
+        let ttl = self.ttl_for(ns, ttl);
+        let mut pipe = redis::pipe();
+        for (key, value) in entries {
+            let cmd = pipe
+                .cmd("SET")
+                .arg(self.keys().key(ns, key))
+                .arg(codec::encode(value, self.settings.compress_threshold));
+            if let Some(ttl) = ttl {
+                // PX takes whole milliseconds; round a sub-millisecond TTL up, never to 0.
+                cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+            }
+            cmd.ignore();
+        }
+        let written = self
+            .redis(Some(ns), |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await;
+        match written {
+            Ok(()) => {
+                let n = entries.len() as u64;
+                self.stats.count(ns, Event::Sets(n));
+                n
+            }
+            Err(_) => {
+                self.write_failed(ns);
+                0
+            }
+        }
+    }
+
+    /// Deletes one key; true when it existed.
+    pub async fn delete(self: &Arc<Self>, ns: Namespace, key: &str) -> Result<bool, Unavailable> {
+        let redis_key = self.keys().key(ns, key);
+        let deleted = self
+            .redis(Some(ns), |mut c| async move {
+                redis::cmd("UNLINK")
+                    .arg(&redis_key)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await;
+        match deleted {
+            Ok(n) => {
+                self.stats.count(ns, Event::Deletes(n));
+                Ok(n > 0)
+            }
+            Err(err) => {
+                self.write_failed(ns);
+                Err(err)
+            }
+        }
+    }
+
+    /// Deletes the keys of `ns` matching `glob`.
+    pub async fn invalidate(
+        self: &Arc<Self>,
+        ns: Namespace,
+        glob: &str,
+    ) -> Result<u64, Unavailable> {
+        let pattern = self.keys().pattern(ns, glob);
+        self.delete_matching(&pattern, Some(ns))
+            .await
+            .inspect_err(|_| self.write_failed(ns))
+    }
+
+    /// Deletes this deployment's keys: of one namespace, or all (older schema versions too).
+    pub async fn clear(self: &Arc<Self>, ns: Option<Namespace>) -> Result<u64, Unavailable> {
+        match ns {
+            Some(ns) => self.invalidate(ns, "*").await,
+            None => {
+                let epoch = self.latest_root.dirty.load(Ordering::Acquire);
+                let pattern = self.keys().deployment_pattern();
+                let deleted = self
+                    .delete_matching(&pattern, None)
+                    .await
+                    .inspect_err(|_| self.write_failed(Namespace::LatestRoot))?;
+                // Every entry is gone: none from before an outage is left to distrust.
+                self.latest_root.clean.fetch_max(epoch, Ordering::AcqRel);
+                Ok(deleted)
+            }
+        }
+    }
+
+    /// SCANs for `pattern` and UNLINKs what it finds, a batch at a time (never KEYS, so Redis
+    /// never blocks on a large keyspace). Deletions are counted under `ns`, or under each key's
+    /// own namespace when `ns` is `None`.
+    async fn delete_matching(
+        self: &Arc<Self>,
+        pattern: &str,
+        ns: Option<Namespace>,
+    ) -> Result<u64, Unavailable> {
+        let mut deleted = 0;
+        let mut cursor = 0;
+        loop {
+            let (next, batch) = self.scan_step(pattern, cursor, ns).await?;
+            if !batch.is_empty() {
+                let unlink = redis::cmd("UNLINK").arg(&batch).clone();
+                let n = self
+                    .redis(ns, |mut c| async move {
+                        unlink.query_async::<u64>(&mut c).await
+                    })
+                    .await?;
+                deleted += n;
+                match ns {
+                    Some(ns) => self.stats.count(ns, Event::Deletes(n)),
+                    None => {
+                        for key in &batch {
+                            if let Some(ns) = self.keys().namespace_of(key) {
+                                self.stats.count(ns, Event::Deletes(1));
+                            }
+                        }
+                    }
+                }
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// One SCAN step from `cursor`: the next cursor (0 at the end) and the keys found.
+    async fn scan_step(
+        self: &Arc<Self>,
+        pattern: &str,
+        cursor: u64,
+        ns: Option<Namespace>,
+    ) -> Result<(u64, Vec<Vec<u8>>), Unavailable> {
+        self.redis(ns, |mut c| async move {
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_BATCH)
+                .query_async::<(u64, Vec<Vec<u8>>)>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Pings Redis (the health probe): records reachability and latency.
+    pub async fn ping(&self) -> Result<(), String> {
+        let result = merkle_shared::redis::ping(&self.pool, self.settings.timeout).await;
+        *lock(&self.ping) = Ping {
+            reachable: result.is_ok(),
+            latency: result.as_ref().ok().copied(),
+        };
+        if let Err(reason) = &result {
+            *lock(&self.last_error) = reason.clone();
+        }
+        result.map(drop)
+    }
+
+    /// Redis' own figures and this deployment's key count.
+    pub async fn info(self: &Arc<Self>) -> Result<RedisInfo, Unavailable> {
+        let text = self
+            .redis(None, |mut c| async move {
+                redis::cmd("INFO").query_async::<String>(&mut c).await
+            })
+            .await?;
+        let mut info = parse_info(&text);
+        let pattern = self.keys().deployment_pattern();
+        let mut cursor = 0;
+        loop {
+            let (next, batch) = self.scan_step(&pattern, cursor, None).await?;
+            info.deployment_keys += batch.len() as u64;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(info)
+    }
+}
+
+/// Picks the figures GetStats reports out of INFO's `field:value` lines.
+fn parse_info(text: &str) -> RedisInfo {
+    let mut info = RedisInfo::default();
+    for line in text.lines() {
+        let Some((field, value)) = line.trim_end().split_once(':') else {
+            continue;
+        };
+        match field {
+            "used_memory" => info.used_memory = value.parse().unwrap_or(0),
+            "evicted_keys" => info.evicted_keys = value.parse().unwrap_or(0),
+            "maxmemory" => info.maxmemory = value.parse().unwrap_or(0),
+            "maxmemory_policy" => info.maxmemory_policy = value.to_owned(),
+            "redis_version" => info.version = value.to_owned(),
+            _ => {}
+        }
+    }
+    info
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain values: a panic elsewhere cannot leave them half-written.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_figures_are_parsed() {
+        let text = "# Server\r\nredis_version:7.0.15\r\n# Memory\r\nused_memory:1048576\r\n\
+                    maxmemory:0\r\nmaxmemory_policy:noeviction\r\n# Stats\r\nevicted_keys:3\r\n";
+        let info = parse_info(text);
+        assert_eq!(info.version, "7.0.15");
+        assert_eq!(info.used_memory, 1_048_576);
+        assert_eq!(info.maxmemory, 0);
+        assert_eq!(info.maxmemory_policy, "noeviction");
+        assert_eq!(info.evicted_keys, 3);
+    }
+}
