@@ -1,6 +1,5 @@
-//! `merkle-bench`: measures `merklectl hash` and the TreeBuilder service (release builds)
-//! beside the peers the TreeBuilder issue names, in one run on this machine, and prints a
-//! table with the targets.
+//! The TreeBuilder benchmark: `merklectl hash` and the TreeBuilder service (release builds)
+//! beside the peers the TreeBuilder issue names, in one run on this machine.
 //!
 //! Trees: T1 = 10,000 files of 1-64 KiB in nested directories, T2 = 100 files of 10 MiB (both
 //! generated deterministically, incompressible), and the Rust toolchain's sysroot. Warm page
@@ -11,8 +10,6 @@
 //! Incremental: T1 after changing 1% of its files, through `merklectl hash` with its stat
 //! cache (a new process each time), and through the TreeBuilder service, which keeps the
 //! trees it builds watched; both against a full build by the same tool in the same run.
-//!
-//! Run it with `scripts/bench.sh`.
 
 use std::{
     fs,
@@ -23,11 +20,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
 
-#[derive(Debug, Parser)]
-#[command(about = "Benchmark merklectl hash against sha256sum, git and openssl")]
-struct Args {
+/// Options of the tree benchmark (the default command).
+#[derive(Debug, clap::Args)]
+pub struct TreeArgs {
     /// Where the generated trees are kept between runs.
     #[arg(long, default_value = "target/bench-trees")]
     work_dir: PathBuf,
@@ -327,8 +323,8 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Runs the tree benchmark and prints its tables.
+pub fn run(args: TreeArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let bin_dir = exe.parent().context("binary folder")?;
     let merklectl = bin_dir.join("merklectl");

@@ -1,0 +1,45 @@
+//! `merkle-bench`: measures Merkle Mesh beside the peers its issues name, in one run on this
+//! machine, and prints tables with the targets. Run it with `scripts/bench.sh`.
+//!
+//! - default: the tree benchmark ([`trees`]): `merklectl hash` and TreeBuilder against
+//!   sha256sum, git and openssl;
+//! - `cache`: the Cache service's RPCs against `redis-benchmark` and a bare tonic echo server
+//!   ([`cache`], [`rpc`]);
+//! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
+
+mod cache;
+mod rpc;
+mod trees;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "Benchmark Merkle Mesh beside its peers",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    trees: trees::TreeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The Cache service's Get, GetMany and breaker beside redis-benchmark and a bare echo.
+    Cache(cache::CacheBenchArgs),
+    /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
+    /// forwarding each call to another echo (two hops).
+    #[command(hide = true)]
+    EchoServer(rpc::EchoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => trees::run(cli.trees),
+        Some(Command::Cache(args)) => cache::run(args),
+        Some(Command::EchoServer(args)) => rpc::serve_echo(args),
+    }
+}

@@ -1,0 +1,283 @@
+//! Measuring gRPC services as their clients see them: latency percentiles and throughput with
+//! N concurrent clients (one HTTP/2 connection each), and the bare tonic echo server that is
+//! the floor of any gRPC service on this machine (one hop, no storage).
+//!
+//! The echo is `grpc.health.v1.Health/Check` answered from memory by a plain tonic server in a
+//! process of its own, so it pays what every service pays (HTTP/2, protobuf, the runtime) and
+//! nothing else. With `--forward` it calls the next echo before answering: two hops.
+
+use std::{
+    future::Future,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use merklectl::stack::{ManagedProcess, free_port};
+use nix::sys::signal::Signal;
+use tonic::{Request, Response, Status, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse,
+    health_check_response::ServingStatus,
+    health_client::HealthClient,
+    health_server::{Health, HealthServer},
+};
+
+/// Options of `merkle-bench echo-server`.
+#[derive(Debug, clap::Args)]
+pub struct EchoArgs {
+    /// Port on 127.0.0.1.
+    #[arg(long)]
+    port: u16,
+    /// Another echo to call before answering, e.g. http://127.0.0.1:PORT.
+    #[arg(long)]
+    forward: Option<String>,
+}
+
+struct Echo {
+    next: Option<HealthClient<Channel>>,
+}
+
+#[tonic::async_trait]
+impl Health for Echo {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        if let Some(next) = &self.next {
+            return next.clone().check(request.into_inner()).await;
+        }
+        Ok(Response::new(HealthCheckResponse {
+            status: ServingStatus::Serving as i32,
+        }))
+    }
+
+    type WatchStream = tokio_stream::Empty<Result<HealthCheckResponse, Status>>;
+
+    async fn watch(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("the echo answers Check only"))
+    }
+}
+
+/// Serves the echo until killed.
+pub fn serve_echo(args: EchoArgs) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let next = match args.forward {
+            Some(uri) => Some(HealthClient::new(
+                tonic::transport::Endpoint::from_shared(uri)?
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+            )),
+            None => None,
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
+        let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+            .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?
+            .with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(HealthServer::new(Echo { next }))
+            .serve_with_incoming(incoming)
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+/// A running echo server process (stopped when dropped).
+pub struct EchoProcess {
+    pub uri: String,
+    _process: ManagedProcess,
+}
+
+/// Starts an echo server (forwarding to `forward`, if given) and waits until it answers.
+pub async fn start_echo(work: &Path, forward: Option<&str>) -> anyhow::Result<EchoProcess> {
+    let port = free_port()?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(["echo-server", "--port", &port.to_string()]);
+    if let Some(uri) = forward {
+        command.args(["--forward", uri]);
+    }
+    let log = work.join(format!("echo-{port}.log"));
+    let process = ManagedProcess::spawn("echo", command, Signal::SIGTERM, &log)?;
+    let uri = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut client = HealthClient::new(channel(&uri)?);
+        if client.check(HealthCheckRequest::default()).await.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the echo server did not start; see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(EchoProcess {
+        uri,
+        _process: process,
+    })
+}
+
+/// A fresh connection to `uri` (each simulated client has its own, as separate clients would).
+pub fn channel(uri: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(uri.to_owned())?
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// One echo call.
+pub async fn echo_call(mut client: HealthClient<Channel>) -> anyhow::Result<()> {
+    client.check(HealthCheckRequest::default()).await?;
+    Ok(())
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub clients: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub calls_per_sec: f64,
+}
+
+/// Runs `clients` concurrent clients, each calling `call` back to back on its own connection
+/// (made by `connect`) for `duration`, after 100 warm-up calls each.
+pub async fn measure<C, F, Fut>(
+    clients: usize,
+    duration: Duration,
+    connect: impl Fn() -> anyhow::Result<C>,
+    call: F,
+) -> anyhow::Result<Load>
+where
+    C: Clone + Send + 'static,
+    F: Fn(C) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let mut tasks = Vec::new();
+    let start = tokio::sync::Barrier::new(clients + 1);
+    let start = std::sync::Arc::new(start);
+    for _ in 0..clients {
+        let client = connect()?;
+        let call = call.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                call(client.clone()).await?;
+            }
+            start.wait().await;
+            let deadline = Instant::now() + duration;
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                call(client.clone()).await?;
+                latencies.push(t.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    start.wait().await;
+    let began = Instant::now();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.context("client task")??);
+    }
+    let elapsed = began.elapsed();
+    all.sort_unstable();
+    anyhow::ensure!(!all.is_empty(), "no call completed");
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    Ok(Load {
+        clients,
+        p50: at(0.50),
+        p99: at(0.99),
+        calls_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+    })
+}
+
+/// `redis-benchmark -t set,get` against `port` with `clients` connections; returns its GET row.
+pub fn redis_benchmark(port: u16, clients: usize, requests: usize) -> anyhow::Result<Load> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "set,get",
+            "-d",
+            "64",
+            "--csv",
+        ])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string()])
+        .output()
+        .context("running redis-benchmark (Debian package redis-tools)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "redis-benchmark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<String>> = text
+        .lines()
+        .map(|l| {
+            l.split(',')
+                .map(|f| f.trim_matches('"').to_owned())
+                .collect()
+        })
+        .collect();
+    let header = rows.first().context("redis-benchmark printed nothing")?;
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("redis-benchmark --csv has no {name} column"))
+    };
+    let (rps, p50, p99) = (
+        column("rps")?,
+        column("p50_latency_ms")?,
+        column("p99_latency_ms")?,
+    );
+    let get = rows
+        .iter()
+        .find(|r| r.first().is_some_and(|t| t == "GET"))
+        .context("redis-benchmark printed no GET row")?;
+    let ms = |i: usize| -> anyhow::Result<Duration> {
+        Ok(Duration::from_secs_f64(get[i].parse::<f64>()? / 1000.0))
+    };
+    Ok(Load {
+        clients,
+        p50: ms(p50)?,
+        p99: ms(p99)?,
+        calls_per_sec: get[rps].parse()?,
+    })
+}
+
+/// A table row: what was measured and how.
+pub struct Row {
+    pub what: String,
+    pub load: Load,
+}
+
+/// Prints the rows and the targets as Markdown tables.
+pub fn print(title: &str, rows: &[Row], targets: &[(String, bool)]) {
+    println!("\n{title}\n");
+    println!("| call | clients | p50 (ms) | p99 (ms) | calls/s |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.3} | {:.3} | {:.0} |",
+            r.what,
+            r.load.clients,
+            r.load.p50.as_secs_f64() * 1000.0,
+            r.load.p99.as_secs_f64() * 1000.0,
+            r.load.calls_per_sec
+        );
+    }
+    println!("\n| target | met |\n|---|---|");
+    for (what, met) in targets {
+        println!("| {what} | {} |", if *met { "yes" } else { "NO" });
+    }
+}
