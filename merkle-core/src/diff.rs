@@ -71,6 +71,55 @@ pub fn diff_all(
     Ok(out)
 }
 
+/// A pair of subtrees a diff descends into: both sides with different hashes, or a
+/// directory on one side only (added or removed, walked whole).
+pub type SubtreePair = (Option<Digest>, Option<Digest>);
+
+/// The subdirectory pairs that [`diff`] descends into below the directories `old` and `new`
+/// (either may be absent: a subtree added or removed whole). Fetching the nodes of these pairs,
+/// level by level, gives exactly the nodes a diff reads, so a caller whose nodes live elsewhere
+/// (a database, another service) can fetch them in batches first and diff in memory.
+pub fn subtrees_visited(old: Option<&DirNode>, new: Option<&DirNode>, out: &mut Vec<SubtreePair>) {
+    let dir = |e: &Entry| (e.kind == EntryKind::Directory).then_some(e.hash);
+    match (old, new) {
+        (Some(o), Some(n)) => {
+            let (mut i, mut j) = (0, 0);
+            while i < o.entries.len() || j < n.entries.len() {
+                match (o.entries.get(i), n.entries.get(j)) {
+                    (Some(a), Some(b)) if a.name == b.name => {
+                        i += 1;
+                        j += 1;
+                        match (dir(a), dir(b)) {
+                            (Some(x), Some(y)) if x != y => out.push((Some(x), Some(y))),
+                            (Some(_), Some(_)) => {}
+                            (x, y) => {
+                                out.extend(x.map(|h| (Some(h), None)));
+                                out.extend(y.map(|h| (None, Some(h))));
+                            }
+                        }
+                    }
+                    (Some(a), Some(b)) if a.name < b.name => {
+                        i += 1;
+                        out.extend(dir(a).map(|h| (Some(h), None)));
+                    }
+                    (Some(a), None) => {
+                        i += 1;
+                        out.extend(dir(a).map(|h| (Some(h), None)));
+                    }
+                    (_, Some(b)) => {
+                        j += 1;
+                        out.extend(dir(b).map(|h| (None, Some(h))));
+                    }
+                    (None, None) => break,
+                }
+            }
+        }
+        (Some(o), None) => out.extend(o.entries.iter().filter_map(dir).map(|h| (Some(h), None))),
+        (None, Some(n)) => out.extend(n.entries.iter().filter_map(dir).map(|h| (None, Some(h)))),
+        (None, None) => {}
+    }
+}
+
 struct Walk<'a> {
     old: &'a dyn NodeSource,
     new: &'a dyn NodeSource,

@@ -185,8 +185,9 @@ pub fn file_leaf_from_reader(
     Ok((hasher.finish(), total))
 }
 
-/// SHA-256 of a directory node's encoding (the caller writes the 0x01 prefix).
-pub(crate) fn sha256(bytes: &[u8]) -> Digest {
+/// SHA-256 of `bytes`. A directory node's hash is this over its encoding, which starts with
+/// the 0x01 prefix ([`crate::DirNode::encode`]), so stored encodings are checked with it.
+pub fn sha256(bytes: &[u8]) -> Digest {
     Digest(Sha256::digest(bytes).into())
 }
 

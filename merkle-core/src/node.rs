@@ -35,6 +35,15 @@ impl Profile {
             _ => None,
         }
     }
+
+    /// The profile of a profile byte.
+    pub fn from_byte(byte: u8) -> Option<Profile> {
+        match byte {
+            0x01 => Some(Profile::Content),
+            0x02 => Some(Profile::Full),
+            _ => None,
+        }
+    }
 }
 
 /// The kind of a directory entry.
@@ -62,6 +71,17 @@ impl EntryKind {
             EntryKind::Executable => "executable",
             EntryKind::Directory => "directory",
             EntryKind::Symlink => "symlink",
+        }
+    }
+
+    /// The kind of a kind byte.
+    pub fn from_byte(byte: u8) -> Option<EntryKind> {
+        match byte {
+            0x01 => Some(EntryKind::File),
+            0x02 => Some(EntryKind::Executable),
+            0x03 => Some(EntryKind::Directory),
+            0x04 => Some(EntryKind::Symlink),
+            _ => None,
         }
     }
 
@@ -124,6 +144,31 @@ pub enum NodeError {
     BadName(String),
     #[error("entry {0:?} lacks mode, uid and gid, which the full profile hashes")]
     MissingMeta(String),
+    #[error("not a node encoding: {0}")]
+    Malformed(&'static str),
+}
+
+/// Reads the encoding of a node, front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], NodeError> {
+        if self.0.len() < n {
+            return Err(NodeError::Malformed("it ends early"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, NodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, NodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
 }
 
 impl DirNode {
@@ -158,6 +203,55 @@ impl DirNode {
             }
         }
         Ok(out)
+    }
+
+    /// Parses bytes made by [`DirNode::encode`] back into the profile and the node, checking
+    /// the same rules (sizes are not encoded, so they are 0). `decode(b)` then `encode` gives
+    /// `b` again, so a node stored in its encoding is verified by hashing those bytes.
+    pub fn decode(bytes: &[u8]) -> Result<(Profile, DirNode), NodeError> {
+        let mut r = Reader(bytes);
+        if r.u8()? != NODE_PREFIX {
+            return Err(NodeError::Malformed("wrong prefix byte"));
+        }
+        let profile = Profile::from_byte(r.u8()?).ok_or(NodeError::Malformed("unknown profile"))?;
+        let count = r.u32()? as usize;
+        // Each entry takes at least 38 bytes: no count can claim more than the bytes hold.
+        if count > r.0.len() / 38 {
+            return Err(NodeError::Malformed("more entries than bytes"));
+        }
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let kind = EntryKind::from_byte(r.u8()?).ok_or(NodeError::Malformed("unknown kind"))?;
+            let len = r.u32()? as usize;
+            let name = r.take(len)?.to_vec();
+            let hash = Digest(
+                r.take(32)?
+                    .try_into()
+                    .map_err(|_| NodeError::Malformed("short hash"))?,
+            );
+            let meta = match profile {
+                Profile::Content => None,
+                Profile::Full => Some(Meta {
+                    perm: r.u32()?,
+                    uid: r.u32()?,
+                    gid: r.u32()?,
+                }),
+            };
+            entries.push(Entry {
+                name,
+                kind,
+                hash,
+                size: 0,
+                meta,
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(NodeError::Malformed("bytes after the last entry"));
+        }
+        let node = DirNode { entries };
+        // The same rules as encoding: names valid and strictly sorted.
+        node.encode(profile)?;
+        Ok((profile, node))
     }
 
     /// The node's hash under `profile`.
@@ -246,5 +340,67 @@ mod tests {
             entries: vec![entry("a", EntryKind::Executable)],
         };
         assert_ne!(file.hash(Profile::Content), exec.hash(Profile::Content));
+    }
+
+    #[test]
+    fn encodings_decode_back_to_the_node_for_both_profiles() {
+        let mut node = DirNode {
+            entries: vec![
+                entry("a", EntryKind::Directory),
+                entry("b.sh", EntryKind::Executable),
+                entry("c", EntryKind::Symlink),
+            ],
+        };
+        node.entries[0].name = b"\xffodd".to_vec();
+        node.entries.sort_by(|x, y| x.name.cmp(&y.name));
+        let encoded = node.encode(Profile::Content).expect("encodes");
+        assert_eq!(
+            DirNode::decode(&encoded),
+            Ok((Profile::Content, node.clone()))
+        );
+
+        for (i, e) in node.entries.iter_mut().enumerate() {
+            e.meta = Some(Meta {
+                perm: 0o640 + i as u32,
+                uid: 1000,
+                gid: 7,
+            });
+        }
+        let encoded = node.encode(Profile::Full).expect("encodes");
+        let (profile, decoded) = DirNode::decode(&encoded).expect("decodes");
+        assert_eq!((profile, &decoded), (Profile::Full, &node));
+        assert_eq!(decoded.encode(profile).expect("encodes"), encoded);
+        let empty = DirNode::default()
+            .encode(Profile::Content)
+            .expect("encodes");
+        assert_eq!(
+            DirNode::decode(&empty),
+            Ok((Profile::Content, DirNode::default()))
+        );
+    }
+
+    #[test]
+    fn malformed_encodings_are_errors_not_panics() {
+        let good = DirNode {
+            entries: vec![entry("a", EntryKind::File), entry("b", EntryKind::File)],
+        }
+        .encode(Profile::Content)
+        .expect("encodes");
+        for cut in 0..good.len() {
+            assert!(DirNode::decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = good.clone();
+        extra.push(0);
+        assert!(DirNode::decode(&extra).is_err());
+        let mut unsorted = good.clone();
+        // Swap the two names ("a" and "b" sit at fixed offsets).
+        unsorted.swap(11, 11 + 38);
+        assert!(matches!(
+            DirNode::decode(&unsorted),
+            Err(NodeError::Unsorted(_))
+        ));
+        let mut huge_count = good;
+        huge_count[2..6].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(DirNode::decode(&huge_count).is_err());
     }
 }

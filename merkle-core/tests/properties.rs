@@ -11,7 +11,7 @@ use std::{
 
 use merkle_core::{
     BuildOptions, Builder, Digest, DirNode, Entry, EntryKind, MemTree, Profile,
-    diff::{ChangeType, diff_all},
+    diff::{ChangeType, diff_all, subtrees_visited},
     digest::{file_leaf, symlink_leaf},
     proof::{InclusionProof, prove},
     tree::CollectNodes,
@@ -321,8 +321,29 @@ proptest! {
         }
         let old = build(on_disk(&model).path(), BuildOptions::default());
         let new = build(on_disk(&changed).path(), BuildOptions::default());
-        let got: BTreeSet<(String, ChangeType)> = diff_all(&old, old.root, &new, new.root)
-            .expect("all nodes present")
+        let changes = diff_all(&old, old.root, &new, new.root).expect("all nodes present");
+        // The nodes `subtrees_visited` leads to, level by level, are all a diff reads.
+        let mut all = old.nodes.clone();
+        all.extend(new.nodes.clone());
+        let mut visited = MemTree { root: new.root, profile: Profile::Content, nodes: Default::default() };
+        visited.nodes.insert(old.root, all[&old.root].clone());
+        visited.nodes.insert(new.root, all[&new.root].clone());
+        let mut level = Vec::new();
+        if old.root != new.root {
+            subtrees_visited(Some(&all[&old.root]), Some(&all[&new.root]), &mut level);
+        }
+        while !level.is_empty() {
+            let mut next = Vec::new();
+            for (o, n) in &level {
+                for h in o.iter().chain(n.iter()) {
+                    visited.nodes.insert(*h, all[h].clone());
+                }
+                subtrees_visited(o.map(|h| &all[&h]), n.map(|h| &all[&h]), &mut next);
+            }
+            level = next;
+        }
+        prop_assert_eq!(&diff_all(&visited, old.root, &visited, new.root).expect("enough nodes"), &changes);
+        let got: BTreeSet<(String, ChangeType)> = changes
             .into_iter()
             .map(|c| (String::from_utf8(c.path).expect("utf-8"), c.change))
             .collect();
