@@ -4,7 +4,8 @@
 #                                           git and openssl on T1, T2 and the Rust sysroot
 #   scripts/bench.sh cache                  the Cache service beside redis-benchmark and a
 #                                           bare tonic echo server
+#   scripts/bench.sh db-sync                DbSync beside pgbench -S and a two-hop echo
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-bench
+cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-bench
 exec target/release/merkle-bench "$@"

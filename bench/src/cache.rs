@@ -8,14 +8,13 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use merkle_proto::cache::v1::{
     CircuitState, Entry, GetManyRequest, GetRequest, GetStatusRequest, Namespace, SetManyRequest,
     cache_service_client::CacheServiceClient,
 };
 use merklectl::stack::{self, Redis};
 use tonic::transport::Channel;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::rpc::{self, Load, Row};
 
@@ -76,26 +75,8 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
         .tempdir()?;
     let duration = Duration::from_secs(args.seconds);
     let mut redis = Redis::start(&work.path().join("redis"), stack::free_port()?).await?;
-    let spec = stack::SERVICES
-        .iter()
-        .find(|s| s.name == "cache")
-        .context("cache spec")?;
-    let port = stack::free_port()?;
-    let env = [
-        ("REDIS_URL", redis.url()),
-        ("LOG_LEVEL", "warn".to_owned()),
-        ("HEALTH_CHECK_INTERVAL", "200ms".to_owned()),
-    ];
-    let _cache = stack::spawn_service(spec, port, &env, &work.path().join("cache.log"))?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    stack::wait_for_status(
-        addr,
-        spec.grpc_name,
-        ServingStatus::Serving,
-        Duration::from_secs(20),
-    )
-    .await?;
-    let uri = format!("http://{addr}");
+    let cache = rpc::start_service(work.path(), "cache", &[("REDIS_URL", redis.url())]).await?;
+    let uri = cache.uri.clone();
     let connect_cache = || rpc::channel(&uri).map(CacheServiceClient::new);
     let entries = (0..100)
         .map(|i| Entry {

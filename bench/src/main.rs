@@ -5,9 +5,12 @@
 //!   sha256sum, git and openssl;
 //! - `cache`: the Cache service's RPCs against `redis-benchmark` and a bare tonic echo server
 //!   ([`cache`], [`rpc`]);
+//! - `db-sync`: DbSync's reads, syncs and cache hit rate against `pgbench -S` and a two-hop
+//!   echo ([`db_sync`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
 mod cache;
+mod db_sync;
 mod rpc;
 mod trees;
 
@@ -29,6 +32,8 @@ struct Cli {
 enum Command {
     /// The Cache service's Get, GetMany and breaker beside redis-benchmark and a bare echo.
     Cache(cache::CacheBenchArgs),
+    /// DbSync's reads, syncs and cache hit rate beside pgbench and a two-hop bare echo.
+    DbSync(db_sync::DbSyncBenchArgs),
     /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
     /// forwarding each call to another echo (two hops).
     #[command(hide = true)]
@@ -40,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => trees::run(cli.trees),
         Some(Command::Cache(args)) => cache::run(args),
+        Some(Command::DbSync(args)) => db_sync::run(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }
 }

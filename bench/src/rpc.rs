@@ -14,11 +14,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use merklectl::stack::{ManagedProcess, free_port};
+use merklectl::stack::{self, ManagedProcess, free_port};
 use nix::sys::signal::Signal;
 use tonic::{Request, Response, Status, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse,
+    health_check_response::ServingStatus as Serving,
     health_check_response::ServingStatus,
     health_client::HealthClient,
     health_server::{Health, HealthServer},
@@ -122,6 +123,45 @@ pub async fn start_echo(work: &Path, forward: Option<&str>) -> anyhow::Result<Ec
     })
 }
 
+/// A release service binary the benchmark started (stopped when dropped).
+pub struct Service {
+    pub uri: String,
+    _process: stack::ManagedProcess,
+}
+
+/// Starts the service `name` on a free loopback port with `env` (quiet logs) and waits until
+/// it is SERVING.
+pub async fn start_service(
+    work: &Path,
+    name: &str,
+    env: &[(&str, String)],
+) -> anyhow::Result<Service> {
+    let spec = stack::SERVICES
+        .iter()
+        .find(|s| s.name == name)
+        .context("service spec")?;
+    let port = stack::free_port()?;
+    let mut all = vec![
+        ("LOG_LEVEL", "warn".to_owned()),
+        ("HEALTH_CHECK_INTERVAL", "200ms".to_owned()),
+    ];
+    all.extend(env.iter().cloned());
+    let log = work.join(format!("{name}-{port}.log"));
+    let process = stack::spawn_service(spec, port, &all, &log)?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    stack::wait_for_status(
+        addr,
+        spec.grpc_name,
+        Serving::Serving,
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(Service {
+        uri: format!("http://{addr}"),
+        _process: process,
+    })
+}
+
 /// A fresh connection to `uri` (each simulated client has its own, as separate clients would).
 pub fn channel(uri: &str) -> anyhow::Result<Channel> {
     Ok(tonic::transport::Endpoint::from_shared(uri.to_owned())?
@@ -195,6 +235,12 @@ where
         p99: at(0.99),
         calls_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
     })
+}
+
+/// The load of the median round, by p50.
+pub fn median(mut loads: Vec<Load>) -> Load {
+    loads.sort_by_key(|l| l.p50);
+    loads[loads.len() / 2]
 }
 
 /// `redis-benchmark -t set,get` against `port` with `clients` connections; returns its GET row.

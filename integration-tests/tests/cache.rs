@@ -761,14 +761,14 @@ async fn warmup_names_what_is_missing_and_never_blocks_serving() {
         status.message()
     );
 
-    // A DbSync that does not serve WarmCache yet: the warm-up at start fails in the background
-    // while the service is SERVING, and Warmup says what is missing.
+    // A DbSync that cannot write the cache (no CACHE_ADDR): the warm-up at start fails in the
+    // background while the service is SERVING, and Warmup says what is missing.
     let db_sync = stack.start_serving("db-sync").await.uri();
     let mut with = start_cache(&mut stack, &[("DB_SYNC_ADDR", db_sync)]).await;
     let status = with
         .warmup(WarmupRequest::default())
         .await
-        .expect_err("not served yet");
+        .expect_err("DbSync has no cache");
     assert_eq!(
         status.code(),
         Code::FailedPrecondition,
@@ -776,7 +776,7 @@ async fn warmup_names_what_is_missing_and_never_blocks_serving() {
         status.message()
     );
     assert!(
-        status.message().contains("WarmCache"),
+        status.message().contains("CACHE_ADDR"),
         "{}",
         status.message()
     );

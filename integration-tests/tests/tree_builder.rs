@@ -285,6 +285,57 @@ async fn a_symlinked_path_is_resolved_once_and_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn verify_tree_lists_the_paths_that_differ_from_a_tree_db_sync_stores() {
+    let mut stack = TestStack::new();
+    let tree = stack.dir().join("tree");
+    write(&tree.join("a/keep.txt"), b"same");
+    write(&tree.join("a/deep/edit.txt"), b"before");
+    write(&tree.join("gone/x"), b"bye");
+    // The snapshot is made here and stored in DbSync: TreeBuilder never built it.
+    let db_sync = stack.start_serving("db-sync").await.uri();
+    let (outcome, stored) =
+        merklectl::local::build_tree(&tree, BuildOptions::default()).expect("build");
+    let mut store = merkle_proto::dbsync::v1::db_sync_service_client::DbSyncServiceClient::new(
+        merklectl::remote::connect(&db_sync).expect("channel"),
+    );
+    merklectl::stored::upload(&mut store, "tree", "", &stored, &outcome.stats)
+        .await
+        .expect("stored");
+
+    write(&tree.join("a/deep/edit.txt"), b"after!");
+    fs::remove_dir_all(tree.join("gone")).expect("rm");
+    let service = stack.start_service("tree-builder", &[("DB_SYNC_ADDR", db_sync)]);
+    service.wait_for(ServingStatus::Serving).await;
+    let verify = client(service)
+        .verify_tree(VerifyTreeRequest {
+            path: tree.display().to_string(),
+            expected_root_hash: stored.root.to_hex(),
+            ..VerifyTreeRequest::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(!verify.matches);
+    assert!(
+        verify.differences_complete,
+        "the stored tree was read from DbSync"
+    );
+    let got: Vec<(String, i32)> = verify
+        .differences
+        .iter()
+        .map(|d| (d.path.clone(), d.change_type))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a/deep/edit.txt".to_owned(), ChangeType::Modified as i32),
+            ("gone".to_owned(), ChangeType::Removed as i32),
+            ("gone/x".to_owned(), ChangeType::Removed as i32),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn verify_tree_lists_the_paths_that_differ_from_a_previous_build() {
     let mut stack = TestStack::new();
     let tree = stack.dir().join("tree");

@@ -6,4 +6,5 @@ pub mod cache;
 pub mod local;
 pub mod remote;
 pub mod stack;
+pub mod stored;
 pub mod up;

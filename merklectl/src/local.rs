@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use merkle_core::{
     BuildOptions, BuildOutcome, Builder, Digest, MemTree, Profile, Progress,
     build::Phase,
-    diff::{ChangeType, diff_all},
+    diff::{Change, ChangeType, diff_all},
     digest::{ReadBuffer, file_leaf_from_reader},
     proof::{InclusionProof, prove},
     tree::CollectNodes,
@@ -33,7 +33,7 @@ pub struct TreeArgs {
 }
 
 impl TreeArgs {
-    fn options(&self) -> BuildOptions {
+    pub fn options(&self) -> BuildOptions {
         BuildOptions {
             profile: Profile::from_name(&self.profile).unwrap_or_default(),
             exclude: self.exclude.clone(),
@@ -77,6 +77,12 @@ fn resolve(dir: &Path) -> anyhow::Result<PathBuf> {
         bail!("{}: not a directory", dir.display());
     }
     Ok(resolved)
+}
+
+/// Builds the directory `dir` with its nodes (for `push`): the outcome and the tree.
+pub fn build_tree(dir: &Path, options: BuildOptions) -> anyhow::Result<(BuildOutcome, MemTree)> {
+    let (outcome, tree) = build(&resolve(dir)?, options, true)?;
+    Ok((outcome, tree.unwrap_or_default()))
 }
 
 /// Builds `dir`, with a progress bar on a terminal; collects the nodes when `collect`.
@@ -184,10 +190,15 @@ pub fn hash(args: HashArgs) -> anyhow::Result<()> {
 /// `merklectl diff`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DiffArgs {
-    /// The old directory.
-    pub old: PathBuf,
-    /// The new directory.
-    pub new: PathBuf,
+    /// The old directory; with `--stored`, the old snapshot's sequence (or `latest`).
+    pub old: String,
+    /// The new directory; with `--stored`, the new snapshot's sequence (or `latest`).
+    pub new: String,
+    /// Compare two snapshots of this source stored in DbSync instead of two directories.
+    #[arg(long, value_name = "SOURCE")]
+    pub stored: Option<String>,
+    #[command(flatten)]
+    pub db_sync: crate::stored::DbSyncAddr,
     #[command(flatten)]
     pub tree: TreeArgs,
     /// One JSON object per changed path instead of `A|D|M|T path` lines.
@@ -195,33 +206,38 @@ pub struct DiffArgs {
     pub json: bool,
 }
 
-/// Prints the changed paths; returns whether there were any.
+/// Prints one changed path: `A|D|M|T path`, or a JSON object.
+pub fn print_change(c: &Change, json: bool) {
+    let path = String::from_utf8_lossy(&c.path);
+    let (letter, word) = match c.change {
+        ChangeType::Added => ("A", "added"),
+        ChangeType::Removed => ("D", "removed"),
+        ChangeType::Modified => ("M", "modified"),
+        ChangeType::KindChanged => ("T", "kind_changed"),
+    };
+    if json {
+        let value = serde_json::json!({
+            "path": path,
+            "change": word,
+            "old_kind": c.old.map(|s| s.kind.name()),
+            "new_kind": c.new.map(|s| s.kind.name()),
+            "old_hash": c.old.map(|s| s.hash.to_hex()),
+            "new_hash": c.new.map(|s| s.hash.to_hex()),
+        });
+        println!("{value}");
+    } else {
+        println!("{letter} {path}");
+    }
+}
+
+/// Prints the changed paths between two directories; returns whether there were any.
 pub fn diff(args: DiffArgs) -> anyhow::Result<bool> {
-    let (_, old) = build(&resolve(&args.old)?, args.tree.options(), true)?;
-    let (_, new) = build(&resolve(&args.new)?, args.tree.options(), true)?;
+    let (_, old) = build(&resolve(Path::new(&args.old))?, args.tree.options(), true)?;
+    let (_, new) = build(&resolve(Path::new(&args.new))?, args.tree.options(), true)?;
     let (old, new) = (old.unwrap_or_default(), new.unwrap_or_default());
     let changes = diff_all(&old, old.root, &new, new.root)?;
     for c in &changes {
-        let path = String::from_utf8_lossy(&c.path);
-        let (letter, word) = match c.change {
-            ChangeType::Added => ("A", "added"),
-            ChangeType::Removed => ("D", "removed"),
-            ChangeType::Modified => ("M", "modified"),
-            ChangeType::KindChanged => ("T", "kind_changed"),
-        };
-        if args.json {
-            let value = serde_json::json!({
-                "path": path,
-                "change": word,
-                "old_kind": c.old.map(|s| s.kind.name()),
-                "new_kind": c.new.map(|s| s.kind.name()),
-                "old_hash": c.old.map(|s| s.hash.to_hex()),
-                "new_hash": c.new.map(|s| s.hash.to_hex()),
-            });
-            println!("{value}");
-        } else {
-            println!("{letter} {path}");
-        }
+        print_change(c, args.json);
     }
     Ok(!changes.is_empty())
 }
@@ -229,18 +245,26 @@ pub fn diff(args: DiffArgs) -> anyhow::Result<bool> {
 /// `merklectl prove`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProveArgs {
-    /// The directory (the tree's root).
-    pub dir: PathBuf,
-    /// The entry to prove, relative to DIR, `/`-separated.
-    pub path: String,
+    /// `DIR PATH`: the directory (the tree's root) and the entry to prove, relative to it,
+    /// `/`-separated; with `--stored SOURCE[@SEQ]`, just `PATH`.
+    #[arg(num_args = 1..=2, required = true, value_name = "DIR PATH")]
+    pub args: Vec<String>,
+    /// Prove the entry in a snapshot stored in DbSync (the latest, or `SOURCE@SEQ`).
+    #[arg(long, value_name = "SOURCE")]
+    pub stored: Option<String>,
+    #[command(flatten)]
+    pub db_sync: crate::stored::DbSyncAddr,
     #[command(flatten)]
     pub tree: TreeArgs,
 }
 
 pub fn prove_cmd(args: ProveArgs) -> anyhow::Result<()> {
-    let (outcome, tree) = build(&resolve(&args.dir)?, args.tree.options(), true)?;
+    let [dir, path] = args.args.as_slice() else {
+        bail!("prove takes DIR PATH (or --stored SOURCE PATH)");
+    };
+    let (outcome, tree) = build(&resolve(Path::new(dir))?, args.tree.options(), true)?;
     let tree = tree.unwrap_or_default();
-    let proof = prove(&tree, outcome.root, outcome.profile, args.path.as_bytes())?;
+    let proof = prove(&tree, outcome.root, outcome.profile, path.as_bytes())?;
     println!("{}", proof.to_json());
     Ok(())
 }

@@ -19,13 +19,22 @@ enum Command {
     Up(merklectl::up::UpArgs),
     /// Print the Merkle root of a directory (docs/merkle-spec.md).
     Hash(merklectl::local::HashArgs),
-    /// List the paths that differ between two directories: `A` added, `D` removed,
-    /// `M` modified, `T` kind changed. Exits 1 when there are differences, like diff(1).
+    /// List the paths that differ between two directories (or, with `--stored SOURCE`, two
+    /// stored snapshots): `A` added, `D` removed, `M` modified, `T` kind changed. Exits 1 when
+    /// there are differences, like diff(1).
     Diff(merklectl::local::DiffArgs),
-    /// Write an inclusion proof (JSON) that PATH is part of DIR's tree.
+    /// Write an inclusion proof (JSON) that PATH is part of DIR's tree (or, with
+    /// `--stored SOURCE[@SEQ]`, of a stored snapshot's).
     Prove(merklectl::local::ProveArgs),
     /// Verify an inclusion proof file offline.
     VerifyProof(merklectl::local::VerifyProofArgs),
+    /// Hash a directory here and store it in DbSync as the newest snapshot of SOURCE (only
+    /// the nodes DbSync lacks are sent; an unchanged tree stores nothing).
+    Push(merklectl::stored::PushArgs),
+    /// The snapshots DbSync stores of SOURCE, newest first; without SOURCE, the sources.
+    Snapshots(merklectl::stored::SnapshotsArgs),
+    /// The entries of a directory of a stored snapshot: `ls SOURCE[@SEQ] [PATH]`.
+    Ls(merklectl::stored::LsArgs),
     /// The Cache service: statistics, status, clear, warm-up.
     Cache(merklectl::cache::CacheArgs),
 }
@@ -42,14 +51,36 @@ fn main() -> ExitCode {
         Command::Up(args) => block_on(merklectl::up::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Cache(args) => block_on(merklectl::cache::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Hash(args) => merklectl::local::hash(args).map(|()| ExitCode::SUCCESS),
-        Command::Diff(args) => merklectl::local::diff(args).map(|changed| {
+        Command::Diff(args) => match args.stored.clone() {
+            Some(source) => block_on(merklectl::stored::diff(
+                &args.db_sync,
+                &source,
+                &args.old,
+                &args.new,
+                args.json,
+            )),
+            None => merklectl::local::diff(args),
+        }
+        .map(|changed| {
             if changed {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
             }
         }),
-        Command::Prove(args) => merklectl::local::prove_cmd(args).map(|()| ExitCode::SUCCESS),
+        Command::Prove(args) => match (&args.stored, args.args.as_slice()) {
+            (Some(source), [path]) => {
+                block_on(merklectl::stored::prove(&args.db_sync, source, path))
+            }
+            (Some(_), _) => Err(anyhow::anyhow!("prove --stored SOURCE takes one PATH")),
+            (None, _) => merklectl::local::prove_cmd(args),
+        }
+        .map(|()| ExitCode::SUCCESS),
+        Command::Push(args) => block_on(merklectl::stored::push(args)).map(|()| ExitCode::SUCCESS),
+        Command::Snapshots(args) => {
+            block_on(merklectl::stored::snapshots(args)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Ls(args) => block_on(merklectl::stored::ls(args)).map(|()| ExitCode::SUCCESS),
         Command::VerifyProof(args) => {
             merklectl::local::verify_proof(args).map(|()| ExitCode::SUCCESS)
         }

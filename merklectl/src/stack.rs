@@ -244,6 +244,7 @@ pub fn install_package(package: &str) -> Result<(), StackError> {
 pub struct Postgres {
     data_dir: PathBuf,
     port: u16,
+    settings: Vec<(String, String)>,
     process: Option<ManagedProcess>,
 }
 
@@ -256,9 +257,23 @@ impl Postgres {
     /// Starts PostgreSQL on `port` with its data in `data_dir`, running initdb first when the
     /// folder holds no cluster yet. `data_dir`'s parent must be reachable by the server's user.
     pub async fn start(data_dir: &Path, port: u16) -> Result<Self, StackError> {
+        Self::start_with(data_dir, port, &[]).await
+    }
+
+    /// [`Postgres::start`] with extra server settings (`-c name=value`), e.g. a preloaded
+    /// library for the benchmarks.
+    pub async fn start_with(
+        data_dir: &Path,
+        port: u16,
+        settings: &[(&str, &str)],
+    ) -> Result<Self, StackError> {
         let mut postgres = Postgres {
             data_dir: data_dir.to_owned(),
             port,
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             process: None,
         };
         postgres.start_again().await?;
@@ -307,6 +322,9 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", &format!("unix_socket_directories={}", dir.display())])
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+        for (name, value) in &self.settings {
+            server.arg("-c").arg(format!("{name}={value}"));
+        }
         as_server_user(&mut server);
         let log = dir.with_extension("log");
         // SIGINT is PostgreSQL's "fast shutdown": clients are disconnected, data is flushed.

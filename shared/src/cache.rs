@@ -430,6 +430,9 @@ impl CacheClient {
     /// the cache (at most once a second) to trust it again.
     fn is_pending(&self, ns: Namespace, key: &str) -> bool {
         let mut pending = lock(&self.inner.pending);
+        if pending.keys.is_empty() && pending.namespaces.is_empty() {
+            return false;
+        }
         if pending.namespaces.contains(&(ns as i32)) {
             let due = pending
                 .last_clear_attempt

@@ -4,6 +4,8 @@
 use merkle_core::{
     Digest, DirNode, Entry, EntryKind, Meta, Profile, TreeStats,
     diff::{Change, ChangeType},
+    node::NodeError,
+    proof::InclusionProof,
 };
 use merkle_proto::common::v1 as pb;
 
@@ -130,6 +132,92 @@ pub fn change_to_proto(change: &Change) -> pb::PathChange {
         old_hash: change.old.map(|s| s.hash.to_hex()).unwrap_or_default(),
         new_hash: change.new.map(|s| s.hash.to_hex()).unwrap_or_default(),
     }
+}
+
+/// A changed path from the contract.
+pub fn change_from_proto(change: &pb::PathChange) -> Result<Change, String> {
+    let change_type = match pb::ChangeType::try_from(change.change_type) {
+        Ok(pb::ChangeType::Added) => ChangeType::Added,
+        Ok(pb::ChangeType::Removed) => ChangeType::Removed,
+        Ok(pb::ChangeType::Modified) => ChangeType::Modified,
+        Ok(pb::ChangeType::KindChanged) => ChangeType::KindChanged,
+        _ => {
+            return Err(format!(
+                "change_type: {} is not a known change",
+                change.change_type
+            ));
+        }
+    };
+    let side = |kind: i32, hash: &str| -> Result<Option<merkle_core::diff::Side>, String> {
+        if kind == 0 && hash.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(merkle_core::diff::Side {
+            kind: kind_from_proto(kind)?,
+            hash: hash.parse().map_err(|e| format!("hash: {e}"))?,
+        }))
+    };
+    Ok(Change {
+        path: name_from_proto(&change.path, &change.raw_path),
+        change: change_type,
+        old: side(change.old_kind, &change.old_hash)?,
+        new: side(change.new_kind, &change.new_hash)?,
+    })
+}
+
+/// An inclusion proof as the contract carries it (each node with its hash, and the proven
+/// entry).
+pub fn proof_to_proto(proof: &InclusionProof) -> Result<pb::InclusionProof, NodeError> {
+    let (path, raw_path) = name_to_proto(&proof.path.join(&b'/'));
+    let nodes = proof
+        .nodes
+        .iter()
+        .map(|n| Ok(node_to_proto(n.hash(proof.profile)?, n)))
+        .collect::<Result<Vec<_>, NodeError>>()?;
+    let entry = proof
+        .nodes
+        .last()
+        .zip(proof.path.last())
+        .and_then(|(node, name)| node.get(name))
+        .map(entry_to_proto);
+    Ok(pb::InclusionProof {
+        root_hash: proof.root.to_hex(),
+        path,
+        raw_path,
+        nodes,
+        entry,
+        profile: profile_to_proto(proof.profile) as i32,
+    })
+}
+
+/// The proof in a contract message, ready to verify (`InclusionProof::verify`) or to write
+/// as a proof file.
+pub fn proof_from_proto(proof: &pb::InclusionProof) -> Result<InclusionProof, String> {
+    let profile = profile_from_proto(proof.profile)?;
+    let full = profile == Profile::Full;
+    let nodes = proof
+        .nodes
+        .iter()
+        .map(|n| {
+            Ok(DirNode {
+                entries: n
+                    .entries
+                    .iter()
+                    .map(|e| entry_from_proto(e, full))
+                    .collect::<Result<_, String>>()?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let path = name_from_proto(&proof.path, &proof.raw_path);
+    Ok(InclusionProof {
+        profile,
+        root: proof
+            .root_hash
+            .parse()
+            .map_err(|e| format!("root_hash: {e}"))?,
+        path: path.split(|b| *b == b'/').map(<[u8]>::to_vec).collect(),
+        nodes,
+    })
 }
 
 #[cfg(test)]

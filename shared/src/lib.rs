@@ -9,6 +9,7 @@
 //! - [`cache`]: the typed, fail-safe client of the Cache service (single-flight loads);
 //! - [`breaker`] and [`single_flight`]: the circuit breaker and call sharing both use;
 //! - [`health`]: health status that follows real dependency checks;
+//! - [`names`]: names checked alike everywhere (source names);
 //! - [`error`]: the one map from a service's errors to `tonic::Status`;
 //! - [`service`]: the common `main` of every service binary.
 //!
@@ -21,6 +22,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod health;
+pub mod names;
 pub mod postgres;
 pub mod propagation;
 pub mod redis;

@@ -1,7 +1,10 @@
-//! The gRPC face of DbSync. Every RPC is delivered by a later issue (README, RPC status table).
+//! The gRPC face of DbSync: each request is checked and turned into domain values here
+//! (source names, digests, paths, page positions), then handed to the [`Archive`] and the
+//! browsing functions. The history RPC belongs to the tamper-evident history issue.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc, time::SystemTime};
 
+use merkle_core::Digest;
 use merkle_proto::dbsync::v1::{
     DiffSnapshotsRequest, DiffSnapshotsResponse, FindMissingNodesRequest, FindMissingNodesResponse,
     GetHistoryProofRequest, GetHistoryProofResponse, GetInclusionProofRequest,
@@ -9,16 +12,67 @@ use merkle_proto::dbsync::v1::{
     GetRetentionPolicyRequest, GetRetentionPolicyResponse, GetSnapshotRequest, GetSnapshotResponse,
     ListDirectoryRequest, ListDirectoryResponse, ListSnapshotsRequest, ListSnapshotsResponse,
     ListSourcesRequest, ListSourcesResponse, SetRetentionPolicyRequest, SetRetentionPolicyResponse,
-    SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
-    db_sync_service_server::DbSyncService,
+    SourceSummary, SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
+    db_sync_service_server::DbSyncService, sync_tree_request::Content,
 };
-use merkle_shared::error::not_yet_implemented;
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use merkle_shared::{
+    convert::{
+        change_to_proto, entry_to_proto, name_from_proto, profile_from_proto, proof_to_proto,
+    },
+    error::not_yet_implemented,
+    names::SourceName,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
+
+use crate::{
+    archive::Archive,
+    browse,
+    error::Error,
+    store::{self, Retention},
+    sync::{Header, Outcome, Received},
+};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-pub(crate) struct DbSyncApi;
+/// Most hashes in one FindMissingNodes call.
+const MAX_FIND: usize = 10_000;
+/// Changes per DiffSnapshots message.
+const DIFF_BATCH: usize = 500;
+
+pub(crate) struct DbSyncApi {
+    archive: Arc<Archive>,
+}
+
+impl DbSyncApi {
+    pub(crate) fn new(archive: Arc<Archive>) -> Self {
+        DbSyncApi { archive }
+    }
+}
+
+fn source(field: &str, name: &str) -> Result<SourceName, Error> {
+    SourceName::parse(field, name).map_err(Error::BadRequest)
+}
+
+fn digest(field: &str, text: &str) -> Result<Digest, Error> {
+    text.parse()
+        .map_err(|e| Error::bad_request(field, format!("{text:?}: {e}")))
+}
+
+/// The page size: 0 means `default`, above `max` means `max`.
+fn page_size(requested: u32, default: u32, max: u32) -> u32 {
+    match requested {
+        0 => default,
+        n => n.min(max),
+    }
+}
+
+fn position_u64(position: Option<Vec<u8>>) -> Option<u64> {
+    position
+        .and_then(|p| p.try_into().ok())
+        .map(u64::from_be_bytes)
+}
 
 #[tonic::async_trait]
 impl DbSyncService for DbSyncApi {
@@ -26,72 +80,364 @@ impl DbSyncService for DbSyncApi {
 
     async fn find_missing_nodes(
         &self,
-        _request: Request<FindMissingNodesRequest>,
+        request: Request<FindMissingNodesRequest>,
     ) -> Result<Response<FindMissingNodesResponse>, Status> {
-        Err(not_yet_implemented("FindMissingNodes"))
+        let request = request.into_inner();
+        if request.hashes.len() > MAX_FIND {
+            return Err(Error::bad_request(
+                "hashes",
+                format!(
+                    "has {} hashes; at most {MAX_FIND} per call",
+                    request.hashes.len()
+                ),
+            )
+            .into());
+        }
+        let hashes = request
+            .hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| digest(&format!("hashes[{i}]"), h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing = self.archive.find_missing(&hashes).await?;
+        Ok(Response::new(FindMissingNodesResponse {
+            missing_hashes: missing.iter().map(Digest::to_hex).collect(),
+        }))
     }
 
     async fn sync_tree(
         &self,
-        _request: Request<tonic::Streaming<SyncTreeRequest>>,
+        request: Request<Streaming<SyncTreeRequest>>,
     ) -> Result<Response<SyncTreeResponse>, Status> {
-        Err(not_yet_implemented("SyncTree"))
+        let mut stream = request.into_inner();
+        let first = stream.message().await?;
+        let Some(Content::Header(h)) = first.and_then(|m| m.content) else {
+            return Err(
+                Error::bad_request("header", "the first message must be the header").into(),
+            );
+        };
+        let header = Header {
+            source: source("header.source", &h.source)?,
+            root: digest("header.root_hash", &h.root_hash)?,
+            build_id: h.build_id,
+            profile: profile_from_proto(h.profile).map_err(|e| Error::bad_request("header", e))?,
+            stats: h
+                .stats
+                .map(|s| merkle_core::TreeStats {
+                    file_count: s.file_count,
+                    dir_count: s.dir_count,
+                    symlink_count: s.symlink_count,
+                    skipped_count: s.skipped_count,
+                    total_bytes: s.total_bytes,
+                })
+                .unwrap_or_default(),
+        };
+        if header.build_id.len() > 256 {
+            return Err(Error::bad_request("header.build_id", "must be at most 256 bytes").into());
+        }
+        let outcome = match self.archive.answer_early(&header).await? {
+            Some(outcome) => outcome,
+            None => {
+                let mut received =
+                    Received::new(header.profile, self.archive.settings.sync_max_bytes);
+                while let Some(message) = stream.message().await? {
+                    match message.content {
+                        Some(Content::Nodes(batch)) => {
+                            for node in &batch.nodes {
+                                received.add(node)?;
+                            }
+                        }
+                        Some(Content::Header(_)) => {
+                            return Err(Error::bad_request(
+                                "header",
+                                "only the first message may be a header",
+                            )
+                            .into());
+                        }
+                        None => {}
+                    }
+                }
+                self.archive.store(&header, received.finish()?).await?
+            }
+        };
+        let response = match outcome {
+            Outcome::Unchanged(snapshot) => SyncTreeResponse {
+                changed: false,
+                snapshot: Some(snapshot),
+                nodes_written: 0,
+            },
+            Outcome::Replayed(snapshot) => SyncTreeResponse {
+                changed: true,
+                snapshot: Some(snapshot),
+                nodes_written: 0,
+            },
+            Outcome::Stored {
+                snapshot,
+                nodes_written,
+            } => {
+                tracing::info!(
+                    source = %header.source,
+                    root = %header.root,
+                    sequence = snapshot.sequence,
+                    nodes_written,
+                    build_id = %header.build_id,
+                    "snapshot stored"
+                );
+                SyncTreeResponse {
+                    changed: true,
+                    snapshot: Some(snapshot),
+                    nodes_written,
+                }
+            }
+        };
+        Ok(Response::new(response))
     }
 
     async fn get_latest_root(
         &self,
-        _request: Request<GetLatestRootRequest>,
+        request: Request<GetLatestRootRequest>,
     ) -> Result<Response<GetLatestRootResponse>, Status> {
-        Err(not_yet_implemented("GetLatestRoot"))
+        let name = source("source", &request.into_inner().source)?;
+        let loaded = self.archive.latest(&name).await?;
+        let mut response = Response::new(GetLatestRootResponse {
+            snapshot: Some(loaded.value),
+        });
+        response.metadata_mut().insert(
+            "x-cache",
+            MetadataValue::from_static(loaded.source.as_str()),
+        );
+        Ok(response)
     }
 
     async fn get_snapshot(
         &self,
-        _request: Request<GetSnapshotRequest>,
+        request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        Err(not_yet_implemented("GetSnapshot"))
+        let request = request.into_inner();
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let found = if !request.snapshot_id.is_empty() {
+            let id: i64 = request
+                .snapshot_id
+                .parse()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    Error::bad_request("snapshot_id", "must be a positive decimal number")
+                })?;
+            store::by_id(&*conn, id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("snapshot_id: no snapshot {id}")))?
+        } else if !request.source.is_empty() {
+            let name = source("source", &request.source)?;
+            if request.sequence == 0 || request.sequence > i64::MAX as u64 {
+                return Err(Error::bad_request("sequence", "must be 1 or more with source").into());
+            }
+            store::by_sequence(&*conn, name.as_str(), request.sequence as i64)
+                .await?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "sequence: {name} has no snapshot {}",
+                        request.sequence
+                    ))
+                })?
+        } else {
+            return Err(Error::bad_request(
+                "snapshot_id",
+                "set snapshot_id, or source and sequence",
+            )
+            .into());
+        };
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(found.to_proto()),
+        }))
     }
 
     async fn list_snapshots(
         &self,
-        _request: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(not_yet_implemented("ListSnapshots"))
+        let request = request.into_inner();
+        let name = source("source", &request.source)?;
+        let time = |field: &str, t: Option<prost_types::Timestamp>, default: SystemTime| match t {
+            None => Ok(default),
+            Some(t) => SystemTime::try_from(t)
+                .map_err(|_| Error::bad_request(field, "is not a valid timestamp")),
+        };
+        let start = time("start_time", request.start_time, SystemTime::UNIX_EPOCH)?;
+        let far = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+        let end = time("end_time", request.end_time, far)?;
+        if end < start {
+            return Err(Error::bad_request("end_time", "must not be before start_time").into());
+        }
+        let size = page_size(request.page_size, 100, 1000);
+        let binding = format!(
+            "snapshots\0{name}\0{:?}\0{:?}",
+            request.start_time.map(|t| (t.seconds, t.nanos)),
+            request.end_time.map(|t| (t.seconds, t.nanos))
+        );
+        let tokens = self.archive.tokens().await?;
+        let before =
+            position_u64(tokens.check("page_token", binding.as_bytes(), &request.page_token)?)
+                .map_or(i64::MAX, |s| s as i64);
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        if before == i64::MAX && store::source(&*conn, name.as_str()).await?.is_none() {
+            return Err(Error::NotFound(format!("source: {name} has no snapshots")).into());
+        }
+        let mut snapshots = store::page(
+            &*conn,
+            name.as_str(),
+            before,
+            start,
+            end,
+            i64::from(size) + 1,
+        )
+        .await?;
+        let next_page_token = if snapshots.len() > size as usize {
+            snapshots.truncate(size as usize);
+            let last = snapshots.last().map_or(0, |s| s.sequence as u64);
+            tokens.issue(binding.as_bytes(), &last.to_be_bytes())
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListSnapshotsResponse {
+            snapshots: snapshots.iter().map(store::Snapshot::to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     async fn list_sources(
         &self,
-        _request: Request<ListSourcesRequest>,
+        request: Request<ListSourcesRequest>,
     ) -> Result<Response<ListSourcesResponse>, Status> {
-        Err(not_yet_implemented("ListSources"))
+        let request = request.into_inner();
+        let size = page_size(request.page_size, 100, 1000);
+        let tokens = self.archive.tokens().await?;
+        let after = tokens
+            .check("page_token", b"sources", &request.page_token)?
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .unwrap_or_default();
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let mut sources = store::sources(&*conn, &after, i64::from(size) + 1).await?;
+        let next_page_token = if sources.len() > size as usize {
+            sources.truncate(size as usize);
+            let last = sources.last().map(|s| s.name.clone()).unwrap_or_default();
+            tokens.issue(b"sources", last.as_bytes())
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListSourcesResponse {
+            sources: sources
+                .into_iter()
+                .map(|s| SourceSummary {
+                    source: s.name,
+                    latest: Some(s.latest.to_proto()),
+                    snapshot_count: s.snapshot_count,
+                    retention: Some(s.retention.to_proto()),
+                })
+                .collect(),
+            next_page_token,
+        }))
     }
 
     async fn list_directory(
         &self,
-        _request: Request<ListDirectoryRequest>,
+        request: Request<ListDirectoryRequest>,
     ) -> Result<Response<ListDirectoryResponse>, Status> {
-        Err(not_yet_implemented("ListDirectory"))
+        let request = request.into_inner();
+        let root = digest("root_hash", &request.root_hash)?;
+        let path = name_from_proto(&request.path, &request.raw_path);
+        let size = page_size(request.page_size, 1000, 10_000) as usize;
+        let mut binding = format!("directory\0{root}\0").into_bytes();
+        binding.extend_from_slice(&path);
+        let tokens = self.archive.tokens().await?;
+        let offset = position_u64(tokens.check("page_token", &binding, &request.page_token)?)
+            .unwrap_or(0) as usize;
+        let (hash, node) = browse::directory(&self.archive.nodes, root, &path).await?;
+        let entries = &node.node.entries;
+        let end = (offset + size).min(entries.len());
+        let page = entries.get(offset.min(end)..end).unwrap_or_default();
+        let next_page_token = if end < entries.len() {
+            tokens.issue(&binding, &(end as u64).to_be_bytes())
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListDirectoryResponse {
+            directory_hash: hash.to_hex(),
+            entries: page.iter().map(entry_to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     async fn diff_snapshots(
         &self,
-        _request: Request<DiffSnapshotsRequest>,
+        request: Request<DiffSnapshotsRequest>,
     ) -> Result<Response<Self::DiffSnapshotsStream>, Status> {
-        Err(not_yet_implemented("DiffSnapshots"))
+        let request = request.into_inner();
+        let old = digest("old_root_hash", &request.old_root_hash)?;
+        let new = digest("new_root_hash", &request.new_root_hash)?;
+        let tree = browse::diff(&self.archive.nodes, old, new).await?;
+        let (tx, rx) = mpsc::channel(4);
+        // The walk is in memory and synchronous; it hands batches over as it goes and stops
+        // when the caller goes away.
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::with_capacity(DIFF_BATCH);
+            let complete = browse::changes(&tree, old, new, &mut |change| {
+                batch.push(change_to_proto(&change));
+                if batch.len() < DIFF_BATCH {
+                    return true;
+                }
+                let changes = std::mem::replace(&mut batch, Vec::with_capacity(DIFF_BATCH));
+                tx.blocking_send(Ok(DiffSnapshotsResponse { changes }))
+                    .is_ok()
+            });
+            match complete {
+                Ok(true) if !batch.is_empty() => {
+                    let _ = tx.blocking_send(Ok(DiffSnapshotsResponse { changes: batch }));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    let _ = tx.blocking_send(Err(Status::from(err)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn get_inclusion_proof(
         &self,
-        _request: Request<GetInclusionProofRequest>,
+        request: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
-        Err(not_yet_implemented("GetInclusionProof"))
+        let request = request.into_inner();
+        let root = digest("root_hash", &request.root_hash)?;
+        let path = name_from_proto(&request.path, &request.raw_path);
+        if path.is_empty() {
+            return Err(Error::bad_request("path", "must name an entry below the root").into());
+        }
+        let proof = browse::proof(&self.archive.nodes, root, &path).await?;
+        let proof = proof_to_proto(&proof).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Response::new(GetInclusionProofResponse {
+            proof: Some(proof),
+        }))
     }
 
     async fn warm_cache(
         &self,
-        _request: Request<WarmCacheRequest>,
+        request: Request<WarmCacheRequest>,
     ) -> Result<Response<WarmCacheResponse>, Status> {
-        Err(not_yet_implemented("WarmCache"))
+        let request = request.into_inner();
+        let sources = request
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| source(&format!("sources[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (sources_warmed, entries_written, cache_available) =
+            self.archive.warm(&sources).await?;
+        Ok(Response::new(WarmCacheResponse {
+            sources_warmed,
+            entries_written,
+            cache_available,
+        }))
     }
 
     async fn get_history_proof(
@@ -103,15 +449,70 @@ impl DbSyncService for DbSyncApi {
 
     async fn get_retention_policy(
         &self,
-        _request: Request<GetRetentionPolicyRequest>,
+        request: Request<GetRetentionPolicyRequest>,
     ) -> Result<Response<GetRetentionPolicyResponse>, Status> {
-        Err(not_yet_implemented("GetRetentionPolicy"))
+        let name = source("source", &request.into_inner().source)?;
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let (policy, _) = store::source(&*conn, name.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("source: {name} has no snapshots")))?;
+        Ok(Response::new(GetRetentionPolicyResponse {
+            policy: Some(policy.to_proto()),
+        }))
     }
 
     async fn set_retention_policy(
         &self,
-        _request: Request<SetRetentionPolicyRequest>,
+        request: Request<SetRetentionPolicyRequest>,
     ) -> Result<Response<SetRetentionPolicyResponse>, Status> {
-        Err(not_yet_implemented("SetRetentionPolicy"))
+        let request = request.into_inner();
+        let name = source("source", &request.source)?;
+        let policy = request.policy.unwrap_or_default();
+        let keep_within = match policy.keep_within {
+            None => None,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                return Err(
+                    Error::bad_request("policy.keep_within", "must not be negative").into(),
+                );
+            }
+            Some(d) if d.seconds == 0 && d.nanos == 0 => None,
+            Some(d) => Some(std::time::Duration::from_secs(
+                d.seconds as u64 + u64::from(d.nanos > 0),
+            )),
+        };
+        if policy.keep_last > i32::MAX as u32 {
+            return Err(Error::bad_request("policy.keep_last", "is too large").into());
+        }
+        let retention = Retention {
+            keep_last: (policy.keep_last > 0).then_some(policy.keep_last),
+            keep_within,
+        };
+        {
+            let conn = self.archive.pool.get().await.map_err(Error::from)?;
+            if store::source(&*conn, name.as_str()).await?.is_none() {
+                return Err(Error::NotFound(format!("source: {name} has no snapshots")).into());
+            }
+        }
+        let deleted = store::set_retention(&self.archive.pool, name.as_str(), retention).await?;
+        tracing::info!(source = %name, ?retention, deleted, "retention policy set");
+        if deleted > 0 {
+            self.archive.collect.notify_one();
+        }
+        Ok(Response::new(SetRetentionPolicyResponse {
+            policy: Some(retention.to_proto()),
+            snapshots_deleted: deleted,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_default_and_clamp() {
+        assert_eq!(page_size(0, 100, 1000), 100);
+        assert_eq!(page_size(7, 100, 1000), 7);
+        assert_eq!(page_size(5000, 100, 1000), 1000);
     }
 }

@@ -1,8 +1,11 @@
 //! DbSync's configuration.
 
+use std::time::Duration;
+
 use clap::Parser;
 use merkle_shared::{
-    config::{ConfigError, ServerArgs, TelemetryArgs, Validate},
+    cache::CacheArgs,
+    config::{ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration},
     postgres::PostgresArgs,
     service::ServiceConfig,
 };
@@ -21,11 +24,46 @@ pub struct Config {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub postgres: PostgresArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Memory for directory nodes kept in this process (they never change, so they are never
+    /// invalidated), in bytes; 0 keeps none.
+    #[arg(long, env = "NODE_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub node_cache_bytes: u64,
+    /// Most bytes of nodes one SyncTree may send (their canonical encodings).
+    #[arg(long, env = "SYNC_MAX_BYTES", default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub sync_max_bytes: u64,
+    /// How often retention is applied and unreferenced nodes are collected; 0 turns the
+    /// periodic run off (SetRetentionPolicy still applies its policy at once).
+    #[arg(long, env = "GC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub gc_interval: Duration,
+    /// A node found by FindMissingNodes, stored or referenced by a sync within this long is
+    /// never collected, so a sync in progress never loses a node it relies on.
+    #[arg(long, env = "GC_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub gc_grace: Duration,
+    /// Nodes deleted per garbage-collection transaction.
+    #[arg(long, env = "GC_BATCH", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub gc_batch: u32,
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        self.postgres.validate()
+        self.postgres.validate()?;
+        self.cache.validate()?;
+        if self.gc_grace < self.server.request_timeout {
+            return Err(ConfigError::new(
+                "GC_GRACE (--gc-grace)",
+                format!(
+                    "must be at least REQUEST_TIMEOUT ({:?}), the longest a sync can take",
+                    self.server.request_timeout
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -1,13 +1,29 @@
 //! DbSync: stores snapshots of Merkle trees in PostgreSQL, only when a root changed, and
-//! answers history, diff and proof questions; the cache is written through.
+//! answers history, diff and proof questions; reads are cache-first and the cache is written
+//! through.
 //!
 //! [`run`] serves `merkle.dbsync.v1.DbSyncService`. PostgreSQL may be down at start: the
 //! service then reports NOT_SERVING, applies its migrations once PostgreSQL answers, and
-//! reports SERVING, without a restart.
+//! reports SERVING, without a restart. The Cache service may be down at any time: every read
+//! then comes from PostgreSQL and every write-through is skipped, never failing a call.
+//!
+//! - [`sync`]: receiving, checking and storing a tree (one transaction);
+//! - [`archive`]: what is read from the cache, what from PostgreSQL, what is written through;
+//! - [`nodes`]: the node store (process memory, the cache, PostgreSQL);
+//! - [`browse`]: directories, diffs and proofs of stored trees;
+//! - [`gc`]: retention and garbage collection;
+//! - [`store`]: the schema and the SQL; [`tokens`]: page tokens.
 
 mod api;
+pub mod archive;
+pub mod browse;
 pub mod config;
+pub mod error;
+pub mod gc;
+pub mod nodes;
 pub mod store;
+pub mod sync;
+pub mod tokens;
 
 use std::sync::{
     Arc,
@@ -16,7 +32,9 @@ use std::sync::{
 
 pub use config::Config;
 use merkle_proto::dbsync::v1::db_sync_service_server::DbSyncServiceServer;
-use merkle_shared::{health::Health, postgres, server, service::RunError, shutdown::Shutdown};
+use merkle_shared::{
+    cache::CacheClient, health::Health, postgres, server, service::RunError, shutdown::Shutdown,
+};
 
 /// The fully qualified gRPC service name.
 pub const SERVICE_NAME: &str = merkle_proto::service_names::DB_SYNC;
@@ -24,12 +42,16 @@ pub const SERVICE_NAME: &str = merkle_proto::service_names::DB_SYNC;
 /// Serves DbSync until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let pool = postgres::pool(&config.postgres)?;
+    let cache = CacheClient::new(&config.cache, &config.client)?;
+    if !cache.is_enabled() {
+        tracing::warn!("CACHE_ADDR is not set: every read goes to PostgreSQL");
+    }
     let (health, health_service) = Health::new(SERVICE_NAME).await;
 
     // Healthy means: the schema is current and PostgreSQL answers now.
     let migrated = Arc::new(AtomicBool::new(false));
     let probe_timeout = config.postgres.database_connect_timeout;
-    let probe_pool = pool;
+    let probe_pool = pool.clone();
     health.watch(
         config.server.health_check_interval,
         shutdown.clone(),
@@ -46,8 +68,25 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         },
     );
 
-    let api = api::DbSyncApi;
-    let service = merkle_shared::limit_messages!(DbSyncServiceServer::new(api), config.server);
+    let archive = archive::Archive::new(
+        pool,
+        cache,
+        archive::ArchiveSettings {
+            sync_max_bytes: config.sync_max_bytes,
+            node_cache_bytes: config.node_cache_bytes,
+        },
+    );
+    gc::spawn(
+        archive.clone(),
+        config.gc_interval,
+        config.gc_grace,
+        config.gc_batch as usize,
+        shutdown.clone(),
+    );
+    let service = merkle_shared::limit_messages!(
+        DbSyncServiceServer::new(api::DbSyncApi::new(archive)),
+        config.server
+    );
     server::serve(
         SERVICE_NAME,
         &config.server,

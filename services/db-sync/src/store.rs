@@ -1,6 +1,18 @@
-//! DbSync's PostgreSQL schema: migrations embedded in the binary, applied at start.
+//! DbSync's PostgreSQL side: the schema (migrations embedded in the binary), and every query
+//! on sources and snapshots. Each hot-path query is a constant in [`queries`], so a test can
+//! `EXPLAIN` all of them and prove none scans a table unindexed.
 
-use merkle_shared::postgres::{Migration, PgError, PgPool, migrate as apply};
+use std::time::{Duration, SystemTime};
+
+use merkle_core::{Digest, Profile, TreeStats};
+use merkle_proto::{common::v1 as common, dbsync::v1 as pb};
+use merkle_shared::{
+    convert::{profile_to_proto, stats_to_proto},
+    postgres::{Migration, PgError, PgPool, migrate as apply},
+};
+use tokio_postgres::{GenericClient, Row};
+
+use crate::error::Error;
 
 /// The component name under which DbSync's migrations are recorded.
 const COMPONENT: &str = "db-sync";
@@ -8,11 +20,390 @@ const COMPONENT: &str = "db-sync";
 /// DbSync's migrations, in order; never edit a released one, add the next.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
-    name: "snapshots",
-    sql: include_str!("../migrations/0001_snapshots.sql"),
+    name: "merkle_roots",
+    sql: include_str!("../migrations/0001_merkle_roots.sql"),
 }];
 
 /// Brings the schema up to date; returns how many migrations were applied.
 pub async fn migrate(pool: &PgPool) -> Result<usize, PgError> {
     apply(pool, COMPONENT, MIGRATIONS).await
+}
+
+/// The SQL of every query on a hot path, for use here and for the EXPLAIN test.
+pub mod queries {
+    /// The columns of a snapshot, in the order [`super::Snapshot::from_row`] reads them.
+    macro_rules! snapshot_columns {
+        () => {
+            "id, source, sequence, root_hash, profile, build_id, created_at, file_count, \
+             dir_count, symlink_count, skipped_count, total_bytes, previous_record_hash, \
+             record_hash, signature"
+        };
+    }
+
+    pub const LATEST: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE source = $1 ORDER BY sequence DESC LIMIT 1"
+    );
+    pub const BY_ID: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE id = $1"
+    );
+    pub const BY_SEQUENCE: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE source = $1 AND sequence = $2"
+    );
+    pub const BY_BUILD: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE source = $1 AND build_id = $2 AND build_id <> ''"
+    );
+    /// Newest first, below a sequence, within [start, end).
+    pub const PAGE: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE source = $1 AND sequence < $2 AND created_at >= $3 \
+         AND created_at < $4 ORDER BY sequence DESC LIMIT $5"
+    );
+    /// Sources after a name, each with its latest snapshot.
+    pub const SOURCES: &str = concat!(
+        "SELECT s.name, s.keep_last, s.keep_within_secs, s.snapshot_count, ",
+        "r.id, r.source, r.sequence, r.root_hash, r.profile, r.build_id, r.created_at, r.file_count, \
+         r.dir_count, r.symlink_count, r.skipped_count, r.total_bytes, r.previous_record_hash, \
+         r.record_hash, r.signature \
+         FROM merkle_sources s CROSS JOIN LATERAL (SELECT * FROM merkle_roots m \
+         WHERE m.source = s.name ORDER BY m.sequence DESC LIMIT 1) r \
+         WHERE s.name > $1 ORDER BY s.name LIMIT $2"
+    );
+    pub const SOURCE: &str = "SELECT name, keep_last, keep_within_secs, snapshot_count FROM merkle_sources WHERE name = $1";
+    /// Which of the hashes are stored; those found and not used for a minute are marked used,
+    /// so garbage collection spares them while the sync that asked relies on them.
+    pub const FIND_NODES: &str = "WITH found AS (SELECT hash, last_used FROM merkle_tree_data \
+         WHERE hash = ANY($1)), touched AS (UPDATE merkle_tree_data d SET last_used = now() \
+         FROM found f WHERE d.hash = f.hash AND f.last_used < now() - interval '1 minute') \
+         SELECT hash FROM found";
+    /// Every node below the given stored ones (a sync's unchanged subtrees), walked through
+    /// the stored subdirectory hashes; those not used for a minute are marked used, which
+    /// row-locks them against garbage collection until the sync commits. Returns every hash
+    /// walked, so the caller can check that all of them exist ([`EXISTING`]).
+    pub const TOUCH_TREE: &str = "WITH RECURSIVE walk(hash) AS ( \
+             SELECT unnest($1::bytea[]) \
+           UNION \
+             SELECT substring(d.child_dirs FROM i * 32 + 1 FOR 32) \
+             FROM walk w JOIN merkle_tree_data d ON d.hash = w.hash, \
+                  generate_series(0, octet_length(d.child_dirs) / 32 - 1) AS i \
+         ), touched AS (UPDATE merkle_tree_data d SET last_used = now() FROM walk w \
+             WHERE d.hash = w.hash AND d.last_used < now() - interval '1 minute') \
+         SELECT hash FROM walk";
+    /// Which of the hashes are stored.
+    pub const EXISTING: &str = "SELECT hash FROM merkle_tree_data WHERE hash = ANY($1)";
+    pub const INSERT_NODES: &str = "INSERT INTO merkle_tree_data (hash, encoded, sizes, child_dirs) \
+         SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[]) \
+         ON CONFLICT (hash) DO UPDATE SET last_used = now() RETURNING (xmax = 0)";
+    pub const INSERT_SNAPSHOT: &str = concat!(
+        "INSERT INTO merkle_roots (source, sequence, root_hash, profile, build_id, created_at, \
+         file_count, dir_count, symlink_count, skipped_count, total_bytes) \
+         VALUES ($1, $2, $3, $4, $5, clock_timestamp(), $6, $7, $8, $9, $10) RETURNING ",
+        snapshot_columns!()
+    );
+    pub const NODE: &str = "SELECT hash, encoded, sizes FROM merkle_tree_data WHERE hash = ANY($1)";
+    /// Every hot-path query with sample arguments' types, for the EXPLAIN test:
+    /// (name, SQL).
+    pub const ALL: &[(&str, &str)] = &[
+        ("LATEST", LATEST),
+        ("BY_ID", BY_ID),
+        ("BY_SEQUENCE", BY_SEQUENCE),
+        ("BY_BUILD", BY_BUILD),
+        ("PAGE", PAGE),
+        ("SOURCES", SOURCES),
+        ("SOURCE", SOURCE),
+        ("FIND_NODES", FIND_NODES),
+        ("TOUCH_TREE", TOUCH_TREE),
+        ("EXISTING", EXISTING),
+        ("NODE", NODE),
+    ];
+}
+
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub id: i64,
+    pub source: String,
+    pub sequence: i64,
+    pub root: Digest,
+    pub profile: Profile,
+    pub build_id: String,
+    pub created_at: SystemTime,
+    pub stats: TreeStats,
+    pub previous_record_hash: Option<Vec<u8>>,
+    pub record_hash: Option<Vec<u8>>,
+    pub signature: Option<Vec<u8>>,
+}
+
+fn digest(bytes: &[u8]) -> Result<Digest, Error> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Digest)
+        .map_err(|_| Error::Internal("a stored hash is not 32 bytes".into()))
+}
+
+fn profile_of(byte: i16) -> Result<Profile, Error> {
+    Profile::from_byte(byte as u8)
+        .ok_or_else(|| Error::Internal(format!("stored profile {byte} is unknown")))
+}
+
+impl Snapshot {
+    /// Reads the snapshot columns starting at column `at`.
+    fn from_row(row: &Row, at: usize) -> Result<Snapshot, Error> {
+        let count = |i: usize| row.get::<_, i64>(at + i) as u64;
+        Ok(Snapshot {
+            id: row.get(at),
+            source: row.get(at + 1),
+            sequence: row.get(at + 2),
+            root: digest(row.get(at + 3))?,
+            profile: profile_of(row.get(at + 4))?,
+            build_id: row.get(at + 5),
+            created_at: row.get(at + 6),
+            stats: TreeStats {
+                file_count: count(7),
+                dir_count: count(8),
+                symlink_count: count(9),
+                skipped_count: count(10),
+                total_bytes: count(11),
+            },
+            previous_record_hash: row.get(at + 12),
+            record_hash: row.get(at + 13),
+            signature: row.get(at + 14),
+        })
+    }
+
+    pub fn to_proto(&self) -> pb::Snapshot {
+        let hex = |b: &Option<Vec<u8>>| {
+            b.as_deref()
+                .map(merkle_core::digest::hex)
+                .unwrap_or_default()
+        };
+        pb::Snapshot {
+            snapshot_id: self.id.to_string(),
+            source: self.source.clone(),
+            sequence: self.sequence as u64,
+            root_hash: self.root.to_hex(),
+            profile: profile_to_proto(self.profile) as i32,
+            build_id: self.build_id.clone(),
+            create_time: Some(prost_types::Timestamp::from(self.created_at)),
+            stats: Some(stats_to_proto(&self.stats)),
+            previous_record_hash: hex(&self.previous_record_hash),
+            record_hash: hex(&self.record_hash),
+            signature: hex(&self.signature),
+        }
+    }
+}
+
+/// A source's retention policy: a snapshot is kept when a rule that is set keeps it; with no
+/// rule set every snapshot is kept; the latest is always kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_within: Option<Duration>,
+}
+
+impl Retention {
+    pub fn to_proto(self) -> common::RetentionPolicy {
+        common::RetentionPolicy {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_within: self
+                .keep_within
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        }
+    }
+
+    fn from_row(row: &Row, at: usize) -> Retention {
+        Retention {
+            keep_last: row.get::<_, Option<i32>>(at).map(|n| n as u32),
+            keep_within: row
+                .get::<_, Option<i64>>(at + 1)
+                .map(|s| Duration::from_secs(s as u64)),
+        }
+    }
+}
+
+/// A source with its latest snapshot.
+#[derive(Debug, Clone)]
+pub struct SourceSummary {
+    pub name: String,
+    pub retention: Retention,
+    pub snapshot_count: u64,
+    pub latest: Snapshot,
+}
+
+/// The snapshot in a row of [`queries::INSERT_SNAPSHOT`] (or any query of its columns).
+pub fn snapshot_from_row(row: &Row) -> Result<Snapshot, Error> {
+    Snapshot::from_row(row, 0)
+}
+
+async fn one(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Option<Snapshot>, Error> {
+    match client.query_opt(sql, params).await? {
+        Some(row) => Ok(Some(Snapshot::from_row(&row, 0)?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn latest(client: &impl GenericClient, source: &str) -> Result<Option<Snapshot>, Error> {
+    one(client, queries::LATEST, &[&source]).await
+}
+
+pub async fn by_build(
+    client: &impl GenericClient,
+    source: &str,
+    build_id: &str,
+) -> Result<Option<Snapshot>, Error> {
+    if build_id.is_empty() {
+        return Ok(None);
+    }
+    one(client, queries::BY_BUILD, &[&source, &build_id]).await
+}
+
+pub async fn by_id(client: &impl GenericClient, id: i64) -> Result<Option<Snapshot>, Error> {
+    one(client, queries::BY_ID, &[&id]).await
+}
+
+pub async fn by_sequence(
+    client: &impl GenericClient,
+    source: &str,
+    sequence: i64,
+) -> Result<Option<Snapshot>, Error> {
+    one(client, queries::BY_SEQUENCE, &[&source, &sequence]).await
+}
+
+/// A page of a source's snapshots, newest first, below `before` (a sequence).
+pub async fn page(
+    client: &impl GenericClient,
+    source: &str,
+    before: i64,
+    start: SystemTime,
+    end: SystemTime,
+    limit: i64,
+) -> Result<Vec<Snapshot>, Error> {
+    client
+        .query(queries::PAGE, &[&source, &before, &start, &end, &limit])
+        .await?
+        .iter()
+        .map(|row| Snapshot::from_row(row, 0))
+        .collect()
+}
+
+/// A page of sources after `after`, by name.
+pub async fn sources(
+    client: &impl GenericClient,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<SourceSummary>, Error> {
+    client
+        .query(queries::SOURCES, &[&after, &limit])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(SourceSummary {
+                name: row.get(0),
+                retention: Retention::from_row(row, 1),
+                snapshot_count: row.get::<_, i64>(3) as u64,
+                latest: Snapshot::from_row(row, 4)?,
+            })
+        })
+        .collect()
+}
+
+/// A source's retention policy and snapshot count, or `None` when it has no snapshots.
+pub async fn source(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<Option<(Retention, u64)>, Error> {
+    Ok(client
+        .query_opt(queries::SOURCE, &[&name])
+        .await?
+        .map(|row| (Retention::from_row(&row, 1), row.get::<_, i64>(3) as u64)))
+}
+
+/// Saves a source's policy and deletes the snapshots it no longer keeps (never the latest),
+/// in one transaction; returns how many were deleted.
+pub async fn set_retention(pool: &PgPool, name: &str, policy: Retention) -> Result<u64, Error> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let keep_last = policy.keep_last.map(|n| n as i32);
+    let keep_within = policy.keep_within.map(|d| d.as_secs() as i64);
+    tx.execute(
+        "UPDATE merkle_sources SET keep_last = $2, keep_within_secs = $3 WHERE name = $1",
+        &[&name, &keep_last, &keep_within],
+    )
+    .await?;
+    let deleted = prune(&tx, name).await?;
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+/// Deletes the snapshots of `name` its policy no longer keeps; the caller holds a transaction.
+pub async fn prune(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<u64, Error> {
+    // Lock the source first: a sync of it waits, so the latest is the latest.
+    let Some(row) = tx
+        .query_opt(
+            "SELECT keep_last, keep_within_secs FROM merkle_sources WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(0);
+    };
+    let keep_last: Option<i32> = row.get(0);
+    let keep_within: Option<i64> = row.get(1);
+    if keep_last.is_none() && keep_within.is_none() {
+        return Ok(0);
+    }
+    let deleted = tx
+        .execute(
+            "DELETE FROM merkle_roots WHERE source = $1 \
+             AND sequence < (SELECT max(sequence) FROM merkle_roots WHERE source = $1) \
+             AND ($2::int IS NULL OR sequence <= (SELECT max(sequence) FROM merkle_roots WHERE source = $1) - $2) \
+             AND ($3::bigint IS NULL OR created_at < now() - make_interval(secs => $3::bigint))",
+            &[&name, &keep_last, &keep_within],
+        )
+        .await?;
+    if deleted > 0 {
+        tx.execute(
+            "UPDATE merkle_sources SET snapshot_count = snapshot_count - $2 WHERE name = $1",
+            &[&name, &(deleted as i64)],
+        )
+        .await?;
+    }
+    Ok(deleted)
+}
+
+/// Sources that have a retention policy.
+pub async fn sources_with_policies(pool: &PgPool) -> Result<Vec<String>, Error> {
+    let conn = pool.get().await?;
+    Ok(conn
+        .query(
+            "SELECT name FROM merkle_sources WHERE keep_last IS NOT NULL OR keep_within_secs IS NOT NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
+/// The key that signs page tokens, made once by migration 1 and shared by every replica.
+pub async fn page_token_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
+    let conn = pool.get().await?;
+    let row = conn
+        .query_one(
+            "SELECT value FROM dbsync_secrets WHERE name = 'page_token_key'",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }

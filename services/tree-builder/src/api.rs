@@ -23,6 +23,7 @@ use crate::{
     builds::{self, BuildJob, BuildSettings, RecentTrees, StreamSink},
     error::Error,
     paths::AllowedRoots,
+    stored::StoredTrees,
 };
 
 /// How often a build reports progress.
@@ -35,14 +36,21 @@ pub(crate) struct TreeBuilderApi {
     roots: AllowedRoots,
     settings: BuildSettings,
     recent: Arc<RecentTrees>,
+    stored: StoredTrees,
 }
 
 impl TreeBuilderApi {
-    pub(crate) fn new(roots: AllowedRoots, settings: BuildSettings, recent: RecentTrees) -> Self {
+    pub(crate) fn new(
+        roots: AllowedRoots,
+        settings: BuildSettings,
+        recent: RecentTrees,
+        stored: StoredTrees,
+    ) -> Self {
         TreeBuilderApi {
             roots,
             settings,
             recent: Arc::new(recent),
+            stored,
         }
     }
 }
@@ -204,17 +212,28 @@ impl TreeBuilderService for TreeBuilderApi {
             PROGRESS_INTERVAL,
         )
         .await?;
-        let actual_nodes = Arc::into_inner(sink).and_then(StreamSink::into_kept);
-        let matches = outcome.root == expected;
-        let expected_tree = self.recent.get(expected, profile);
-        let (differences, complete) = if matches {
-            (Vec::new(), true)
-        } else if let (Some(expected_tree), Some(nodes)) = (expected_tree, actual_nodes) {
-            let actual = MemTree {
+        let actual = Arc::into_inner(sink)
+            .and_then(StreamSink::into_kept)
+            .map(|nodes| MemTree {
                 root: outcome.root,
                 profile,
                 nodes,
-            };
+            });
+        let matches = outcome.root == expected;
+        // The expected tree: one of the recent builds, else the one DbSync stores.
+        let expected_tree = match (matches, self.recent.get(expected, profile), &actual) {
+            (true, _, _) => None,
+            (false, Some(recent), _) => Some(recent),
+            (false, None, Some(actual)) => self
+                .stored
+                .for_diff(expected, profile, actual)
+                .await
+                .map(Arc::new),
+            (false, None, None) => None,
+        };
+        let (differences, complete) = if matches {
+            (Vec::new(), true)
+        } else if let (Some(expected_tree), Some(actual)) = (expected_tree, actual) {
             let mut changes = Vec::new();
             let complete = diff::diff(&*expected_tree, expected, &actual, actual.root, &mut |c| {
                 if changes.len() == max {
@@ -226,8 +245,8 @@ impl TreeBuilderService for TreeBuilderApi {
             .map_err(|e| Error::Internal(e.to_string()))?;
             (changes, complete)
         } else {
-            // The expected tree is not known here (or a tree is over RECENT_ENTRIES): only the
-            // roots can be compared.
+            // The expected tree is neither a recent build nor stored in a DbSync this
+            // TreeBuilder knows (or a tree is over RECENT_ENTRIES): only the roots compare.
             (Vec::new(), false)
         };
         Ok(Response::new(VerifyTreeResponse {

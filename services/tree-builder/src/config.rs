@@ -4,7 +4,10 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use merkle_shared::{
-    config::{ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration},
+    config::{
+        ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration,
+        require_service_uri,
+    },
     service::ServiceConfig,
 };
 
@@ -63,10 +66,19 @@ pub struct Config {
     /// VerifyTree can list the paths that differ from one of them; 0 keeps none.
     #[arg(long, env = "RECENT_ENTRIES", default_value_t = 1_000_000)]
     pub recent_entries: usize,
+    /// DbSync, for VerifyTree against a stored tree that is not one of the recent builds;
+    /// unset: such a VerifyTree compares roots only.
+    #[arg(long, env = "DB_SYNC_ADDR")]
+    pub db_sync_addr: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(addr) = &self.db_sync_addr {
+            require_service_uri("DB_SYNC_ADDR (--db-sync-addr)", addr)?;
+        }
         let variable = "ALLOWED_ROOTS (--allowed-roots)";
         for root in &self.allowed_roots {
             if !root.is_absolute() {

@@ -9,6 +9,7 @@ pub mod builds;
 pub mod config;
 pub mod error;
 pub mod paths;
+pub mod stored;
 
 pub use config::Config;
 use merkle_proto::treebuilder::v1::tree_builder_service_server::TreeBuilderServiceServer;
@@ -24,10 +25,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let roots = paths::AllowedRoots::resolve(&config.allowed_roots)
         .map_err(|e| ConfigError::new("ALLOWED_ROOTS (--allowed-roots)", e.to_string()))?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
+    let stored = stored::StoredTrees::new(config.db_sync_addr.as_deref(), &config.client)?;
     let api = api::TreeBuilderApi::new(
         roots,
         builds::BuildSettings::from_config(&config),
         builds::RecentTrees::new(config.recent_entries),
+        stored,
     );
     let service = merkle_shared::limit_messages!(TreeBuilderServiceServer::new(api), config.server);
     // TreeBuilder's only dependency is its file system; it serves as soon as it listens.
