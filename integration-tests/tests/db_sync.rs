@@ -807,7 +807,7 @@ async fn retention_and_garbage_collection_spare_what_a_running_sync_relies_on() 
     let mut c = start(
         &mut stack,
         &[
-            ("REQUEST_TIMEOUT", "10s".into()),
+            ("REQUEST_TIMEOUT", "5s".into()),
             ("GC_GRACE", "10s".into()),
             ("GC_INTERVAL", "0s".into()),
         ],
@@ -1225,7 +1225,8 @@ async fn every_hot_path_query_is_served_by_an_index() {
                 .await
             }
             "SOURCES" => db.query(&sql, &[&"", &100i64]).await,
-            "FIND_NODES" | "TOUCH_TREE" | "EXISTING" | "NODE" => db.query(&sql, &[&hashes]).await,
+            "FIND_NODES" | "TOUCH_TREE" => db.query(&sql, &[&hashes, &60.0f64]).await,
+            "EXISTING" | "NODE" => db.query(&sql, &[&hashes]).await,
             other => panic!("no sample arguments for {other}"),
         }
         .unwrap_or_else(|e| panic!("EXPLAIN {name}: {e}"));

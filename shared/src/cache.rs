@@ -299,9 +299,9 @@ impl CacheClient {
         ok
     }
 
-    /// The cached value of `key`, or else the one `load` returns, which is then cached. Concurrent
-    /// calls for the same key share one cache read and one load; an error of `load` is returned
-    /// to each of them and nothing is cached.
+    /// The cached value of `key`, or else the one `load` returns, which is then cached.
+    /// Concurrent misses of the same key share one load; an error of `load` is returned to
+    /// each of them and nothing is cached.
     pub async fn get_or_load<M, F, Fut, E>(
         &self,
         ns: Namespace,
@@ -315,6 +315,16 @@ impl CacheClient {
         Fut: Future<Output = Result<M, E>> + Send + 'static,
         E: Into<Status> + 'static,
     {
+        // A hit needs no flight: only misses are shared (the flight reads the cache once more,
+        // in case another caller filled it meanwhile, then loads once for all of them).
+        if let Some(bytes) = self.get_bytes(ns, key).await
+            && let Some(value) = self.decode::<M>(ns, key, &bytes)
+        {
+            return Ok(Loaded {
+                value,
+                source: CacheSource::Hit,
+            });
+        }
         let this = self.clone();
         let owned_key = key.to_owned();
         let (bytes, source) = self

@@ -55,8 +55,8 @@ CREATE UNIQUE INDEX merkle_roots_by_build ON merkle_roots (source, build_id) WHE
 CREATE INDEX merkle_roots_by_time ON merkle_roots (source, created_at);
 -- Is a root a stored snapshot's root (reads and garbage collection).
 CREATE INDEX merkle_roots_by_root ON merkle_roots (root_hash);
--- Garbage collection looks only at nodes unused for a while.
-CREATE INDEX merkle_tree_data_by_last_used ON merkle_tree_data (last_used);
+-- No index on last_used: garbage collection (not a hot path) reads every node anyway, and
+-- without it marking a node used can be a HOT update.
 
 -- Secrets DbSync replicas share, made once: the key that signs page tokens.
 CREATE TABLE dbsync_secrets (

@@ -27,6 +27,9 @@ use crate::{
 pub struct ArchiveSettings {
     pub sync_max_bytes: u64,
     pub node_cache_bytes: u64,
+    /// Nodes a sync relies on are marked used again when their mark is older than this (half
+    /// of GC_GRACE): a newer mark protects them until the sync commits.
+    pub touch_after: std::time::Duration,
 }
 
 /// Snapshots and nodes, cache-first.
@@ -101,7 +104,10 @@ impl Archive {
         let conn = self.pool.get().await?;
         let keys: Vec<&[u8]> = hashes.iter().map(|h| h.0.as_slice()).collect();
         let found: std::collections::HashSet<Vec<u8>> = conn
-            .query(queries::FIND_NODES, &[&keys])
+            .query(
+                queries::FIND_NODES,
+                &[&keys, &self.settings.touch_after.as_secs_f64()],
+            )
             .await?
             .iter()
             .map(|row| row.get(0))
@@ -153,7 +159,7 @@ impl Archive {
                 )
             })
             .collect();
-        let outcome = sync::store(&self.pool, header, sent).await?;
+        let outcome = sync::store(&self.pool, header, sent, self.settings.touch_after).await?;
         if let Outcome::Stored { snapshot, .. } = &outcome {
             // Written through before answering, so the next read of the latest root sees it;
             // a cache that is down costs nothing here (the client counts and logs it).

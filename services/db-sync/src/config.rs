@@ -54,11 +54,11 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.postgres.validate()?;
         self.cache.validate()?;
-        if self.gc_grace < self.server.request_timeout {
+        if self.gc_grace < self.server.request_timeout * 2 {
             return Err(ConfigError::new(
                 "GC_GRACE (--gc-grace)",
                 format!(
-                    "must be at least REQUEST_TIMEOUT ({:?}), the longest a sync can take",
+                    "must be at least twice REQUEST_TIMEOUT ({:?}, the longest a sync can take)",
                     self.server.request_timeout
                 ),
             ));

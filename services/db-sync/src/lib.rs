@@ -74,6 +74,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         archive::ArchiveSettings {
             sync_max_bytes: config.sync_max_bytes,
             node_cache_bytes: config.node_cache_bytes,
+            touch_after: config.gc_grace / 2,
         },
     );
     gc::spawn(

@@ -78,16 +78,19 @@ pub mod queries {
          WHERE s.name > $1 ORDER BY s.name LIMIT $2"
     );
     pub const SOURCE: &str = "SELECT name, keep_last, keep_within_secs, snapshot_count FROM merkle_sources WHERE name = $1";
-    /// Which of the hashes are stored; those found and not used for a minute are marked used,
-    /// so garbage collection spares them while the sync that asked relies on them.
+    /// Which of the hashes are stored; those found and not used for `$2` seconds (half of
+    /// GC_GRACE) are marked used, so garbage collection spares them while the sync that asked
+    /// relies on them. Rows used more recently are protected long enough already and are not
+    /// written again.
     pub const FIND_NODES: &str = "WITH found AS (SELECT hash, last_used FROM merkle_tree_data \
          WHERE hash = ANY($1)), touched AS (UPDATE merkle_tree_data d SET last_used = now() \
-         FROM found f WHERE d.hash = f.hash AND f.last_used < now() - interval '1 minute') \
+         FROM found f WHERE d.hash = f.hash AND f.last_used < now() - make_interval(secs => $2)) \
          SELECT hash FROM found";
     /// Every node below the given stored ones (a sync's unchanged subtrees), walked through
-    /// the stored subdirectory hashes; those not used for a minute are marked used, which
-    /// row-locks them against garbage collection until the sync commits. Returns every hash
-    /// walked, so the caller can check that all of them exist ([`EXISTING`]).
+    /// the stored subdirectory hashes; those not used for `$2` seconds (half of GC_GRACE) are
+    /// marked used, which row-locks them against garbage collection until the sync commits
+    /// (the others cannot be collected before it commits anyway). Returns every hash walked,
+    /// so the caller can check that all of them exist ([`EXISTING`]).
     pub const TOUCH_TREE: &str = "WITH RECURSIVE walk(hash) AS ( \
              SELECT unnest($1::bytea[]) \
            UNION \
@@ -95,7 +98,7 @@ pub mod queries {
              FROM walk w JOIN merkle_tree_data d ON d.hash = w.hash, \
                   generate_series(0, octet_length(d.child_dirs) / 32 - 1) AS i \
          ), touched AS (UPDATE merkle_tree_data d SET last_used = now() FROM walk w \
-             WHERE d.hash = w.hash AND d.last_used < now() - interval '1 minute') \
+             WHERE d.hash = w.hash AND d.last_used < now() - make_interval(secs => $2)) \
          SELECT hash FROM walk";
     /// Which of the hashes are stored.
     pub const EXISTING: &str = "SELECT hash FROM merkle_tree_data WHERE hash = ANY($1)";

@@ -172,6 +172,7 @@ pub async fn store(
     pool: &PgPool,
     header: &Header,
     sent: HashMap<Digest, NodeRow>,
+    touch_after: std::time::Duration,
 ) -> Result<Outcome, Error> {
     let needed = needed_from_store(header.root, &sent)?;
     let source = header.source.as_str();
@@ -206,7 +207,7 @@ pub async fn store(
     let walked: Vec<Vec<u8>> = if roots.is_empty() {
         Vec::new()
     } else {
-        tx.query(queries::TOUCH_TREE, &[&roots])
+        tx.query(queries::TOUCH_TREE, &[&roots, &touch_after.as_secs_f64()])
             .await?
             .iter()
             .map(|row| row.get(0))
