@@ -658,3 +658,41 @@ async fn a_rebuild_reads_only_what_changed_since_the_last_build() {
     assert_eq!(nodes, reread_nodes, "a rebuild streams the whole tree");
     assert_ne!(second.root_hash, first.root_hash);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_path_says_whether_a_directory_may_be_built() {
+    let mut stack = TestStack::new();
+    let dir = stack.dir().join("docs");
+    write(&dir.join("readme"), b"hi");
+    let service = stack.start_serving("tree-builder").await;
+    let client = client(service);
+    let check = |path: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .check_path(merkle_proto::treebuilder::v1::CheckPathRequest { path })
+                .await
+                .map(|r| r.into_inner().resolved_path)
+        }
+    };
+    let resolved = check(dir.display().to_string()).await.expect("allowed");
+    assert_eq!(
+        resolved,
+        dir.canonicalize().expect("canonical").display().to_string()
+    );
+    assert_eq!(check("docs".into()).await.expect("relative"), resolved);
+    for (path, code) in [
+        ("/".to_owned(), Code::PermissionDenied),
+        (format!("{}/../..", dir.display()), Code::PermissionDenied),
+        (dir.join("missing").display().to_string(), Code::NotFound),
+        (
+            dir.join("readme").display().to_string(),
+            Code::InvalidArgument,
+        ),
+        (String::new(), Code::InvalidArgument),
+    ] {
+        let err = check(path.clone()).await.expect_err(&path);
+        assert_eq!(err.code(), code, "{path}: {}", err.message());
+        assert!(err.message().starts_with("path: "), "{}", err.message());
+    }
+}

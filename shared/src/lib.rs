@@ -10,6 +10,7 @@
 //! - [`breaker`] and [`single_flight`]: the circuit breaker and call sharing both use;
 //! - [`health`]: health status that follows real dependency checks;
 //! - [`names`]: names checked alike everywhere (source names);
+//! - [`page_token`]: opaque, signed page tokens;
 //! - [`error`]: the one map from a service's errors to `tonic::Status`;
 //! - [`service`]: the common `main` of every service binary.
 //!
@@ -23,6 +24,7 @@ pub mod convert;
 pub mod error;
 pub mod health;
 pub mod names;
+pub mod page_token;
 pub mod postgres;
 pub mod propagation;
 pub mod redis;

@@ -9,6 +9,7 @@ use merkle_proto::{cache::v1::Namespace, dbsync::v1 as pb};
 use merkle_shared::{
     cache::{CacheClient, Loaded},
     names::SourceName,
+    page_token::PageTokens,
     postgres::PgPool,
 };
 use tokio::sync::OnceCell;
@@ -19,7 +20,6 @@ use crate::{
     nodes::{CachedNode, NodeRow, NodeStore, decode},
     store::{self, Retention, queries},
     sync::{self, Header, Outcome},
-    tokens::PageTokens,
 };
 
 /// Settings of the archive.

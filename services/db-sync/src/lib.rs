@@ -12,7 +12,7 @@
 //! - [`nodes`]: the node store (process memory, the cache, PostgreSQL);
 //! - [`browse`]: directories, diffs and proofs of stored trees;
 //! - [`gc`]: retention and garbage collection;
-//! - [`store`]: the schema and the SQL; [`tokens`]: page tokens.
+//! - [`store`]: the schema and the SQL.
 
 mod api;
 pub mod archive;
@@ -23,7 +23,6 @@ pub mod gc;
 pub mod nodes;
 pub mod store;
 pub mod sync;
-pub mod tokens;
 
 use std::sync::{
     Arc,

@@ -9,8 +9,9 @@ use std::{
 
 use merkle_core::{Digest, MemTree, Profile, diff};
 use merkle_proto::treebuilder::v1::{
-    BuildResult, BuildTreeRequest, BuildTreeResponse, VerifyTreeRequest, VerifyTreeResponse,
-    build_tree_response::Event, tree_builder_service_server::TreeBuilderService,
+    BuildResult, BuildTreeRequest, BuildTreeResponse, CheckPathRequest, CheckPathResponse,
+    VerifyTreeRequest, VerifyTreeResponse, build_tree_response::Event,
+    tree_builder_service_server::TreeBuilderService,
 };
 use merkle_shared::convert::{
     change_to_proto, profile_from_proto, profile_to_proto, stats_to_proto,
@@ -256,6 +257,16 @@ impl TreeBuilderService for TreeBuilderApi {
             differences,
             differences_complete: complete,
             result: Some(result_message(&outcome, &root)),
+        }))
+    }
+
+    async fn check_path(
+        &self,
+        request: Request<CheckPathRequest>,
+    ) -> Result<Response<CheckPathResponse>, Status> {
+        let resolved = self.roots.check(&request.into_inner().path)?;
+        Ok(Response::new(CheckPathResponse {
+            resolved_path: resolved.to_string_lossy().into_owned(),
         }))
     }
 }

@@ -1,14 +1,16 @@
 //! Page tokens: opaque to clients, and tamper-safe. A token is the position to continue from,
 //! signed (HMAC-SHA256, truncated to 128 bits) together with the request it belongs to, so an
-//! edited token, or one from another listing, is refused with INVALID_ARGUMENT. The key is made
-//! once in PostgreSQL (migration 1), so every replica accepts every other's tokens and tokens
-//! survive restarts.
+//! edited token, or one from another listing, is refused with INVALID_ARGUMENT naming the
+//! field. Each service keeps its key in PostgreSQL, made once by a migration, so every replica
+//! accepts every other's tokens and tokens survive restarts.
 
 use hmac::{Hmac, Mac};
 use merkle_core::digest::{hex, unhex};
 use sha2::Sha256;
 
-use crate::error::Error;
+use tonic::Status;
+
+use crate::error::invalid_argument;
 
 const VERSION: u8 = 1;
 const MAC_BYTES: usize = 16;
@@ -50,12 +52,12 @@ impl PageTokens {
         field: &str,
         binding: &[u8],
         token: &str,
-    ) -> Result<Option<Vec<u8>>, Error> {
+    ) -> Result<Option<Vec<u8>>, Status> {
         if token.is_empty() {
             return Ok(None);
         }
         let invalid = || {
-            Error::bad_request(
+            invalid_argument(
                 field,
                 "is not a page token of this listing (use the next_page_token of the previous page, with the same request)",
             )
@@ -89,7 +91,7 @@ mod tests {
         let other = tokens
             .check("page_token", b"snapshots/web", &token)
             .expect_err("other listing");
-        assert!(other.to_string().starts_with("page_token: "), "{other}");
+        assert!(other.message().starts_with("page_token: "), "{other}");
         let mut edited = token.clone().into_bytes();
         edited[3] = if edited[3] == b'0' { b'1' } else { b'0' };
         let edited = String::from_utf8(edited).expect("hex");
