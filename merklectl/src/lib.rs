@@ -5,6 +5,29 @@
 pub mod cache;
 pub mod local;
 pub mod remote;
+pub mod sources;
 pub mod stack;
 pub mod stored;
 pub mod up;
+pub mod watch;
+
+/// A source name for a directory: its last component, lowercased, every character outside
+/// `a-z 0-9 - _ .` turned into `-`.
+pub fn registry_name(dir: &std::path::Path) -> String {
+    let base = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_else(|| "root".into());
+    let name: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if name.is_empty() { "root".into() } else { name }
+}

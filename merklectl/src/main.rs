@@ -37,6 +37,14 @@ enum Command {
     Ls(merklectl::stored::LsArgs),
     /// The Cache service: statistics, status, clear, warm-up.
     Cache(merklectl::cache::CacheArgs),
+    /// The Scheduler's sources: name, schedule, next build, path.
+    Sources(merklectl::sources::SourcesArgs),
+    /// Add or remove a Scheduler source: `source add NAME PATH --every 5m`, `source rm NAME`.
+    Source(merklectl::sources::SourceArgs),
+    /// Build a source now and follow it to the end (exits 1 when it failed).
+    Build(merklectl::sources::BuildArgs),
+    /// The Scheduler's builds, newest first, of one source or all.
+    Builds(merklectl::sources::BuildsArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -50,6 +58,22 @@ fn main() -> ExitCode {
         // hashing threads.
         Command::Up(args) => block_on(merklectl::up::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Cache(args) => block_on(merklectl::cache::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::Sources(args) => {
+            block_on(merklectl::sources::sources(args)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Source(args) => {
+            block_on(merklectl::sources::source(args)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Build(args) => block_on(merklectl::sources::build(args)).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }),
+        Command::Builds(args) => {
+            block_on(merklectl::sources::builds(args)).map(|()| ExitCode::SUCCESS)
+        }
         Command::Hash(args) => merklectl::local::hash(args).map(|()| ExitCode::SUCCESS),
         Command::Diff(args) => match args.stored.clone() {
             Some(source) => block_on(merklectl::stored::diff(

@@ -565,7 +565,7 @@ pub const SERVICES: [ServiceSpec; 5] = {
             binary: "merkle-scheduler",
             port: ports::SCHEDULER,
             grpc_name: names::SCHEDULER,
-            needs_postgres: false,
+            needs_postgres: true,
             needs_redis: false,
         },
     ]

@@ -49,6 +49,13 @@ pub struct UpArgs {
     /// Do not run `cargo build` first, even when started by `cargo run`.
     #[arg(long)]
     pub no_build: bool,
+    /// Register DIR as a source (and an allowed root) and print each of its builds as it
+    /// completes, with the paths that changed.
+    #[arg(long, value_name = "DIR")]
+    pub watch: Option<PathBuf>,
+    /// How often the watched directory is built.
+    #[arg(long, default_value = "30s", requires = "watch")]
+    pub every: String,
 }
 
 impl UpArgs {
@@ -95,7 +102,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
 
-    let allowed_roots = if args.allowed_roots.is_empty() {
+    let watched = args
+        .watch
+        .as_ref()
+        .map(|dir| std::fs::canonicalize(dir).with_context(|| format!("--watch {}", dir.display())))
+        .transpose()?;
+    let every = humantime::parse_duration(&args.every)
+        .with_context(|| format!("--every {}", args.every))?;
+    let mut allowed_roots: Vec<PathBuf> = if args.allowed_roots.is_empty() {
         vec![std::env::current_dir()?]
     } else {
         args.allowed_roots
@@ -105,6 +119,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
+    if let Some(dir) = &watched
+        && !allowed_roots.iter().any(|root| dir.starts_with(root))
+    {
+        allowed_roots.push(dir.clone());
+    }
     let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
     for spec in SERVICES {
         let port = args.port_of(&spec);
@@ -161,6 +180,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("logs: {}/logs   stop: Ctrl-C", data_dir.display());
 
+    let address = |name: &str| {
+        SERVICES
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| format!("http://127.0.0.1:{}", args.port_of(s)))
+            .unwrap_or_default()
+    };
+    let mut follow = match &watched {
+        Some(dir) => Some(
+            crate::watch::Follow::start(&address("scheduler"), &address("db-sync"), dir, every)
+                .await?,
+        ),
+        None => None,
+    };
     let reason = loop {
         tokio::select! {
             _ = interrupt.recv() => break "interrupted".to_owned(),
@@ -171,6 +204,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     .find_map(|(spec, _, p)| p.try_exit_status().map(|s| (spec.name, s)))
                 {
                     break format!("{name} exited unexpectedly ({status})");
+                }
+                if let Some(follow) = follow.as_mut() {
+                    follow.print_new().await;
                 }
             }
         }

@@ -29,8 +29,30 @@ pub enum ErrorCode {
     Unavailable,
     /// It took too long.
     Timeout,
+    /// This server does not do this (yet); the message says which piece is missing.
+    Unimplemented,
     /// A bug or an unexpected failure.
     Internal,
+}
+
+impl ErrorCode {
+    /// The kind of failure a gRPC code from another service stands for, to pass it on.
+    pub fn from_grpc(code: Code) -> ErrorCode {
+        match code {
+            Code::InvalidArgument | Code::OutOfRange => ErrorCode::BadRequest,
+            Code::NotFound => ErrorCode::NotFound,
+            Code::AlreadyExists => ErrorCode::AlreadyExists,
+            Code::PermissionDenied | Code::Unauthenticated => ErrorCode::PermissionDenied,
+            Code::FailedPrecondition => ErrorCode::FailedPrecondition,
+            Code::ResourceExhausted => ErrorCode::ResourceExhausted,
+            Code::Aborted => ErrorCode::Aborted,
+            Code::Cancelled => ErrorCode::Cancelled,
+            Code::Unavailable => ErrorCode::Unavailable,
+            Code::DeadlineExceeded => ErrorCode::Timeout,
+            Code::Unimplemented => ErrorCode::Unimplemented,
+            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorCode::Internal,
+        }
+    }
 }
 
 /// Implemented by each crate's error enum.
@@ -52,6 +74,7 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
         ErrorCode::Cancelled => Code::Cancelled,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Timeout => Code::DeadlineExceeded,
+        ErrorCode::Unimplemented => Code::Unimplemented,
         ErrorCode::Internal => {
             tracing::error!(error = %err, "internal error");
             Code::Internal

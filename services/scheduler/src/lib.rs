@@ -1,25 +1,107 @@
 //! Scheduler: runs a build of each registered source on its schedule or on demand, keeps
-//! build history and streams build status and progress to watchers.
+//! build history, and streams build status and progress to watchers.
 //!
-//! [`run`] serves `merkle.scheduler.v1.SchedulerService`.
+//! - [`spec`]: a source checked once (schedule, cron in a time zone, jitter, policies);
+//! - [`ticker`]: the leader's lease and the schedule (exactly once with several replicas);
+//! - [`runner`]: one build, TreeBuilder then DbSync, without holding the tree;
+//! - [`registry`]: the builds running here, for watchers and cancellation;
+//! - [`store`]: the schema and every query (leader writes fenced by the lease's epoch);
+//! - [`seed`]: sources declared in a file.
+//!
+//! [`run`] serves `merkle.scheduler.v1.SchedulerService`. Its health follows PostgreSQL (its
+//! sources and builds live there); TreeBuilder or DbSync being down fails builds, with the
+//! reason, and never the Scheduler itself.
 
 mod api;
 pub mod config;
+pub mod error;
+pub mod registry;
+pub mod runner;
+pub mod seed;
+pub mod spec;
+pub mod store;
+pub mod ticker;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 pub use config::Config;
-use merkle_proto::scheduler::v1::scheduler_service_server::SchedulerServiceServer;
-use merkle_shared::{health::Health, server, service::RunError, shutdown::Shutdown};
+use merkle_proto::scheduler::v1::{BuildState, scheduler_service_server::SchedulerServiceServer};
+use merkle_shared::{
+    cache::CacheClient, config::ConfigError, health::Health, postgres, server, service::RunError,
+    shutdown::Shutdown,
+};
 
 /// The fully qualified gRPC service name.
 pub const SERVICE_NAME: &str = merkle_proto::service_names::SCHEDULER;
 
-/// Serves Scheduler until `shutdown`.
+/// Serves the Scheduler until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    let pool = postgres::pool(&config.postgres)?;
+    let replica = config.replica();
+    let ctx = Arc::new(runner::Context {
+        pool: pool.clone(),
+        cache: CacheClient::new(&config.cache, &config.client)?,
+        services: runner::Services::new(
+            config.tree_builder_addr.as_deref(),
+            config.db_sync_addr.as_deref(),
+            &config.client,
+        )?,
+        registry: registry::Registry::default(),
+        replica: replica.clone(),
+        slots: tokio::sync::Semaphore::new(config.max_running_builds as usize),
+    });
+    tracing::info!(replica = %replica, "scheduler replica");
     let (health, health_service) = Health::new(SERVICE_NAME).await;
-    // No dependency is checked yet: its RPCs are delivered by a later issue.
-    health.set_serving().await;
+
+    // Healthy: the schema is current and PostgreSQL answers. Once, after the first migration:
+    // builds this replica left queued or running when it stopped are failed, and the sources
+    // file is applied.
+    let ready = Arc::new(AtomicBool::new(false));
+    let probe_timeout = config.postgres.database_connect_timeout;
+    let sources_file = config.sources_file.clone();
+    let min_interval = config.min_interval;
+    let probe_ctx = ctx.clone();
+    health.watch(config.server.health_check_interval, shutdown.clone(), move || {
+        let ctx = probe_ctx.clone();
+        let ready = ready.clone();
+        let sources_file = sources_file.clone();
+        async move {
+            if !ready.load(Ordering::Acquire) {
+                store::migrate(&ctx.pool).await.map_err(|e| e.to_string())?;
+                let left = store::orphaned_builds(&ctx.pool, Some(&ctx.replica), std::time::Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for id in left {
+                    store::end_build(&ctx.pool, &id, BuildState::Failed, "scheduler restarted")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tracing::warn!(build_id = %id, "failed a build this replica left running when it stopped");
+                }
+                if let Some(file) = &sources_file {
+                    let changed = seed::seed(&ctx.pool, file, min_interval).await.map_err(|e| e.to_string())?;
+                    tracing::info!(file = %file.display(), changed, "sources file applied");
+                }
+                ready.store(true, Ordering::Release);
+            }
+            postgres::ping(&ctx.pool, probe_timeout).await
+        }
+    });
+    if let Some(file) = &config.sources_file
+        && !file.is_file()
+    {
+        return Err(ConfigError::new(
+            "SOURCES_FILE (--sources-file)",
+            format!("{} is not a readable file", file.display()),
+        )
+        .into());
+    }
+
+    ticker::spawn(ctx.clone(), config.lease_duration, shutdown.clone());
     let service = merkle_shared::limit_messages!(
-        SchedulerServiceServer::new(api::SchedulerApi),
+        SchedulerServiceServer::new(api::SchedulerApi::new(ctx, config.min_interval)),
         config.server
     );
     server::serve(

@@ -1,0 +1,501 @@
+//! Running one build: TreeBuilder hashes the directory, DbSync says whether the root changed,
+//! and only then are the nodes streamed into DbSync.
+//!
+//! The Scheduler never holds a tree: the first BuildTree asks for no nodes (on a watched tree it
+//! costs milliseconds); only when the root differs from the source's latest does a second
+//! BuildTree stream the nodes, and each batch goes straight on: its hashes to FindMissingNodes,
+//! the nodes DbSync lacks into the open SyncTree call. Memory is one batch, whatever the tree's
+//! size. If the directory changed between the two builds (the second root differs), that sync
+//! is abandoned and done again with the new root.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use merkle_proto::{
+    cache::v1::Namespace,
+    common::v1::{BuildPhase, BuildProgress, RetentionPolicy},
+    dbsync::v1::{
+        FindMissingNodesRequest, GetLatestRootRequest, SetRetentionPolicyRequest, SyncTreeHeader,
+        SyncTreeRequest, db_sync_service_client::DbSyncServiceClient, sync_tree_request::Content,
+    },
+    scheduler::v1::{Build, BuildState},
+    treebuilder::v1::{
+        BuildResult, BuildTreeRequest, NodeBatch, build_tree_response::Event,
+        tree_builder_service_client::TreeBuilderServiceClient,
+    },
+};
+use merkle_shared::{
+    cache::CacheClient,
+    client::{Channel, channel},
+    config::{ClientArgs, ConfigError},
+    postgres::PgPool,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::{Code, Status};
+use tracing::Instrument as _;
+
+use crate::{
+    registry::{Handle, Registry},
+    spec::SourceSpec,
+    store::{self, Lease},
+};
+
+/// How often a running build's progress reaches the cache (other replicas' watchers).
+const CACHE_EVERY: Duration = Duration::from_millis(250);
+/// How often a running build writes its record (its heartbeat) and looks for a cancellation
+/// made on another replica.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// Hashes per FindMissingNodes call (the contract's limit).
+const FIND_BATCH: usize = 10_000;
+
+/// The services a build uses.
+#[derive(Clone)]
+pub struct Services {
+    tree_builder: Option<TreeBuilderServiceClient<Channel>>,
+    db_sync: Option<DbSyncServiceClient<Channel>>,
+}
+
+impl Services {
+    pub fn new(
+        tree_builder: Option<&str>,
+        db_sync: Option<&str>,
+        args: &ClientArgs,
+    ) -> Result<Self, ConfigError> {
+        Ok(Services {
+            tree_builder: tree_builder
+                .map(|a| channel("TREE_BUILDER_ADDR (--tree-builder-addr)", a, args))
+                .transpose()?
+                .map(|c| TreeBuilderServiceClient::new(c).max_decoding_message_size(64 << 20)),
+            db_sync: db_sync
+                .map(|a| channel("DB_SYNC_ADDR (--db-sync-addr)", a, args))
+                .transpose()?
+                .map(DbSyncServiceClient::new),
+        })
+    }
+
+    pub fn tree_builder(&self) -> Result<TreeBuilderServiceClient<Channel>, String> {
+        self.tree_builder
+            .clone()
+            .ok_or_else(|| "TREE_BUILDER_ADDR is not set: nothing can be built".to_owned())
+    }
+
+    pub fn db_sync(&self) -> Result<DbSyncServiceClient<Channel>, String> {
+        self.db_sync
+            .clone()
+            .ok_or_else(|| "DB_SYNC_ADDR is not set: nothing can be stored".to_owned())
+    }
+}
+
+/// What every build shares.
+pub struct Context {
+    pub pool: PgPool,
+    pub cache: CacheClient,
+    pub services: Services,
+    pub registry: Registry,
+    pub replica: String,
+    pub slots: Semaphore,
+}
+
+/// A build to run: its record as queued, its source, and (for a scheduled build) the lease it
+/// was queued under.
+pub struct Job {
+    pub build: Build,
+    pub spec: SourceSpec,
+    pub lease: Option<Lease>,
+}
+
+fn now() -> prost_types::Timestamp {
+    let t = Utc::now();
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// Where a build's state goes.
+struct Reporter {
+    ctx: Arc<Context>,
+    handle: Handle,
+    epoch: Option<i64>,
+    last_cache: std::time::Instant,
+    last_save: std::time::Instant,
+}
+
+impl Reporter {
+    /// Publishes progress: watchers at once, the cache and the record now and then.
+    async fn progress(&mut self, build: &Build) {
+        self.handle.publish(build);
+        if self.last_cache.elapsed() >= CACHE_EVERY {
+            self.last_cache = std::time::Instant::now();
+            self.ctx
+                .cache
+                .set(Namespace::BuildStatus, &build.build_id, build, None)
+                .await;
+        }
+        if self.last_save.elapsed() >= HEARTBEAT_EVERY {
+            self.last_save = std::time::Instant::now();
+            if let Err(err) =
+                store::save_build(&self.ctx.pool, build, &self.ctx.replica, self.epoch).await
+            {
+                tracing::warn!(build_id = %build.build_id, error = %err, "saving progress failed");
+            }
+        }
+    }
+
+    /// Writes a state change everywhere; false when the record refused it (the build was
+    /// cancelled or taken over, or the lease it runs under was lost).
+    async fn record(&mut self, build: &Build) -> bool {
+        self.handle.publish(build);
+        self.ctx
+            .cache
+            .set(Namespace::BuildStatus, &build.build_id, build, None)
+            .await;
+        match store::save_build(&self.ctx.pool, build, &self.ctx.replica, self.epoch).await {
+            Ok(saved) => saved,
+            Err(err) => {
+                // PostgreSQL is away: the build carries on; its end is recorded later or its
+                // heartbeat goes silent and the leader fails it.
+                tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed");
+                true
+            }
+        }
+    }
+}
+
+/// Runs a queued build to its end. Never fails: every outcome is recorded on the build.
+pub async fn run(ctx: Arc<Context>, job: Job) {
+    let Job {
+        mut build,
+        spec,
+        lease,
+    } = job;
+    let span = tracing::info_span!("build", build.id = %build.build_id, source = %build.source);
+    async move {
+        build.trace_id = merkle_shared::telemetry::current_trace_id().unwrap_or_default();
+        let handle = ctx.registry.register(build.clone());
+        let mut cancelled = handle.cancelled.clone();
+        let mut reporter = Reporter {
+            ctx: ctx.clone(),
+            handle,
+            epoch: lease.as_ref().map(|l| l.epoch),
+            last_cache: std::time::Instant::now(),
+            last_save: std::time::Instant::now(),
+        };
+        let _permit = tokio::select! {
+            permit = ctx.slots.acquire() => permit.ok(),
+            _ = cancelled.changed() => None,
+        };
+        build.state = BuildState::Running as i32;
+        build.start_time = Some(now());
+        build.progress = Some(BuildProgress {
+            phase: BuildPhase::Scanning as i32,
+            ..Default::default()
+        });
+        if !reporter.record(&build).await {
+            tracing::info!("the build was cancelled or taken over before it started");
+            return;
+        }
+        tracing::info!(path = %spec.path, "build started");
+        let started = std::time::Instant::now();
+        let id = build.build_id.clone();
+        let outcome = tokio::select! {
+            outcome = execute(&ctx, &spec, &mut build, &mut reporter) => outcome,
+            () = tokio::time::sleep(spec.deadline) => Err(Ending::Cancelled(format!(
+                "the deadline of {} passed", humantime::format_duration(spec.deadline)
+            ))),
+            reason = cancellation(&ctx, &id, &mut cancelled) => Err(Ending::Cancelled(reason)),
+        };
+        build.end_time = Some(now());
+        let failed = match outcome {
+            Ok(state) => {
+                build.state = state as i32;
+                false
+            }
+            Err(Ending::Failed(reason)) => {
+                build.state = BuildState::Failed as i32;
+                build.error_message = reason;
+                true
+            }
+            Err(Ending::Cancelled(reason)) => {
+                build.state = BuildState::Cancelled as i32;
+                build.error_message = reason;
+                false
+            }
+        };
+        if let Some(progress) = build.progress.as_mut() {
+            progress.phase = BuildPhase::Done as i32;
+        }
+        let recorded = reporter.record(&build).await;
+        tracing::info!(
+            state = BuildState::try_from(build.state).map(|s| s.as_str_name()).unwrap_or("?"),
+            root = %build.root_hash,
+            error = %build.error_message,
+            ms = started.elapsed().as_millis() as u64,
+            recorded,
+            "build finished"
+        );
+        if !recorded {
+            tracing::warn!("the build's outcome was not recorded: it was cancelled or taken over, or this replica lost the lease it ran under");
+        }
+        if let Some(lease) = &lease
+            && let Err(err) = store::record_outcome(&ctx.pool, lease, &build.source, failed).await
+        {
+            tracing::warn!(error = %err, "recording the outcome on the source failed");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Resolves when the build is cancelled: here (CancelBuild on this replica, a deleted
+/// source), or on another replica (its record no longer says running).
+async fn cancellation(
+    ctx: &Context,
+    id: &str,
+    local: &mut tokio::sync::watch::Receiver<Option<String>>,
+) -> String {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            changed = local.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if let Some(reason) = local.borrow().clone() {
+                    return reason;
+                }
+            }
+            _ = tick.tick() => {
+                if let Ok(Some(state)) = store::build_state(&ctx.pool, id).await
+                    && state != BuildState::Running as i16
+                    && state != BuildState::Queued as i16
+                {
+                    return "cancelled".into();
+                }
+            }
+        }
+    }
+}
+
+/// How a build ended other than successfully.
+enum Ending {
+    Failed(String),
+    Cancelled(String),
+}
+
+fn unavailable(service: &str, status: &Status) -> Ending {
+    Ending::Failed(match status.code() {
+        Code::Unavailable => format!("{service} is unavailable: {}", status.message()),
+        code => format!("{service}: {code:?}: {}", status.message()),
+    })
+}
+
+/// One BuildTree call: progress goes to the reporter, node batches to `nodes`; returns the
+/// result.
+async fn build_tree(
+    ctx: &Context,
+    spec: &SourceSpec,
+    build: &mut Build,
+    reporter: &mut Reporter,
+    mut nodes: Option<&mut (dyn FnMut(NodeBatch) -> BatchFuture + Send)>,
+) -> Result<BuildResult, Ending> {
+    let mut tree_builder = ctx.services.tree_builder().map_err(Ending::Failed)?;
+    let request = BuildTreeRequest {
+        path: spec.path.clone(),
+        exclude_patterns: spec.exclude.clone(),
+        profile: spec.profile as i32,
+        include_nodes: nodes.is_some(),
+        build_id: build.build_id.clone(),
+        ..Default::default()
+    };
+    let mut stream = tree_builder
+        .build_tree(request)
+        .await
+        .map_err(|s| unavailable("TreeBuilder", &s))?
+        .into_inner();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| unavailable("TreeBuilder", &s))?
+    {
+        match message.event {
+            Some(Event::Progress(p)) => {
+                // TreeBuilder's DONE is not the build's: DbSync comes next.
+                let phase = match (nodes.is_some(), BuildPhase::try_from(p.phase)) {
+                    (true, _) => BuildPhase::Syncing as i32,
+                    (false, Ok(BuildPhase::Done)) => BuildPhase::Hashing as i32,
+                    (false, _) => p.phase,
+                };
+                build.progress = Some(BuildProgress { phase, ..p });
+                reporter.progress(build).await;
+            }
+            Some(Event::Nodes(batch)) => {
+                if let Some(forward) = nodes.as_mut() {
+                    forward(batch).await?;
+                }
+            }
+            Some(Event::Result(result)) => return Ok(result),
+            None => {}
+        }
+    }
+    Err(Ending::Failed(
+        "TreeBuilder ended the build without a result".into(),
+    ))
+}
+
+type BatchFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Ending>> + Send>>;
+
+async fn execute(
+    ctx: &Context,
+    spec: &SourceSpec,
+    build: &mut Build,
+    reporter: &mut Reporter,
+) -> Result<BuildState, Ending> {
+    let mut db_sync = ctx.services.db_sync().map_err(Ending::Failed)?;
+    let first = build_tree(ctx, spec, build, reporter, None).await?;
+    let previous = match db_sync
+        .get_latest_root(GetLatestRootRequest {
+            source: build.source.clone(),
+        })
+        .await
+    {
+        Ok(answer) => answer.into_inner().snapshot.map(|s| s.root_hash),
+        Err(status) if status.code() == Code::NotFound => None,
+        Err(status) => return Err(unavailable("DbSync", &status)),
+    };
+    build.previous_root_hash = previous.clone().unwrap_or_default();
+    let mut result = first;
+    for _attempt in 0..3 {
+        build.root_hash = result.root_hash.clone();
+        build.stats = result.stats;
+        if previous.as_deref() == Some(result.root_hash.as_str()) {
+            return Ok(BuildState::SucceededUnchanged);
+        }
+        match sync(ctx, spec, build, reporter, &result, db_sync.clone()).await? {
+            Synced::Stored(snapshot_id) => {
+                build.snapshot_id = snapshot_id;
+                apply_retention(&mut db_sync, &build.source, spec.retention).await;
+                return Ok(BuildState::SucceededChanged);
+            }
+            Synced::Unchanged => return Ok(BuildState::SucceededUnchanged),
+            // The directory changed while its nodes were sent: store what it is now.
+            Synced::Moved(newer) => result = newer,
+        }
+    }
+    Err(Ending::Failed(
+        "the directory kept changing while its nodes were sent; try again".into(),
+    ))
+}
+
+enum Synced {
+    Stored(String),
+    Unchanged,
+    Moved(BuildResult),
+}
+
+/// The second BuildTree, its nodes forwarded into SyncTree as they come.
+async fn sync(
+    ctx: &Context,
+    spec: &SourceSpec,
+    build: &mut Build,
+    reporter: &mut Reporter,
+    result: &BuildResult,
+    db_sync: DbSyncServiceClient<Channel>,
+) -> Result<Synced, Ending> {
+    let (tx, rx) = mpsc::channel::<SyncTreeRequest>(4);
+    let header = SyncTreeRequest {
+        content: Some(Content::Header(SyncTreeHeader {
+            source: build.source.clone(),
+            root_hash: result.root_hash.clone(),
+            build_id: build.build_id.clone(),
+            profile: spec.profile as i32,
+            stats: result.stats,
+        })),
+    };
+    tx.send(header)
+        .await
+        .map_err(|_| Ending::Failed("SyncTree ended early".into()))?;
+    let mut call_client = db_sync.clone();
+    let call = tokio::spawn(
+        async move {
+            call_client
+                .sync_tree(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }
+        .in_current_span(),
+    );
+    let forward_tx = tx.clone();
+    let mut forward = move |batch: NodeBatch| -> BatchFuture {
+        let mut db_sync = db_sync.clone();
+        let tx = forward_tx.clone();
+        Box::pin(async move {
+            let hashes: Vec<String> = batch.nodes.iter().map(|n| n.hash.clone()).collect();
+            let mut missing = std::collections::HashSet::new();
+            for chunk in hashes.chunks(FIND_BATCH) {
+                let answer = db_sync
+                    .find_missing_nodes(FindMissingNodesRequest {
+                        hashes: chunk.to_vec(),
+                    })
+                    .await
+                    .map_err(|s| unavailable("DbSync", &s))?;
+                missing.extend(answer.into_inner().missing_hashes);
+            }
+            let nodes: Vec<_> = batch
+                .nodes
+                .into_iter()
+                .filter(|n| missing.contains(&n.hash))
+                .collect();
+            if !nodes.is_empty() {
+                tx.send(SyncTreeRequest {
+                    content: Some(Content::Nodes(NodeBatch { nodes })),
+                })
+                .await
+                .map_err(|_| Ending::Failed("DbSync ended the SyncTree call early".into()))?;
+            }
+            Ok(())
+        })
+    };
+    let second = build_tree(ctx, spec, build, reporter, Some(&mut forward)).await;
+    drop(forward);
+    drop(tx);
+    let second = match second {
+        Ok(second) => second,
+        Err(ending) => {
+            call.abort();
+            return Err(ending);
+        }
+    };
+    if second.root_hash != result.root_hash {
+        // Abandon the call: DbSync stores nothing of an interrupted SyncTree.
+        call.abort();
+        return Ok(Synced::Moved(second));
+    }
+    let answer = match call.await {
+        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(status)) => return Err(unavailable("DbSync", &status)),
+        Err(_) => return Err(Ending::Failed("the SyncTree call stopped".into())),
+    };
+    Ok(match answer.snapshot {
+        Some(snapshot) if answer.changed => Synced::Stored(snapshot.snapshot_id),
+        _ => Synced::Unchanged,
+    })
+}
+
+/// Passes the source's retention policy on to DbSync after a new snapshot (a failure is only
+/// logged: the snapshot is stored either way).
+async fn apply_retention(
+    db_sync: &mut DbSyncServiceClient<Channel>,
+    source: &str,
+    policy: Option<RetentionPolicy>,
+) {
+    let Some(policy) = policy else { return };
+    if let Err(status) = db_sync
+        .set_retention_policy(SetRetentionPolicyRequest {
+            source: source.to_owned(),
+            policy: Some(policy),
+        })
+        .await
+    {
+        tracing::warn!(source, code = ?status.code(), message = status.message(), "passing the retention policy to DbSync failed");
+    }
+}

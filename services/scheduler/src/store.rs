@@ -1,0 +1,641 @@
+//! The Scheduler's PostgreSQL side: its migrations (component `scheduler`) and every query.
+//!
+//! Writes the leader makes carry a fence, [`FENCE`]: they apply only while the lease row
+//! still names this replica with the epoch it was granted, so a leader that was paused past
+//! its lease, and lost it, writes nothing when it wakes up.
+
+use chrono::{DateTime, Utc};
+use merkle_proto::scheduler::v1::{self as pb, BuildState};
+use merkle_shared::postgres::{Migration, PgError, PgPool, migrate as apply};
+use prost::Message as _;
+use tokio_postgres::{GenericClient, Row, error::SqlState};
+
+use crate::error::Error;
+
+const COMPONENT: &str = "scheduler";
+
+/// The Scheduler's migrations, in order; never edit a released one, add the next.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "scheduler",
+    sql: include_str!("../migrations/0001_scheduler.sql"),
+}];
+
+pub async fn migrate(pool: &PgPool) -> Result<usize, PgError> {
+    apply(pool, COMPONENT, MIGRATIONS).await
+}
+
+/// The lease's row name.
+pub const LEASE: &str = "leader";
+
+/// Appended to a leader's statement: true only while it holds the lease with epoch `$holder`,
+/// `$epoch` (parameter numbers given by the caller).
+fn fence(holder: usize, epoch: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM scheduler_lease WHERE name = '{LEASE}' AND holder = ${holder} \
+         AND epoch = ${epoch} AND expires_at > now())"
+    )
+}
+
+/// The lease a leader holds.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub holder: String,
+    pub epoch: i64,
+}
+
+/// Takes the lease if it is free or expired (a new epoch), or renews it when this replica
+/// holds it; `None` when another replica holds it.
+pub async fn acquire_lease(
+    pool: &PgPool,
+    holder: &str,
+    ttl: std::time::Duration,
+) -> Result<Option<Lease>, Error> {
+    let conn = pool.get().await?;
+    let ttl = ttl.as_secs_f64();
+    let row = conn
+        .query_opt(
+            "INSERT INTO scheduler_lease (name, holder, epoch, expires_at) \
+             VALUES ($1, $2, 1, now() + make_interval(secs => $3)) \
+             ON CONFLICT (name) DO UPDATE SET \
+               holder = EXCLUDED.holder, \
+               epoch = CASE WHEN scheduler_lease.holder = EXCLUDED.holder AND scheduler_lease.expires_at > now() \
+                            THEN scheduler_lease.epoch ELSE scheduler_lease.epoch + 1 END, \
+               expires_at = EXCLUDED.expires_at \
+             WHERE scheduler_lease.expires_at <= now() OR scheduler_lease.holder = EXCLUDED.holder \
+             RETURNING epoch",
+            &[&LEASE, &holder, &ttl],
+        )
+        .await?;
+    Ok(row.map(|r| Lease {
+        holder: holder.to_owned(),
+        epoch: r.get(0),
+    }))
+}
+
+/// Renews a held lease; false when it was lost (another replica took it, or it expired).
+pub async fn renew_lease(
+    pool: &PgPool,
+    lease: &Lease,
+    ttl: std::time::Duration,
+) -> Result<bool, Error> {
+    let conn = pool.get().await?;
+    let n = conn
+        .execute(
+            "UPDATE scheduler_lease SET expires_at = now() + make_interval(secs => $3) \
+             WHERE name = $4 AND holder = $1 AND epoch = $2 AND expires_at > now()",
+            &[&lease.holder, &lease.epoch, &ttl.as_secs_f64(), &LEASE],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Gives the lease up (on shutdown), so another replica takes over at once.
+pub async fn release_lease(pool: &PgPool, lease: &Lease) -> Result<(), Error> {
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE scheduler_lease SET expires_at = now() WHERE name = $3 AND holder = $1 AND epoch = $2",
+        &[&lease.holder, &lease.epoch, &LEASE],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A stored source and what the Scheduler keeps beside it.
+#[derive(Debug, Clone)]
+pub struct StoredSource {
+    /// The message with the server's fields filled in.
+    pub source: pb::Source,
+    pub next_tick: Option<DateTime<Utc>>,
+    pub next_due: Option<DateTime<Utc>>,
+    pub failures: i32,
+}
+
+const SOURCE_COLUMNS: &str = "name, spec, next_tick, next_due_at, failures, created_at, updated_at";
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn source_from_row(row: &Row) -> Result<StoredSource, Error> {
+    let spec: Vec<u8> = row.get(1);
+    let mut source = pb::Source::decode(spec.as_slice())
+        .map_err(|e| Error::Internal(format!("stored source does not decode: {e}")))?;
+    let next_tick: Option<DateTime<Utc>> = row.get(2);
+    let next_due: Option<DateTime<Utc>> = row.get(3);
+    let failures: i32 = row.get(4);
+    source.create_time = Some(timestamp(row.get(5)));
+    source.update_time = Some(timestamp(row.get(6)));
+    source.next_build_time = next_due.filter(|_| source.enabled).map(timestamp);
+    source.consecutive_failures = failures.max(0) as u32;
+    Ok(StoredSource {
+        source,
+        next_tick,
+        next_due,
+        failures,
+    })
+}
+
+/// Stores a new source; ALREADY_EXISTS when the name is taken.
+pub async fn insert_source(
+    pool: &PgPool,
+    source: &pb::Source,
+    next: Option<(DateTime<Utc>, DateTime<Utc>)>,
+) -> Result<StoredSource, Error> {
+    let conn = pool.get().await?;
+    let row = conn
+        .query_one(
+            &format!(
+                "INSERT INTO scheduler_sources (name, spec, enabled, next_tick, next_due_at) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING {SOURCE_COLUMNS}"
+            ),
+            &[
+                &source.name,
+                &source.encode_to_vec(),
+                &source.enabled,
+                &next.map(|n| n.0),
+                &next.map(|n| n.1),
+            ],
+        )
+        .await
+        .map_err(|e| match e.code() {
+            Some(code) if *code == SqlState::UNIQUE_VIOLATION => Error::AlreadyExists(format!(
+                "source.name: a source named {} exists",
+                source.name
+            )),
+            _ => Error::from(e),
+        })?;
+    source_from_row(&row)
+}
+
+/// Replaces a source's settings; `next` reschedules it when its schedule changed.
+pub async fn update_source(
+    pool: &PgPool,
+    source: &pb::Source,
+    next: Option<Option<(DateTime<Utc>, DateTime<Utc>)>>,
+) -> Result<Option<StoredSource>, Error> {
+    let conn = pool.get().await?;
+    let row = match next {
+        Some(next) => {
+            conn.query_opt(
+                &format!(
+                    "UPDATE scheduler_sources SET spec = $2, enabled = $3, next_tick = $4, \
+                     next_due_at = $5, failures = 0, updated_at = now() WHERE name = $1 \
+                     RETURNING {SOURCE_COLUMNS}"
+                ),
+                &[
+                    &source.name,
+                    &source.encode_to_vec(),
+                    &source.enabled,
+                    &next.map(|n| n.0),
+                    &next.map(|n| n.1),
+                ],
+            )
+            .await?
+        }
+        None => {
+            conn.query_opt(
+                &format!(
+                    "UPDATE scheduler_sources SET spec = $2, enabled = $3, updated_at = now() \
+                     WHERE name = $1 RETURNING {SOURCE_COLUMNS}"
+                ),
+                &[&source.name, &source.encode_to_vec(), &source.enabled],
+            )
+            .await?
+        }
+    };
+    row.as_ref().map(source_from_row).transpose()
+}
+
+pub async fn get_source(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<Option<StoredSource>, Error> {
+    client
+        .query_opt(
+            &format!("SELECT {SOURCE_COLUMNS} FROM scheduler_sources WHERE name = $1"),
+            &[&name],
+        )
+        .await?
+        .as_ref()
+        .map(source_from_row)
+        .transpose()
+}
+
+pub async fn list_sources(
+    client: &impl GenericClient,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<StoredSource>, Error> {
+    client
+        .query(
+            &format!(
+                "SELECT {SOURCE_COLUMNS} FROM scheduler_sources WHERE name > $1 ORDER BY name LIMIT $2"
+            ),
+            &[&after, &limit],
+        )
+        .await?
+        .iter()
+        .map(source_from_row)
+        .collect()
+}
+
+pub async fn delete_source(pool: &PgPool, name: &str) -> Result<bool, Error> {
+    let conn = pool.get().await?;
+    Ok(conn
+        .execute("DELETE FROM scheduler_sources WHERE name = $1", &[&name])
+        .await?
+        == 1)
+}
+
+/// Sources whose scheduled build is due, earliest first.
+pub async fn due_sources(pool: &PgPool, limit: i64) -> Result<Vec<StoredSource>, Error> {
+    let conn = pool.get().await?;
+    conn.query(
+        &format!(
+            "SELECT {SOURCE_COLUMNS} FROM scheduler_sources \
+             WHERE enabled AND next_due_at IS NOT NULL AND next_due_at <= now() \
+             ORDER BY next_due_at LIMIT $1"
+        ),
+        &[&limit],
+    )
+    .await?
+    .iter()
+    .map(source_from_row)
+    .collect()
+}
+
+fn build_from_row(row: &Row, at: usize) -> Result<pb::Build, Error> {
+    let record: Vec<u8> = row.get(at);
+    pb::Build::decode(record.as_slice())
+        .map_err(|e| Error::Internal(format!("stored build does not decode: {e}")))
+}
+
+/// What a due tick becomes, decided by the leader in one fenced transaction.
+#[derive(Debug)]
+pub enum TickOutcome {
+    /// A new queued build (and, with REPLACE, the id of the build it cancelled).
+    Queued {
+        build: pb::Build,
+        replaced: Option<String>,
+    },
+    /// A build was running (FORBID): the tick was recorded as skipped.
+    Skipped(pb::Build),
+    /// The lease was lost, or another leader took the tick: nothing was written.
+    Lost,
+}
+
+/// Records a due tick: a queued build (cancelling a running one under REPLACE) or a skipped
+/// one (FORBID), and moves the source to its next tick; all fenced by the lease.
+#[allow(clippy::too_many_arguments)]
+pub async fn record_tick(
+    pool: &PgPool,
+    lease: &Lease,
+    source: &str,
+    tick: DateTime<Utc>,
+    next: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    replace: bool,
+    make: impl FnOnce(BuildState) -> pb::Build,
+) -> Result<TickOutcome, Error> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    // The source row lock orders this with TriggerBuild and with updates of the source.
+    let locked = tx
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM scheduler_sources WHERE name = $1 AND next_tick = $2 AND {} FOR UPDATE",
+                fence(3, 4)
+            ),
+            &[&source, &tick, &lease.holder, &lease.epoch],
+        )
+        .await?;
+    if locked.is_none() {
+        tx.rollback().await?;
+        return Ok(TickOutcome::Lost);
+    }
+    let active = tx
+        .query_opt(
+            "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2)",
+            &[&source],
+        )
+        .await?;
+    let mut replaced = None;
+    let outcome_state = match (&active, replace) {
+        (Some(_), false) => BuildState::Skipped,
+        (Some(row), true) => {
+            let mut cancelled = build_from_row(row, 1)?;
+            cancelled.state = BuildState::Cancelled as i32;
+            cancelled.error_message = format!(
+                "replaced by the build of the tick at {} (CONCURRENCY_POLICY_REPLACE)",
+                tick.to_rfc3339()
+            );
+            cancelled.end_time = Some(timestamp(Utc::now()));
+            tx.execute(
+                "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
+                &[
+                    &cancelled.build_id,
+                    &(BuildState::Cancelled as i16),
+                    &cancelled.encode_to_vec(),
+                ],
+            )
+            .await?;
+            replaced = Some(cancelled.build_id.clone());
+            BuildState::Queued
+        }
+        (None, _) => BuildState::Queued,
+    };
+    let build = make(outcome_state);
+    let inserted = tx
+        .execute(
+            "INSERT INTO scheduler_builds (id, source, state, scheduled_for, runner, lease_epoch, record) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            &[
+                &build.build_id,
+                &source,
+                &(build.state as i16),
+                &tick,
+                &lease.holder,
+                &lease.epoch,
+                &build.encode_to_vec(),
+            ],
+        )
+        .await?;
+    tx.execute(
+        "UPDATE scheduler_sources SET next_tick = $2, next_due_at = $3 WHERE name = $1",
+        &[&source, &next.map(|n| n.0), &next.map(|n| n.1)],
+    )
+    .await?;
+    if inserted == 0 {
+        // The tick was recorded already (by a leader before this one).
+        tx.commit().await?;
+        return Ok(TickOutcome::Lost);
+    }
+    tx.commit().await?;
+    Ok(match outcome_state {
+        BuildState::Skipped => TickOutcome::Skipped(build),
+        _ => TickOutcome::Queued { build, replaced },
+    })
+}
+
+/// Queues a manual build; FAILED_PRECONDITION when one is queued or running (FORBID), or, with
+/// `replace`, cancels that one first. Returns the queued build and the cancelled one's id.
+pub async fn queue_manual(
+    pool: &PgPool,
+    build: &pb::Build,
+    runner: &str,
+    replace: bool,
+) -> Result<Option<String>, Error> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM scheduler_sources WHERE name = $1 FOR UPDATE",
+            &[&build.source],
+        )
+        .await?;
+    if exists.is_none() {
+        return Err(Error::NotFound(format!(
+            "source: no source named {}",
+            build.source
+        )));
+    }
+    let active = tx
+        .query_opt(
+            "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2)",
+            &[&build.source],
+        )
+        .await?;
+    let mut replaced = None;
+    if let Some(row) = active {
+        if !replace {
+            let id: String = row.get(0);
+            return Err(Error::FailedPrecondition(format!(
+                "source: build {id} of {} is still running (CONCURRENCY_POLICY_FORBID); \
+                 cancel it or wait for it",
+                build.source
+            )));
+        }
+        let mut cancelled = build_from_row(&row, 1)?;
+        cancelled.state = BuildState::Cancelled as i32;
+        cancelled.error_message =
+            "replaced by a triggered build (CONCURRENCY_POLICY_REPLACE)".into();
+        cancelled.end_time = Some(timestamp(Utc::now()));
+        tx.execute(
+            "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
+            &[
+                &cancelled.build_id,
+                &(BuildState::Cancelled as i16),
+                &cancelled.encode_to_vec(),
+            ],
+        )
+        .await?;
+        replaced = Some(cancelled.build_id);
+    }
+    tx.execute(
+        "INSERT INTO scheduler_builds (id, source, state, runner, record) VALUES ($1, $2, $3, $4, $5)",
+        &[&build.build_id, &build.source, &(build.state as i16), &runner, &build.encode_to_vec()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(replaced)
+}
+
+/// Writes a build's record as its runner sees it. Only while the build is still this runner's
+/// and not ended (a cancellation or a takeover wins), and for scheduled builds only while the
+/// runner's lease epoch is current. Returns false when the write was refused.
+pub async fn save_build(
+    pool: &PgPool,
+    build: &pb::Build,
+    runner: &str,
+    epoch: Option<i64>,
+) -> Result<bool, Error> {
+    let conn = pool.get().await?;
+    let n = match epoch {
+        Some(epoch) => {
+            conn.execute(
+                &format!(
+                    "UPDATE scheduler_builds SET state = $2, record = $3, heartbeat_at = now() \
+                     WHERE id = $1 AND runner = $4 AND state IN (1, 2) AND {}",
+                    fence(4, 5)
+                ),
+                &[
+                    &build.build_id,
+                    &(build.state as i16),
+                    &build.encode_to_vec(),
+                    &runner,
+                    &epoch,
+                ],
+            )
+            .await?
+        }
+        None => {
+            conn.execute(
+                "UPDATE scheduler_builds SET state = $2, record = $3, heartbeat_at = now() \
+                 WHERE id = $1 AND runner = $4 AND state IN (1, 2)",
+                &[
+                    &build.build_id,
+                    &(build.state as i16),
+                    &build.encode_to_vec(),
+                    &runner,
+                ],
+            )
+            .await?
+        }
+    };
+    Ok(n == 1)
+}
+
+/// Ends a queued or running build from outside its runner (a cancellation, a dead runner);
+/// returns the build as written, or `None` when it had ended already.
+pub async fn end_build(
+    pool: &PgPool,
+    id: &str,
+    state: BuildState,
+    message: &str,
+) -> Result<Option<pb::Build>, Error> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT record FROM scheduler_builds WHERE id = $1 AND state IN (1, 2) FOR UPDATE",
+            &[&id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut build = build_from_row(&row, 0)?;
+    build.state = state as i32;
+    build.error_message = message.to_owned();
+    build.end_time = Some(timestamp(Utc::now()));
+    tx.execute(
+        "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
+        &[&id, &(state as i16), &build.encode_to_vec()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(build))
+}
+
+pub async fn get_build(client: &impl GenericClient, id: &str) -> Result<Option<pb::Build>, Error> {
+    client
+        .query_opt("SELECT record FROM scheduler_builds WHERE id = $1", &[&id])
+        .await?
+        .as_ref()
+        .map(|r| build_from_row(r, 0))
+        .transpose()
+}
+
+/// The state of a build as stored (cheap: for runners checking whether they were cancelled).
+pub async fn build_state(pool: &PgPool, id: &str) -> Result<Option<i16>, Error> {
+    let conn = pool.get().await?;
+    Ok(conn
+        .query_opt("SELECT state FROM scheduler_builds WHERE id = $1", &[&id])
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// Builds newest first, of one source or all, before a (created_at, id) position.
+pub async fn list_builds(
+    client: &impl GenericClient,
+    source: Option<&str>,
+    before: Option<(DateTime<Utc>, String)>,
+    limit: i64,
+) -> Result<Vec<(pb::Build, DateTime<Utc>)>, Error> {
+    let (before_time, before_id) = before.unwrap_or((DateTime::<Utc>::MAX_UTC, String::new()));
+    let rows = match source {
+        Some(source) => {
+            client
+                .query(
+                    "SELECT record, created_at FROM scheduler_builds WHERE source = $1 \
+                     AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4",
+                    &[&source, &before_time, &before_id, &limit],
+                )
+                .await?
+        }
+        None => {
+            client
+                .query(
+                    "SELECT record, created_at FROM scheduler_builds \
+                     WHERE (created_at, id) < ($1, $2) ORDER BY created_at DESC, id DESC LIMIT $3",
+                    &[&before_time, &before_id, &limit],
+                )
+                .await?
+        }
+    };
+    rows.iter()
+        .map(|r| Ok((build_from_row(r, 0)?, r.get(1))))
+        .collect()
+}
+
+/// Queued or running builds whose runner is `runner` (after a restart, they are orphans), or
+/// whose heartbeat is older than `silent_for` (their runner is gone).
+pub async fn orphaned_builds(
+    pool: &PgPool,
+    runner: Option<&str>,
+    silent_for: std::time::Duration,
+) -> Result<Vec<String>, Error> {
+    let conn = pool.get().await?;
+    let rows = match runner {
+        Some(runner) => {
+            conn.query(
+                "SELECT id FROM scheduler_builds WHERE state IN (1, 2) AND runner = $1",
+                &[&runner],
+            )
+            .await?
+        }
+        None => {
+            conn.query(
+                "SELECT id FROM scheduler_builds WHERE state IN (1, 2) \
+                 AND heartbeat_at < now() - make_interval(secs => $1)",
+                &[&silent_for.as_secs_f64()],
+            )
+            .await?
+        }
+    };
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// After a scheduled build: a success clears the failure count; a failure counts one more and
+/// pushes the next build back by the backoff. Fenced by the lease.
+pub async fn record_outcome(
+    pool: &PgPool,
+    lease: &Lease,
+    source: &str,
+    failed: bool,
+) -> Result<(), Error> {
+    let conn = pool.get().await?;
+    if failed {
+        conn.execute(
+            &format!(
+                "UPDATE scheduler_sources SET failures = failures + 1, next_due_at = \
+                 GREATEST(next_due_at, now() + make_interval(secs => LEAST(600, 10 * power(2, LEAST(failures, 10))))) \
+                 WHERE name = $1 AND next_due_at IS NOT NULL AND {}",
+                fence(2, 3)
+            ),
+            &[&source, &lease.holder, &lease.epoch],
+        )
+        .await?;
+    } else {
+        conn.execute(
+            &format!("UPDATE scheduler_sources SET failures = 0 WHERE name = $1 AND failures <> 0 AND {}", fence(2, 3)),
+            &[&source, &lease.holder, &lease.epoch],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn page_token_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
+    let conn = pool.get().await?;
+    Ok(conn
+        .query_one(
+            "SELECT value FROM scheduler_secrets WHERE name = 'page_token_key'",
+            &[],
+        )
+        .await?
+        .get(0))
+}

@@ -1,0 +1,277 @@
+//! The leader: one replica holds a lease row in PostgreSQL, renews it, and is the only one that
+//! starts scheduled builds. Every write it makes is fenced by the lease's epoch (see
+//! `store.rs`), so a leader paused past its lease (a long GC pause, SIGSTOP, a partition)
+//! records nothing once it wakes up; another replica has taken over within one lease period.
+//!
+//! Session advisory locks are not used: they vanish when a pooled connection is recycled, do
+//! not work behind a transaction pooler, and leak when a task is cancelled.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use merkle_proto::scheduler::v1::{Build, BuildState, BuildTrigger};
+use merkle_shared::shutdown::Shutdown;
+
+use crate::{
+    runner::{self, Context, HEARTBEAT_EVERY, Job},
+    spec::{Schedule, SourceSpec},
+    store::{self, Lease, StoredSource, TickOutcome},
+};
+
+/// How often the leader looks for due sources.
+const SCAN_EVERY: Duration = Duration::from_millis(100);
+/// Due sources taken per scan.
+const SCAN_LIMIT: i64 = 500;
+/// Most ticks counted when coalescing a long downtime (the count is reported, capped).
+const MAX_MISSED: u32 = 100_000;
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The tick after `tick` that is not yet due at `now`, and how many due ones were passed over.
+pub fn coalesce(
+    schedule: &Schedule,
+    tick: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> (u32, Option<DateTime<Utc>>) {
+    let mut missed = 0;
+    let mut next = schedule.next_after(tick);
+    while let Some(t) = next {
+        if t > now || missed >= MAX_MISSED {
+            break;
+        }
+        missed += 1;
+        next = schedule.next_after(t);
+    }
+    // For long intervals behind by a lot, skip ahead in one step.
+    if let (Schedule::Every(interval), Some(t)) = (schedule, next)
+        && t <= now
+    {
+        let behind = (now - t).num_milliseconds().max(0) as u128;
+        let steps = behind / interval.as_millis().max(1) + 1;
+        let skip = chrono::Duration::milliseconds((steps * interval.as_millis()) as i64);
+        next = Some(t + skip);
+    }
+    (missed, next)
+}
+
+/// The next tick and its start (the tick plus the source's jitter).
+pub fn next_run(
+    spec: &SourceSpec,
+    tick: Option<DateTime<Utc>>,
+) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    tick.map(|t| {
+        let jitter = chrono::Duration::from_std(spec.jitter_for(t)).unwrap_or_default();
+        (t, t + jitter)
+    })
+}
+
+/// A new build record.
+pub fn new_build(source: &str, trigger: BuildTrigger, state: BuildState) -> Build {
+    Build {
+        build_id: uuid::Uuid::now_v7().to_string(),
+        source: source.to_owned(),
+        state: state as i32,
+        trigger: trigger as i32,
+        create_time: Some(timestamp(Utc::now())),
+        ..Default::default()
+    }
+}
+
+/// Runs the lease and, while it is held, the schedule, until shutdown.
+pub fn spawn(ctx: Arc<Context>, lease_duration: Duration, mut shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let renew_every = lease_duration / 3;
+        let mut lease: Option<Lease> = None;
+        let mut last_renew = std::time::Instant::now();
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            if lease.is_none() || last_renew.elapsed() >= renew_every {
+                last_renew = std::time::Instant::now();
+                lease = match &lease {
+                    None => {
+                        match store::acquire_lease(&ctx.pool, &ctx.replica, lease_duration).await {
+                            Ok(Some(got)) => {
+                                tracing::info!(
+                                    epoch = got.epoch,
+                                    "this replica leads: it runs the schedule"
+                                );
+                                Some(got)
+                            }
+                            Ok(None) => None,
+                            Err(err) => {
+                                tracing::debug!(error = %err, "cannot reach PostgreSQL for the lease");
+                                None
+                            }
+                        }
+                    }
+                    Some(held) => match store::renew_lease(&ctx.pool, held, lease_duration).await {
+                        Ok(true) => lease,
+                        Ok(false) => {
+                            tracing::warn!(
+                                epoch = held.epoch,
+                                "lost the lease: another replica leads now"
+                            );
+                            None
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot renew the lease; it lapses if this goes on");
+                            lease
+                        }
+                    },
+                };
+            }
+            if let Some(held) = &lease {
+                if let Err(err) = schedule_due(&ctx, held).await {
+                    tracing::warn!(error = %err, "scheduling failed; retrying");
+                }
+                if last_sweep.elapsed() >= HEARTBEAT_EVERY * 2 {
+                    last_sweep = std::time::Instant::now();
+                    sweep_silent(&ctx).await;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(SCAN_EVERY) => {}
+                () = shutdown.wait() => break,
+            }
+        }
+        if let Some(held) = lease {
+            // Hand over at once rather than after the lease lapses.
+            let _ = store::release_lease(&ctx.pool, &held).await;
+        }
+    });
+}
+
+/// Starts the build of every due source.
+async fn schedule_due(ctx: &Arc<Context>, lease: &Lease) -> Result<(), crate::error::Error> {
+    for stored in store::due_sources(&ctx.pool, SCAN_LIMIT).await? {
+        if let Err(err) = schedule_one(ctx, lease, stored).await {
+            tracing::warn!(error = %err, "scheduling a source failed");
+        }
+    }
+    Ok(())
+}
+
+async fn schedule_one(
+    ctx: &Arc<Context>,
+    lease: &Lease,
+    stored: StoredSource,
+) -> Result<(), crate::error::Error> {
+    // Stored sources were checked when stored; the interval floor of today's config does not
+    // apply to them again.
+    let spec = SourceSpec::from_proto(&stored.source, Duration::ZERO)?;
+    let Some(tick) = stored.next_tick else {
+        return Ok(());
+    };
+    let now = Utc::now();
+    let (missed, next_tick) = coalesce(&spec.schedule, tick, now);
+    let next = next_run(&spec, next_tick);
+    let name = spec.name.to_string();
+    let replace = spec.policy == crate::spec::Policy::Replace;
+    let outcome = store::record_tick(&ctx.pool, lease, &name, tick, next, replace, |state| {
+        let mut build = new_build(&name, BuildTrigger::Schedule, state);
+        build.scheduled_time = Some(timestamp(tick));
+        build.missed_ticks = missed;
+        if state == BuildState::Skipped {
+            build.error_message =
+                "a build of the source was still running (CONCURRENCY_POLICY_FORBID)".into();
+            build.end_time = build.create_time;
+        }
+        build
+    })
+    .await?;
+    match outcome {
+        TickOutcome::Queued { build, replaced } => {
+            if let Some(id) = replaced {
+                ctx.registry.cancel(
+                    &id,
+                    "replaced by a newer scheduled build (CONCURRENCY_POLICY_REPLACE)",
+                );
+            }
+            if missed > 0 {
+                tracing::info!(source = %name, missed, "ticks missed while no scheduler ran: coalesced into one build");
+            }
+            let lateness = (Utc::now() - tick).num_milliseconds();
+            tracing::debug!(source = %name, build_id = %build.build_id, lateness_ms = lateness, "scheduled build queued");
+            let job = Job {
+                build,
+                spec,
+                lease: Some(lease.clone()),
+            };
+            // A scheduled build starts a trace of its own.
+            let span = tracing::info_span!(parent: None, "scheduled build");
+            tokio::spawn(tracing::Instrument::instrument(
+                runner::run(ctx.clone(), job),
+                span,
+            ));
+        }
+        TickOutcome::Skipped(build) => {
+            tracing::info!(source = %name, build_id = %build.build_id, "tick skipped: a build is still running");
+        }
+        TickOutcome::Lost => {}
+    }
+    Ok(())
+}
+
+/// Fails the queued and running builds whose runner stopped sending heartbeats (a replica
+/// that died or was partitioned away).
+async fn sweep_silent(ctx: &Context) {
+    let silent_for = HEARTBEAT_EVERY * 5;
+    match store::orphaned_builds(&ctx.pool, None, silent_for).await {
+        Ok(ids) => {
+            for id in ids {
+                let message = format!(
+                    "its scheduler replica stopped: no heartbeat for {}",
+                    humantime::format_duration(silent_for)
+                );
+                if let Ok(Some(_)) =
+                    store::end_build(&ctx.pool, &id, BuildState::Failed, &message).await
+                {
+                    tracing::warn!(build_id = %id, "failed a build whose runner went silent");
+                }
+            }
+        }
+        Err(err) => tracing::debug!(error = %err, "looking for silent builds failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missed_ticks_are_coalesced_into_one() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().expect("time");
+        let every = Schedule::Every(Duration::from_secs(10));
+        // Due at 00:00:00; now 00:00:35: ticks 10, 20, 30 were missed; the next is 40.
+        let (missed, next) = coalesce(
+            &every,
+            at("2026-01-01T00:00:00Z"),
+            at("2026-01-01T00:00:35Z"),
+        );
+        assert_eq!((missed, next), (3, Some(at("2026-01-01T00:00:40Z"))));
+        // On time: nothing missed.
+        let (missed, next) = coalesce(
+            &every,
+            at("2026-01-01T00:00:00Z"),
+            at("2026-01-01T00:00:00.5Z"),
+        );
+        assert_eq!((missed, next), (0, Some(at("2026-01-01T00:00:10Z"))));
+        // Down for a year: the count is capped, the next tick is still right.
+        let (missed, next) = coalesce(
+            &every,
+            at("2025-01-01T00:00:00Z"),
+            at("2026-01-01T00:00:05Z"),
+        );
+        assert_eq!(missed, MAX_MISSED);
+        assert_eq!(next, Some(at("2026-01-01T00:00:10Z")));
+        assert_eq!(
+            coalesce(&Schedule::Never, at("2026-01-01T00:00:00Z"), Utc::now()),
+            (0, None)
+        );
+    }
+}
