@@ -14,9 +14,10 @@ use nix::{
     unistd::Pid,
 };
 
-/// A base port with the five ports after it free.
-fn free_port_block() -> u16 {
-    for base in (20_000u16..30_000).step_by(37) {
+/// A base port with the five ports after it free, searched from `from` (tests that run at
+/// once search different ranges).
+fn free_port_block(from: u16) -> u16 {
+    for base in (from..from + 10_000).step_by(37) {
         if (base..base + 5).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
@@ -70,7 +71,7 @@ impl Drop for StopOnDrop {
 async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
     let data = tempfile::tempdir().expect("temporary folder");
     let data_dir = data.path().join("stack");
-    let base = free_port_block();
+    let base = free_port_block(20_000);
     let stderr = std::fs::File::create(data.path().join("merklectl.stderr")).expect("log file");
     let mut child = Command::new(binary("merklectl"))
         .arg("up")
@@ -159,4 +160,89 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
             "process {pid} still runs after merklectl up stopped"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_watch_prints_each_build_and_names_the_edited_path() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let watched = data.path().join("site");
+    std::fs::create_dir_all(watched.join("a")).expect("mkdir");
+    std::fs::write(watched.join("a/page.html"), "v1").expect("write");
+    let base = free_port_block(40_000);
+    let stderr = std::fs::File::create(data.path().join("merklectl.stderr")).expect("log file");
+    let mut child = Command::new(binary("merklectl"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data.path().join("stack"))
+        .args(["--postgres-port", &free_port().expect("port").to_string()])
+        .args(["--redis-port", &free_port().expect("port").to_string()])
+        .args(["--base-port", &base.to_string(), "--no-build"])
+        .arg("--watch")
+        .arg(&watched)
+        .args(["--every", "1s"])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("CARGO")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start merklectl up");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = StopOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &dyn Fn(&str) -> bool, within: Duration, seen: &mut Vec<String>| {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                let hit = what(&line);
+                seen.push(line);
+                if hit {
+                    return;
+                }
+            }
+        }
+        let stderr =
+            std::fs::read_to_string(data.path().join("merklectl.stderr")).unwrap_or_default();
+        panic!(
+            "not seen within {within:?}:\n{}\n--- stderr ---\n{stderr}",
+            seen.join("\n")
+        );
+    };
+    let mut seen = Vec::new();
+    wait_for(
+        &|l| l.contains("watching") && l.contains("as source site"),
+        Duration::from_secs(120),
+        &mut seen,
+    );
+    wait_for(
+        &|l| l.contains("  site  ") && l.contains("changed"),
+        Duration::from_secs(30),
+        &mut seen,
+    );
+    std::fs::write(watched.join("a/page.html"), "v2").expect("edit");
+    std::fs::write(watched.join("new.txt"), "new").expect("add");
+    wait_for(
+        &|l| l.trim() == "M a/page.html",
+        Duration::from_secs(30),
+        &mut seen,
+    );
+    wait_for(
+        &|l| l.trim() == "A new.txt",
+        Duration::from_secs(5),
+        &mut seen,
+    );
+    // Builds that find nothing new are printed too.
+    wait_for(
+        &|l| l.contains("  site  ") && l.contains("unchanged"),
+        Duration::from_secs(30),
+        &mut seen,
+    );
+    drop(child);
 }

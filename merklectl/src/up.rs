@@ -139,6 +139,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 data_dir.join("stat-cache").display().to_string(),
             ));
         }
+        // A person who asks to watch every few seconds gets it, below the usual floor.
+        if spec.name == "scheduler" && watched.is_some() && every < Duration::from_secs(10) {
+            env.push((
+                "MIN_INTERVAL",
+                humantime::format_duration(every).to_string(),
+            ));
+        }
         let log = data_dir.join("logs").join(format!("{}.log", spec.name));
         let process = stack::spawn_service(&spec, port, &env, &log)?;
         services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));

@@ -452,9 +452,11 @@ async fn current(ctx: &Context, id: &str) -> Result<Build, Error> {
     if is_final(&recorded) {
         return Ok(recorded);
     }
+    // The cache adds the live progress of a build running elsewhere; an end is only ever
+    // taken from the record.
     let cached: Option<Build> = ctx.cache.get(Namespace::BuildStatus, id).await;
     Ok(cached
-        .filter(|c| c.state >= recorded.state)
+        .filter(|c| !is_final(c) && c.state >= recorded.state)
         .unwrap_or(recorded))
 }
 
