@@ -7,11 +7,14 @@
 //!   ([`cache`], [`rpc`]);
 //! - `db-sync`: DbSync's reads, syncs and cache hit rate against `pgbench -S` and a two-hop
 //!   echo ([`db_sync`]);
+//! - `scheduler`: the Scheduler's schedule at 1,000 sources, its CPU and memory
+//!   ([`scheduler`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
 mod cache;
 mod db_sync;
 mod rpc;
+mod scheduler;
 mod trees;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +37,9 @@ enum Command {
     Cache(cache::CacheBenchArgs),
     /// DbSync's reads, syncs and cache hit rate beside pgbench and a two-hop bare echo.
     DbSync(db_sync::DbSyncBenchArgs),
+    /// The Scheduler: 1,000 scheduled sources, its CPU per build, an unchanged rebuild of a
+    /// watched 100,000-file tree, its memory on a large tree.
+    Scheduler(scheduler::SchedulerBenchArgs),
     /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
     /// forwarding each call to another echo (two hops).
     #[command(hide = true)]
@@ -46,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         None => trees::run(cli.trees),
         Some(Command::Cache(args)) => cache::run(args),
         Some(Command::DbSync(args)) => db_sync::run(args),
+        Some(Command::Scheduler(args)) => scheduler::run(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }
 }

@@ -126,6 +126,7 @@ pub async fn start_echo(work: &Path, forward: Option<&str>) -> anyhow::Result<Ec
 /// A release service binary the benchmark started (stopped when dropped).
 pub struct Service {
     pub uri: String,
+    pub pid: u32,
     _process: stack::ManagedProcess,
 }
 
@@ -158,6 +159,7 @@ pub async fn start_service(
     .await?;
     Ok(Service {
         uri: format!("http://{addr}"),
+        pid: process.pid(),
         _process: process,
     })
 }

@@ -78,15 +78,15 @@ async fn messages_are_described_with_field_comments() {
 #[tokio::test(flavor = "multi_thread")]
 async fn later_rpcs_answer_unimplemented_with_a_pointer() {
     let mut stack = TestStack::new();
-    let service = stack.start_serving("scheduler").await;
+    let service = stack.start_serving("discovery").await;
     let (ok, _, err) = run_grpcurl(
-        &["-d", r#"{"name":"x"}"#],
+        &["-d", r#"{"id":"x"}"#],
         service.addr,
-        &["merkle.scheduler.v1.SchedulerService/GetSource"],
+        &["merkle.discovery.v1.DiscoveryService/GetClient"],
     );
     assert!(!ok);
     assert!(err.contains("Unimplemented"), "{err}");
-    assert!(err.contains("GetSource is not implemented yet"), "{err}");
+    assert!(err.contains("GetClient is not implemented yet"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
