@@ -5,7 +5,8 @@
 #   scripts/bench.sh cache                  the Cache service beside redis-benchmark and a
 #                                           bare tonic echo server
 #   scripts/bench.sh db-sync                DbSync beside pgbench -S and a two-hop echo
-#   scripts/bench.sh scheduler              the Scheduler with 1,000 sources (after db-sync once)
+#   scripts/bench.sh scheduler [--million]  the Scheduler with 1,000 sources, its memory on a
+#                                           100,000- (or 1,000,000-) file tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-scheduler -p merkle-bench

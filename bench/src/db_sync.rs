@@ -72,7 +72,7 @@ fn plain(uri: &str) -> anyhow::Result<Plain> {
 }
 
 /// 100,000 files: `wide/` holds 10,000 of them, `dNN/eN/` the other 90,000 (100 each).
-fn generate(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn generate_hundred_k(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir.join("wide"))?;
     for i in 0..10_000u32 {
         fs::write(dir.join(format!("wide/w{i:05}")), i.to_le_bytes())?;
@@ -199,13 +199,7 @@ async fn run_async(args: DbSyncBenchArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     fs::create_dir_all(&args.work_dir)?;
     let tree_dir = args.work_dir.canonicalize()?.join("hundred-k");
-    let marker = tree_dir.with_extension("done");
-    if !marker.exists() {
-        let _ = fs::remove_dir_all(&tree_dir);
-        eprintln!("generating {} ...", tree_dir.display());
-        generate(&tree_dir)?;
-        fs::write(&marker, b"")?;
-    }
+    crate::trees::ensure(&tree_dir, generate_hundred_k)?;
     let work = tempfile::Builder::new()
         .prefix("merkle-bench-dbsync-")
         .tempdir()?;

@@ -1,8 +1,9 @@
 //! The Scheduler benchmark: every service as its release binary on this machine, the
 //! Scheduler measured from the outside.
 //!
-//! Targets (the Scheduler issue): 1,000 sources on a 10 s interval over small trees, every tick
-//! starting within 1 s of its due time (p99 lateness reported); the Scheduler's own CPU time per
+//! Targets (the Scheduler issue): 1,000 sources on a 10 s interval over small trees (each with a
+//! 9 s jitter, so they spread over the interval), every tick starting within 1 s of its due
+//! time (p99 lateness reported); the Scheduler's own CPU time per
 //! unchanged build (not TreeBuilder's or DbSync's) under 1 ms; an unchanged rebuild of a
 //! 100,000-file watched source end to end (TriggerBuild to SUCCEEDED_UNCHANGED) under 50 ms;
 //! and the Scheduler's peak memory while a large tree's nodes pass through it (the
@@ -50,6 +51,36 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     // /proc counts in USER_HZ, which Linux fixes at 100 for every architecture's ABI.
     Ok(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time of a process and every process under it (PostgreSQL's backends), from /proc.
+fn tree_cpu(root: u32) -> Duration {
+    let mut stats: Vec<(u32, u32)> = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            stats.push((pid, ppid));
+        }
+    }
+    let mut todo = vec![root];
+    let mut total = Duration::ZERO;
+    while let Some(pid) = todo.pop() {
+        total += cpu_time(pid).unwrap_or_default();
+        todo.extend(stats.iter().filter(|(_, pp)| *pp == pid).map(|(p, _)| *p));
+    }
+    total
 }
 
 /// Peak resident memory of a process (VmHWM), in bytes.
@@ -127,23 +158,16 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
     fs::create_dir_all(&args.work_dir)?;
     let trees = args.work_dir.canonicalize()?;
     let hundred_k = trees.join("hundred-k");
-    anyhow::ensure!(
-        hundred_k.with_extension("done").exists(),
-        "{} is missing: run `scripts/bench.sh db-sync` once first (it generates it)",
-        hundred_k.display()
-    );
+    crate::trees::ensure(&hundred_k, crate::db_sync::generate_hundred_k)?;
     let million = trees.join("million");
     if args.million {
-        anyhow::ensure!(
-            million.with_extension("done").exists(),
-            "{} is missing: run `scripts/bench.sh --million` once first (it generates it)",
-            million.display()
-        );
+        crate::trees::ensure(&million, crate::trees::generate_million)?;
     }
     let work = tempfile::Builder::new()
         .prefix("merkle-bench-scheduler-")
         .tempdir()?;
     let w = work.path();
+    eprintln!("logs in {}", w.display());
     {
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(w, fs::Permissions::from_mode(0o755))?;
@@ -168,6 +192,8 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
             ("ALLOWED_ROOTS", roots),
             ("WATCH_MAX_ENTRIES", "2000000".into()),
             ("WATCH_TREES", "16".into()),
+            // Many small sources: more builds at once than the default 2, sized for big trees.
+            ("MAX_CONCURRENT_BUILDS", "16".into()),
         ],
     )
     .await?;
@@ -179,6 +205,10 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
             ("CACHE_ADDR", cache.uri.clone()),
             ("DB_SYNC_ADDR", db_sync.uri.clone()),
             ("TREE_BUILDER_ADDR", tree_builder.uri.clone()),
+            (
+                "LOG_LEVEL",
+                std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
         ],
     )
     .await?;
@@ -231,13 +261,29 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();
     let cpu_before = cpu_time(pid)?;
+    let components = [
+        ("scheduler", pid),
+        ("tree-builder", tree_builder.pid),
+        ("db-sync", db_sync.pid),
+        ("cache", cache.pid),
+        ("redis", redis.pid().unwrap_or(0)),
+        ("postgres", pg.pid().unwrap_or(0)),
+    ];
+    let cpu_all_before: Vec<Duration> = components.iter().map(|(_, p)| tree_cpu(*p)).collect();
     eprintln!("measuring the schedule for {} s ...", args.seconds);
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let cpu = cpu_time(pid)? - cpu_before;
+    let cpu_all: Vec<(&str, f64)> = components
+        .iter()
+        .zip(&cpu_all_before)
+        .map(|((name, p), before)| (*name, (tree_cpu(*p).saturating_sub(*before)).as_secs_f64()))
+        .collect();
     let until = from + args.seconds as f64;
     let mut lateness = Vec::new();
+    let mut durations: Vec<f64> = Vec::new();
     let mut unchanged_builds = 0u64;
     let mut other = 0u64;
+    let mut others: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
     let mut page_token = String::new();
     loop {
         let page = c
@@ -255,10 +301,20 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
             }
             match BuildState::try_from(b.state) {
                 Ok(BuildState::SucceededUnchanged) => unchanged_builds += 1,
-                _ => other += 1,
+                Ok(state) => {
+                    other += 1;
+                    *others.entry(state.as_str_name()).or_insert(0u64) += 1;
+                }
+                Err(_) => {
+                    other += 1;
+                    *others.entry("unknown state").or_insert(0u64) += 1;
+                }
             }
             if b.start_time.is_some() {
-                lateness.push(seconds(b.start_time) - tick);
+                lateness.push(seconds(b.start_time) - seconds(b.due_time.or(b.scheduled_time)));
+            }
+            if b.end_time.is_some() && b.start_time.is_some() {
+                durations.push(seconds(b.end_time) - seconds(b.start_time));
             }
         }
         page_token = page.next_page_token;
@@ -283,15 +339,31 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
     println!("| measurement | value |\n|---|---:|");
     println!("| sources on a 10 s interval | {} |", args.sources);
     println!(
-        "| scheduled builds in the {} s window (expected {expected:.0}) | {} unchanged, {other} other |",
-        args.seconds, unchanged_builds
+        "| scheduled builds in the {} s window (expected {expected:.0}) | {unchanged_builds} unchanged{} |",
+        args.seconds,
+        others
+            .iter()
+            .map(|(state, n)| format!(", {n} {state}"))
+            .collect::<String>()
     );
-    println!("| lateness (start - tick), p50 / p99 / max (s) | {p50:.3} / {p99:.3} / {max:.3} |");
     println!(
-        "| Scheduler CPU in the window (s) | {:.2} |",
-        cpu.as_secs_f64()
+        "| lateness (start - due time), p50 / p99 / max (s) | {p50:.3} / {p99:.3} / {max:.3} |"
     );
+    durations.sort_by(f64::total_cmp);
+    if !durations.is_empty() {
+        println!(
+            "| build duration (end - start), p50 / p99 (s) | {:.3} / {:.3} |",
+            durations[durations.len() / 2],
+            durations[(durations.len() * 99 / 100).min(durations.len() - 1)]
+        );
+    }
     println!("| Scheduler CPU per unchanged build (ms) | {per_build:.3} |");
+    for (name, seconds) in &cpu_all {
+        println!(
+            "| CPU of {name} in the window (s, of {} core-seconds) | {seconds:.2} |",
+            cores as u64 * args.seconds
+        );
+    }
     println!(
         "| unchanged rebuild of 100,000 watched files, TriggerBuild to SUCCEEDED_UNCHANGED, p50 of 10 (ms) | {:.1} |",
         unchanged_p50.as_secs_f64() * 1000.0
@@ -324,10 +396,10 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
         ),
         (
             format!(
-                "scheduled builds all ran: {} of {expected:.0} expected",
+                "scheduled ticks all built (99% or more, the window's edges aside): {} of {expected:.0}",
                 unchanged_builds + other
             ),
-            (unchanged_builds + other) as f64 >= expected * 0.9,
+            (unchanged_builds + other) as f64 >= expected * 0.99,
         ),
     ];
     println!("\n| target | met |\n|---|---|");

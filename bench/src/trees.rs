@@ -85,7 +85,7 @@ fn generate_t2(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn generate_million(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn generate_million(dir: &Path) -> anyhow::Result<()> {
     for i in 0..1_000_000u32 {
         let sub = dir.join(format!("d{:03}/e{:02}", i % 1000, (i / 1000) % 10));
         if i < 10_000 {
@@ -97,7 +97,7 @@ fn generate_million(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Generates a tree once; a marker file says it is complete.
-fn ensure(dir: &Path, generate: fn(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+pub(crate) fn ensure(dir: &Path, generate: fn(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let marker = dir.with_extension("done");
     if marker.exists() {
         return Ok(());

@@ -309,6 +309,7 @@ impl SchedulerService for SchedulerApi {
             build: build.clone(),
             spec,
             lease: None,
+            failures: 0,
         };
         // The build stays in the call's trace: a traceparent sent with TriggerBuild continues.
         tokio::spawn(tracing::Instrument::instrument(

@@ -102,6 +102,9 @@ pub struct Job {
     pub build: Build,
     pub spec: SourceSpec,
     pub lease: Option<Lease>,
+    /// The source's failures in a row when the build was queued (a success after none writes
+    /// nothing more on the source).
+    pub failures: i32,
 }
 
 fn now() -> prost_types::Timestamp {
@@ -145,20 +148,33 @@ impl Reporter {
     /// Writes a state change everywhere; false when the record refused it (the build was
     /// cancelled or taken over, or the lease it runs under was lost).
     async fn record(&mut self, build: &Build) -> bool {
-        self.handle.publish(build);
-        self.ctx
-            .cache
-            .set(Namespace::BuildStatus, &build.build_id, build, None)
-            .await;
-        match store::save_build(&self.ctx.pool, build, &self.ctx.replica, self.epoch).await {
-            Ok(saved) => saved,
-            Err(err) => {
-                // PostgreSQL is away: the build carries on; its end is recorded later or its
-                // heartbeat goes silent and the leader fails it.
-                tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed");
-                true
+        // PostgreSQL may be busy or restarting: try for a while. A state is published (to
+        // watchers here, and to the cache for the other replicas) only once it is recorded; a
+        // build that cannot be recorded at all is failed by the leader when its heartbeat
+        // goes silent.
+        let mut delay = Duration::from_millis(100);
+        let saved = loop {
+            match store::save_build(&self.ctx.pool, build, &self.ctx.replica, self.epoch).await {
+                Ok(saved) => break saved,
+                Err(err) if delay < Duration::from_secs(10) => {
+                    tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(err) => {
+                    tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed; giving up");
+                    break false;
+                }
             }
+        };
+        if saved {
+            self.handle.publish(build);
+            self.ctx
+                .cache
+                .set(Namespace::BuildStatus, &build.build_id, build, None)
+                .await;
         }
+        saved
     }
 }
 
@@ -168,6 +184,7 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
         mut build,
         spec,
         lease,
+        failures,
     } = job;
     let span = tracing::info_span!("build", build.id = %build.build_id, source = %build.source);
     async move {
@@ -238,6 +255,7 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
             tracing::warn!("the build's outcome was not recorded: it was cancelled or taken over, or this replica lost the lease it ran under");
         }
         if let Some(lease) = &lease
+            && (failed || failures > 0)
             && let Err(err) = store::record_outcome(&ctx.pool, lease, &build.source, failed).await
         {
             tracing::warn!(error = %err, "recording the outcome on the source failed");
@@ -254,7 +272,11 @@ async fn cancellation(
     id: &str,
     local: &mut tokio::sync::watch::Receiver<Option<String>>,
 ) -> String {
-    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    // The first look comes a heartbeat in: most builds are over by then.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + HEARTBEAT_EVERY,
+        HEARTBEAT_EVERY,
+    );
     loop {
         tokio::select! {
             changed = local.changed() => {
@@ -352,7 +374,9 @@ async fn execute(
     reporter: &mut Reporter,
 ) -> Result<BuildState, Ending> {
     let mut db_sync = ctx.services.db_sync().map_err(Ending::Failed)?;
+    let phase = std::time::Instant::now();
     let first = build_tree(ctx, spec, build, reporter, None).await?;
+    let hashed = phase.elapsed();
     let previous = match db_sync
         .get_latest_root(GetLatestRootRequest {
             source: build.source.clone(),
@@ -364,6 +388,11 @@ async fn execute(
         Err(status) => return Err(unavailable("DbSync", &status)),
     };
     build.previous_root_hash = previous.clone().unwrap_or_default();
+    tracing::debug!(
+        hash_ms = hashed.as_secs_f64() * 1000.0,
+        latest_ms = (phase.elapsed() - hashed).as_secs_f64() * 1000.0,
+        "built and compared"
+    );
     let mut result = first;
     for _attempt in 0..3 {
         build.root_hash = result.root_hash.clone();

@@ -22,6 +22,8 @@ use crate::{
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// Due sources taken per scan.
 const SCAN_LIMIT: i64 = 500;
+/// Due sources whose ticks are recorded at once.
+const PARALLEL_TICKS: usize = 8;
 /// Most ticks counted when coalescing a long downtime (the count is reported, capped).
 const MAX_MISSED: u32 = 100_000;
 
@@ -146,13 +148,18 @@ pub fn spawn(ctx: Arc<Context>, lease_duration: Duration, mut shutdown: Shutdown
     });
 }
 
-/// Starts the build of every due source.
+/// Starts the build of every due source, a few sources at a time (each source's tick is its
+/// own transaction on its own row).
 async fn schedule_due(ctx: &Arc<Context>, lease: &Lease) -> Result<(), crate::error::Error> {
-    for stored in store::due_sources(&ctx.pool, SCAN_LIMIT).await? {
-        if let Err(err) = schedule_one(ctx, lease, stored).await {
-            tracing::warn!(error = %err, "scheduling a source failed");
-        }
-    }
+    use futures::StreamExt as _;
+    let due = store::due_sources(&ctx.pool, SCAN_LIMIT).await?;
+    futures::stream::iter(due)
+        .for_each_concurrent(PARALLEL_TICKS, |stored| async move {
+            if let Err(err) = schedule_one(ctx, lease, stored).await {
+                tracing::warn!(error = %err, "scheduling a source failed");
+            }
+        })
+        .await;
     Ok(())
 }
 
@@ -172,9 +179,11 @@ async fn schedule_one(
     let next = next_run(&spec, next_tick);
     let name = spec.name.to_string();
     let replace = spec.policy == crate::spec::Policy::Replace;
+    let due = stored.next_due.unwrap_or(tick);
     let outcome = store::record_tick(&ctx.pool, lease, &name, tick, next, replace, |state| {
         let mut build = new_build(&name, BuildTrigger::Schedule, state);
         build.scheduled_time = Some(timestamp(tick));
+        build.due_time = Some(timestamp(due));
         build.missed_ticks = missed;
         if state == BuildState::Skipped {
             build.error_message =
@@ -201,6 +210,7 @@ async fn schedule_one(
                 build,
                 spec,
                 lease: Some(lease.clone()),
+                failures: stored.failures,
             };
             // A scheduled build starts a trace of its own.
             let span = tracing::info_span!(parent: None, "scheduled build");

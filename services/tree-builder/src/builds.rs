@@ -114,19 +114,39 @@ impl WatchedTrees {
     /// Takes the watched tree a build of `root` with `options` can start from, unless it is
     /// due for a full scan.
     fn take(&self, root: &std::path::Path, options: &BuildOptions) -> Option<WatchedTree> {
-        let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
-        let i = trees.iter().position(|t| t.is_for(root, options))?;
-        let tree = trees.remove(i)?;
+        let tree = {
+            let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+            let i = trees.iter().position(|t| t.is_for(root, options))?;
+            trees.remove(i)?
+        };
+        // Dropped (a full scan is due) outside the lock, like in `put`.
         (tree.since_full_scan() < self.rescan_interval).then_some(tree)
     }
 
     /// Keeps a tree built with `options` watched, forgetting the least recently built beyond
     /// `max_trees`.
     fn put(&self, options: &BuildOptions, tree: WatchedTree) {
-        let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
-        trees.retain(|t| !t.is_for(tree.root(), options));
-        trees.push_front(tree);
-        trees.truncate(self.max_trees);
+        let forgotten: Vec<WatchedTree> = {
+            let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+            let mut forgotten = Vec::new();
+            let mut i = 0;
+            while i < trees.len() {
+                if trees[i].is_for(tree.root(), options) {
+                    forgotten.extend(trees.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            trees.push_front(tree);
+            let keep = self.max_trees.min(trees.len());
+            forgotten.extend(trees.drain(keep..));
+            forgotten
+        };
+        // Closing a tree's inotify instance waits for the kernel (an RCU grace period, tens of
+        // milliseconds): never under the lock, and not on the build's path either.
+        if !forgotten.is_empty() {
+            std::thread::spawn(move || drop(forgotten));
+        }
     }
 
     /// Builds `job`, from its watched tree when there is one, and keeps the result watched.
