@@ -78,15 +78,18 @@ async fn messages_are_described_with_field_comments() {
 #[tokio::test(flavor = "multi_thread")]
 async fn later_rpcs_answer_unimplemented_with_a_pointer() {
     let mut stack = TestStack::new();
-    let service = stack.start_serving("discovery").await;
+    let service = stack.start_serving("db-sync").await;
     let (ok, _, err) = run_grpcurl(
-        &["-d", r#"{"id":"x"}"#],
+        &["-d", r#"{"source":"x"}"#],
         service.addr,
-        &["merkle.discovery.v1.DiscoveryService/GetClient"],
+        &["merkle.dbsync.v1.DbSyncService/GetHistoryProof"],
     );
     assert!(!ok);
     assert!(err.contains("Unimplemented"), "{err}");
-    assert!(err.contains("GetClient is not implemented yet"), "{err}");
+    assert!(
+        err.contains("GetHistoryProof is not implemented yet"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{SERVICES, ServingStatus, binary, free_port, process_exists, stack};
+use integration_tests::{
+    SERVICES, ServingStatus, binary, free_port, process_exists, run_merklectl, stack,
+};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -107,6 +109,18 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let mut child = StopOnDrop(child);
+    // Discovery's default fleet: this machine's TreeBuilder, the client `local`.
+    let discovery = format!("http://127.0.0.1:{}", base + 4);
+    let (code, out, err) = run_merklectl(&["clients", "--addr", &discovery, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(r#""id":"local""#)
+            && out.contains(&format!(
+                r#""tree_builder_address":"127.0.0.1:{}""#,
+                base + 1
+            )),
+        "{out}"
+    );
     let running = descendants(pid);
     // Five services, redis-server, and postgres with its workers.
     assert!(

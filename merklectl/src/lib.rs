@@ -3,6 +3,7 @@
 //! does.
 
 pub mod cache;
+pub mod clients;
 pub mod local;
 pub mod remote;
 pub mod sources;

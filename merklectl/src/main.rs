@@ -45,6 +45,9 @@ enum Command {
     Build(merklectl::sources::BuildArgs),
     /// The Scheduler's builds, newest first, of one source or all.
     Builds(merklectl::sources::BuildsArgs),
+    /// The fleet's client nodes as Discovery lists them, with where the list came from and
+    /// what a refresh found.
+    Clients(merklectl::clients::ClientsArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -58,6 +61,9 @@ fn main() -> ExitCode {
         // hashing threads.
         Command::Up(args) => block_on(merklectl::up::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Cache(args) => block_on(merklectl::cache::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::Clients(args) => {
+            block_on(merklectl::clients::run(args)).map(|()| ExitCode::SUCCESS)
+        }
         Command::Sources(args) => {
             block_on(merklectl::sources::sources(args)).map(|()| ExitCode::SUCCESS)
         }

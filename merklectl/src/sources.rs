@@ -40,7 +40,7 @@ impl SchedulerAddr {
     }
 }
 
-fn time(t: Option<prost_types::Timestamp>) -> String {
+pub(crate) fn time(t: Option<prost_types::Timestamp>) -> String {
     t.and_then(|t| std::time::SystemTime::try_from(t).ok())
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
         .unwrap_or_else(|| "-".into())

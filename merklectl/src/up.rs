@@ -56,6 +56,18 @@ pub struct UpArgs {
     /// How often the watched directory is built.
     #[arg(long, default_value = "30s", requires = "watch")]
     pub every: String,
+    /// Where Discovery lists the fleet's nodes: `static`, `nomad` or `kubernetes`. The other
+    /// backend settings (`NOMAD_TOKEN`, `NOMAD_REGION`, `NOMAD_CACERT`, ..., `KUBECONFIG`,
+    /// `KUBERNETES_RESOURCE`, ...) pass from this environment to Discovery as they are.
+    #[arg(long, env = "DISCOVERY_BACKEND", default_value = "static")]
+    pub discovery_backend: String,
+    /// The static backend's file (default: one under --data-dir listing this machine's
+    /// TreeBuilder as the client `local`).
+    #[arg(long, env = "STATIC_FILE", value_name = "FILE")]
+    pub static_file: Option<PathBuf>,
+    /// Nomad's HTTP API, for `--discovery-backend nomad`.
+    #[arg(long, env = "NOMAD_ADDR", value_name = "URL")]
+    pub nomad_addr: Option<String>,
 }
 
 impl UpArgs {
@@ -124,6 +136,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     {
         allowed_roots.push(dir.clone());
     }
+    let discovery_env = discovery_env(&args, &data_dir)?;
     let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
     for spec in SERVICES {
         let port = args.port_of(&spec);
@@ -146,26 +159,45 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 humantime::format_duration(every).to_string(),
             ));
         }
+        if spec.name == "discovery" {
+            env.extend(discovery_env.iter().cloned());
+        }
         let log = data_dir.join("logs").join(format!("{}.log", spec.name));
         let process = stack::spawn_service(&spec, port, &env, &log)?;
         services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));
     }
+    let mut statuses = Vec::new();
     for (spec, addr, _) in &services {
-        if let Err(err) = wait_for_status(
+        let log = data_dir.join("logs").join(format!("{}.log", spec.name));
+        // An external orchestrator that does not answer yet leaves Discovery NOT_SERVING,
+        // not the stack down: it serves once the backend answers.
+        let external = spec.name == "discovery" && args.discovery_backend != "static";
+        let wait = if external { 15 } else { 60 };
+        match wait_for_status(
             *addr,
             spec.grpc_name,
             ServingStatus::Serving,
-            Duration::from_secs(60),
+            Duration::from_secs(wait),
         )
         .await
         {
-            let log = data_dir.join("logs").join(format!("{}.log", spec.name));
-            bail!("{err}; see {}", log.display());
+            Ok(()) => statuses.push("SERVING"),
+            Err(err) if external => {
+                eprintln!(
+                    "warning: discovery is not serving yet: its {} backend has not answered \
+                     ({err}); see {}",
+                    args.discovery_backend,
+                    log.display()
+                );
+                statuses.push("NOT_SERVING");
+            }
+            Err(err) => bail!("{err}; see {}", log.display()),
         }
     }
 
     print_table(
         &services,
+        &statuses,
         postgres.as_ref(),
         redis.as_ref(),
         &database_url,
@@ -299,6 +331,40 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("chmod {}", path.display()))
 }
 
+/// Discovery's backend settings. With the static backend and no file, one is written listing
+/// this machine's TreeBuilder, so `merklectl clients` and fleet builds work out of the box.
+fn discovery_env(args: &UpArgs, data_dir: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let mut env = vec![("DISCOVERY_BACKEND", args.discovery_backend.clone())];
+    if let Some(addr) = &args.nomad_addr {
+        env.push(("NOMAD_ADDR", addr.clone()));
+    }
+    if args.discovery_backend == "static" {
+        let file = match &args.static_file {
+            Some(file) => std::fs::canonicalize(file)
+                .with_context(|| format!("--static-file {}", file.display()))?,
+            None => {
+                let port = SERVICES
+                    .iter()
+                    .find(|s| s.name == "tree-builder")
+                    .map_or(0, |s| args.port_of(s));
+                let file = data_dir.join("clients.yaml");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "# Written by merklectl up: this machine's TreeBuilder as the one client.\n\
+                         clients:\n  - id: local\n    address: 127.0.0.1:{port}\n    \
+                         tree_builder_address: 127.0.0.1:{port}\n"
+                    ),
+                )
+                .with_context(|| format!("writing {}", file.display()))?;
+                file
+            }
+        };
+        env.push(("STATIC_FILE", file.display().to_string()));
+    }
+    Ok(env)
+}
+
 /// The environment of one service: where its dependencies and peers are.
 fn service_env(
     spec: &ServiceSpec,
@@ -324,6 +390,7 @@ fn service_env(
 
 fn print_table(
     services: &[(ServiceSpec, SocketAddr, ManagedProcess)],
+    statuses: &[&str],
     postgres: Option<&Postgres>,
     redis: Option<&Redis>,
     database_url: &str,
@@ -333,9 +400,9 @@ fn print_table(
         "\n{:<14} {:<18} {:>8}  STATUS",
         "COMPONENT", "ADDRESS", "PID"
     );
-    for (spec, addr, process) in services {
+    for ((spec, addr, process), status) in services.iter().zip(statuses) {
         println!(
-            "{:<14} {:<18} {:>8}  SERVING  {}",
+            "{:<14} {:<18} {:>8}  {status}  {}",
             spec.name,
             addr.to_string(),
             process.pid(),

@@ -1,30 +1,68 @@
 //! Discovery: lists the fleet's client nodes from an orchestrator API (Nomad, Kubernetes or a
 //! static file), refreshing incrementally.
 //!
-//! [`run`] serves `merkle.discovery.v1.DiscoveryService`.
+//! - [`backend`]: the orchestrators behind one interface (list with versions, fetch one
+//!   node, wait for a change);
+//! - [`fleet`]: the known list, the incremental refresh through the cache, and the change
+//!   events that WatchClients streams.
+//!
+//! [`run`] serves `merkle.discovery.v1.DiscoveryService`. It starts even when the backend is
+//! misconfigured or unreachable, and reports NOT_SERVING (its log naming the setting) until
+//! the backend has answered once; after that a backend outage is answered with the last
+//! known list, marked STALE.
 
 mod api;
+pub mod backend;
 pub mod config;
+pub mod error;
+pub mod fleet;
 
 pub use config::Config;
 use merkle_proto::discovery::v1::discovery_service_server::DiscoveryServiceServer;
-use merkle_shared::{health::Health, server, service::RunError, shutdown::Shutdown};
+use merkle_shared::{
+    cache::CacheClient, health::Health, server, service::RunError, shutdown::Shutdown,
+};
 
 /// The fully qualified gRPC service name.
 pub const SERVICE_NAME: &str = merkle_proto::service_names::DISCOVERY;
 
 /// Serves Discovery until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    // reqwest (Nomad) and kube (Kubernetes) share rustls with the ring provider; whichever
+    // asks first must find it installed. Err means it already was.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cache = CacheClient::new(&config.cache, &config.client)?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
-    // No dependency is checked yet: its RPCs are delivered by a later issue.
-    health.set_serving().await;
+    let server_args = config.server.clone();
+    let fleet = fleet::Fleet::new(config, cache, shutdown.clone());
+
+    // SERVING once the backend has answered; the first probe reads the list.
+    let probe_fleet = fleet.clone();
+    health.watch(
+        server_args.health_check_interval,
+        shutdown.clone(),
+        move || {
+            let fleet = probe_fleet.clone();
+            async move {
+                if fleet.has_list() {
+                    return Ok(());
+                }
+                fleet
+                    .refresh(false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    );
+
     let service = merkle_shared::limit_messages!(
-        DiscoveryServiceServer::new(api::DiscoveryApi),
-        config.server
+        DiscoveryServiceServer::new(api::DiscoveryApi::new(fleet, shutdown.clone())),
+        server_args
     );
     server::serve(
         SERVICE_NAME,
-        &config.server,
+        &server_args,
         merkle_shared::ports::DISCOVERY,
         tonic::service::Routes::new(service),
         health_service,

@@ -208,8 +208,8 @@ impl SourceSpec {
             Ok(FleetMode::Unspecified | FleetMode::Local) => FleetMode::Local,
             Ok(FleetMode::AllClients) => {
                 return Err(Error::Unimplemented(
-                    "source.fleet_mode: FLEET_MODE_ALL_CLIENTS needs Discovery, which a later issue \
-                     delivers (see the RPC status table in the README)"
+                    "source.fleet_mode: FLEET_MODE_ALL_CLIENTS is not implemented yet in the \
+                     Scheduler (see the RPC status table in the README)"
                         .into(),
                 ));
             }
