@@ -7,7 +7,9 @@
 #   scripts/bench.sh db-sync                DbSync beside pgbench -S and a two-hop echo
 #   scripts/bench.sh scheduler [--million]  the Scheduler with 1,000 sources, its memory on a
 #                                           100,000- (or 1,000,000-) file tree
+#   scripts/bench.sh discovery              Discovery on 1,000 Nomad nodes (a stand-in, 2 ms per
+#                                           answer): HOT list, incremental refresh vs full fetch
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-scheduler -p merkle-bench
+cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-scheduler -p merkle-discovery -p merkle-bench
 exec target/release/merkle-bench "$@"

@@ -9,10 +9,13 @@
 //!   echo ([`db_sync`]);
 //! - `scheduler`: the Scheduler's schedule at 1,000 sources, its CPU and memory
 //!   ([`scheduler`]);
+//! - `discovery`: Discovery's HOT list and incremental refresh against a Nomad stand-in with
+//!   2 ms per answer ([`discovery`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
 mod cache;
 mod db_sync;
+mod discovery;
 mod rpc;
 mod scheduler;
 mod trees;
@@ -40,6 +43,9 @@ enum Command {
     /// The Scheduler: 1,000 scheduled sources, its CPU per build, an unchanged rebuild of a
     /// watched 100,000-file tree, its memory on a large tree.
     Scheduler(scheduler::SchedulerBenchArgs),
+    /// Discovery: the HOT list, and an incremental refresh of 1,000 Nomad nodes beside a full
+    /// fetch.
+    Discovery(discovery::DiscoveryBenchArgs),
     /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
     /// forwarding each call to another echo (two hops).
     #[command(hide = true)]
@@ -53,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Cache(args)) => cache::run(args),
         Some(Command::DbSync(args)) => db_sync::run(args),
         Some(Command::Scheduler(args)) => scheduler::run(args),
+        Some(Command::Discovery(args)) => discovery::run(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }
 }

@@ -324,6 +324,9 @@ pub fn print(title: &str, rows: &[Row], targets: &[(String, bool)]) {
             r.load.calls_per_sec
         );
     }
+    if targets.is_empty() {
+        return;
+    }
     println!("\n| target | met |\n|---|---|");
     for (what, met) in targets {
         println!("| {what} | {} |", if *met { "yes" } else { "NO" });
