@@ -850,3 +850,145 @@ async fn merklectl_sources_source_build_and_builds_against_the_running_scheduler
     assert_eq!(code, Some(2));
     assert!(err.contains("NOT_FOUND"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_alone() {
+    use merkle_proto::{
+        dbsync::v1::{GetLatestRootRequest, db_sync_service_client::DbSyncServiceClient},
+        scheduler::v1::FleetMode,
+    };
+
+    let mut stack = TestStack::new();
+    // Without DISCOVERY_ADDR a fleet source is refused, naming what is missing.
+    let mut c = system(&mut stack, &[]).await;
+    let site = stack.dir().join("site");
+    write(&site.join("index.html"), "v1");
+    write(&site.join("css/main.css"), "body {}");
+    let fleet_source = |name: &str, path: &Path| Source {
+        fleet_mode: FleetMode::AllClients as i32,
+        ..source(name, path, None)
+    };
+    let err = c
+        .create_source(CreateSourceRequest {
+            source: Some(fleet_source("site", &site)),
+        })
+        .await
+        .expect_err("no Discovery");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("DISCOVERY_ADDR"),
+        "{}",
+        err.message()
+    );
+
+    // Two nodes with a TreeBuilder each, one whose TreeBuilder is gone, one not ready.
+    let node_a = stack.start_service("tree-builder", &[]).uri();
+    let node_b = stack.start_service("tree-builder", &[]).uri();
+    let gone = merklectl::stack::free_port().expect("free port");
+    let clients = stack.dir().join("clients.yaml");
+    let address = |uri: &str| uri.trim_start_matches("http://").to_owned();
+    write(
+        &clients,
+        &format!(
+            "clients:\n\
+             - {{id: node-a, tree_builder_address: \"{}\"}}\n\
+             - {{id: node-b, tree_builder_address: \"{}\"}}\n\
+             - {{id: node-c, tree_builder_address: \"127.0.0.1:{gone}\"}}\n\
+             - {{id: node-d, status: down, tree_builder_address: \"{}\"}}\n",
+            address(&node_a),
+            address(&node_b),
+            address(&node_a),
+        ),
+    );
+    let discovery = stack
+        .start_service(
+            "discovery",
+            &[("STATIC_FILE", clients.display().to_string())],
+        )
+        .uri();
+    let mut env = peer_env(&mut stack);
+    env.push(("DISCOVERY_ADDR", discovery));
+    env.push(("CLIENT_CONNECT_TIMEOUT", "1s".to_owned()));
+    env.push(("CLIENT_MAX_ATTEMPTS", "1".to_owned()));
+    let mut c = start_scheduler(&mut stack, &env).await;
+
+    // A path the nodes' TreeBuilders refuse is refused at CreateSource, naming a node.
+    let err = c
+        .create_source(CreateSourceRequest {
+            source: Some(fleet_source("etc", Path::new("/etc"))),
+        })
+        .await
+        .expect_err("outside the nodes' allowed roots");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().starts_with("source.path") && err.message().contains("on node node-"),
+        "{}",
+        err.message()
+    );
+
+    create(&mut c, fleet_source("site", &site)).await;
+    let fleet = trigger(&mut c, "site").await;
+    let fleet = wait_end(&mut c, &fleet.build_id).await;
+    assert_eq!(state(&fleet), BuildState::SucceededChanged, "{fleet:?}");
+    assert!(
+        fleet
+            .error_message
+            .starts_with("1 of 3 nodes failed: node-c:"),
+        "{}",
+        fleet.error_message
+    );
+    let stats = fleet.stats.expect("stats");
+    assert_eq!(stats.file_count, 4, "two files on each of two nodes");
+
+    // The fan-out: one build per ready node, each naming the fleet build.
+    let all = builds(&mut c, "site").await;
+    let nodes: HashMap<String, Build> = all
+        .iter()
+        .filter(|b| b.parent_build_id == fleet.build_id)
+        .map(|b| (b.node.clone(), b.clone()))
+        .collect();
+    assert_eq!(nodes.len(), 3, "{all:?}");
+    for node in ["node-a", "node-b"] {
+        assert_eq!(state(&nodes[node]), BuildState::SucceededChanged);
+        assert!(!nodes[node].snapshot_id.is_empty());
+    }
+    assert_eq!(state(&nodes["node-c"]), BuildState::Failed);
+    assert!(
+        nodes["node-c"]
+            .error_message
+            .contains("node node-c's TreeBuilder"),
+        "{}",
+        nodes["node-c"].error_message
+    );
+
+    // Each node's snapshots are stored under `<source>@<node id>`.
+    let mut db_sync = DbSyncServiceClient::new(stack.service_mut("db-sync").channel());
+    for node in ["node-a", "node-b"] {
+        let latest = db_sync
+            .get_latest_root(GetLatestRootRequest {
+                source: format!("site@{node}"),
+            })
+            .await
+            .expect("latest root")
+            .into_inner()
+            .snapshot
+            .expect("snapshot");
+        assert_eq!(latest.root_hash, nodes[node].root_hash);
+    }
+    let missing = db_sync
+        .get_latest_root(GetLatestRootRequest {
+            source: "site@node-d".into(),
+        })
+        .await
+        .expect_err("node-d is not ready");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Built again unchanged; then a changed file shows as a changed fleet build.
+    let again = trigger(&mut c, "site").await;
+    let again = wait_end(&mut c, &again.build_id).await;
+    assert_eq!(state(&again), BuildState::SucceededUnchanged, "{again:?}");
+    write(&site.join("index.html"), "v2");
+    let changed = trigger(&mut c, "site").await;
+    let changed = wait_end(&mut c, &changed.build_id).await;
+    assert_eq!(state(&changed), BuildState::SucceededChanged, "{changed:?}");
+}

@@ -16,15 +16,15 @@ use nix::{
     unistd::Pid,
 };
 
-/// A base port with the five ports after it free, searched from `from` (tests that run at
-/// once search different ranges).
+/// A base port with the six ports after it free (five services and one fleet node), searched
+/// from `from` (tests that run at once search different ranges).
 fn free_port_block(from: u16) -> u16 {
     for base in (from..from + 10_000).step_by(37) {
-        if (base..base + 5).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        if (base..base + 6).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
     }
-    panic!("no block of five free ports");
+    panic!("no block of six free ports");
 }
 
 /// The pids of every descendant of `root` (PostgreSQL's workers included), from /proc.
@@ -82,9 +82,12 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
         .args(["--postgres-port", &free_port().expect("port").to_string()])
         .args(["--redis-port", &free_port().expect("port").to_string()])
         .args(["--base-port", &base.to_string(), "--no-build"])
+        .args(["--fleet-nodes", "1"])
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
         .env_remove("CARGO")
+        .env_remove("DISCOVERY_BACKEND")
+        .env_remove("STATIC_FILE")
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

@@ -9,7 +9,7 @@ use merkle_proto::{
     common::v1::{BuildPhase, ChangeType},
     dbsync::v1::{DiffSnapshotsRequest, db_sync_service_client::DbSyncServiceClient},
     scheduler::v1::{
-        Build, BuildState, CreateSourceRequest, CronSchedule, DeleteSourceRequest,
+        Build, BuildState, CreateSourceRequest, CronSchedule, DeleteSourceRequest, FleetMode,
         ListBuildsRequest, ListSourcesRequest, Source, TriggerBuildRequest, WatchBuildRequest,
         scheduler_service_client::SchedulerServiceClient, source::Schedule,
     },
@@ -72,6 +72,7 @@ fn build_json(b: &Build) -> serde_json::Value {
         "root_hash": b.root_hash, "previous_root_hash": b.previous_root_hash, "snapshot_id": b.snapshot_id,
         "file_count": stats.file_count, "total_bytes": stats.total_bytes,
         "error_message": b.error_message, "trace_id": b.trace_id, "missed_ticks": b.missed_ticks,
+        "parent_build_id": b.parent_build_id, "node": b.node,
     })
 }
 
@@ -173,6 +174,10 @@ pub struct AddArgs {
     /// Register it without scheduled builds (TriggerBuild still works).
     #[arg(long)]
     pub disabled: bool,
+    /// Build PATH on every ready client node Discovery lists (each node's snapshots stored
+    /// as NAME@<node id>) instead of on the Scheduler's own TreeBuilder.
+    #[arg(long)]
+    pub fleet: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -199,6 +204,11 @@ pub fn source_from(args: &AddArgs) -> anyhow::Result<Source> {
         exclude_patterns: args.exclude.clone(),
         schedule,
         enabled: !args.disabled,
+        fleet_mode: if args.fleet {
+            FleetMode::AllClients
+        } else {
+            FleetMode::Local
+        } as i32,
         ..Default::default()
     })
 }
@@ -419,14 +429,20 @@ pub async fn builds(args: BuildsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<36}  {:<16} {:<20} {:<21} {:<12}  DETAIL",
+        "{:<36}  {:<24} {:<20} {:<21} {:<12}  DETAIL",
         "BUILD", "SOURCE", "STATE", "CREATED", "ROOT"
     );
     for b in &page.builds {
+        // A fleet node's build shows as `source@node`, the name its snapshots are stored under.
+        let source = if b.node.is_empty() {
+            b.source.clone()
+        } else {
+            format!("{}@{}", b.source, b.node)
+        };
         println!(
-            "{:<36}  {:<16} {:<20} {:<21} {:<12}  {}",
+            "{:<36}  {:<24} {:<20} {:<21} {:<12}  {}",
             b.build_id,
-            b.source,
+            source,
             state_name(b.state),
             time(b.create_time),
             b.root_hash.get(..12).unwrap_or("-"),

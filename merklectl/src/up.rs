@@ -68,11 +68,22 @@ pub struct UpArgs {
     /// Nomad's HTTP API, for `--discovery-backend nomad`.
     #[arg(long, env = "NOMAD_ADDR", value_name = "URL")]
     pub nomad_addr: Option<String>,
+    /// Also run N more TreeBuilders (on the ports after Discovery's), listed with this
+    /// machine's as the fleet's clients `node-1` ... `node-N`: a local fleet for sources
+    /// added with `--fleet`. Only with the default static backend and file.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=16))]
+    pub fleet_nodes: u16,
 }
 
 impl UpArgs {
     fn port_of(&self, spec: &ServiceSpec) -> u16 {
         self.base_port + (spec.port - merkle_shared::ports::SCHEDULER)
+    }
+
+    /// The port of the `n`th extra fleet node (from 1), after the five services'.
+    fn node_port(&self, n: u16) -> u16 {
+        self.base_port + SERVICES.len() as u16 - 1 + n
     }
 }
 
@@ -81,6 +92,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
 
+    if args.fleet_nodes > 0 && (args.discovery_backend != "static" || args.static_file.is_some()) {
+        bail!(
+            "--fleet-nodes lists its nodes in the static file merklectl up writes: it cannot be \
+             used with --discovery-backend {} or --static-file",
+            args.discovery_backend
+        );
+    }
     build_services_if_under_cargo(&args)?;
     for spec in &SERVICES {
         stack::service_binary(spec)?;
@@ -166,6 +184,36 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let process = stack::spawn_service(&spec, port, &env, &log)?;
         services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));
     }
+    // The local fleet's extra TreeBuilders, as `node-1` ... `node-N`.
+    let tree_builder_spec = *SERVICES
+        .iter()
+        .find(|s| s.name == "tree-builder")
+        .context("the tree-builder service")?;
+    let mut nodes: Vec<(String, SocketAddr, ManagedProcess)> = Vec::new();
+    for n in 1..=args.fleet_nodes {
+        let name = format!("node-{n}");
+        let port = args.node_port(n);
+        let mut env = service_env(&tree_builder_spec, &args, &database_url, &redis_url);
+        let roots: Vec<String> = allowed_roots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        env.push(("ALLOWED_ROOTS", roots.join(",")));
+        let log = data_dir.join("logs").join(format!("{name}.log"));
+        let process = stack::spawn_service(&tree_builder_spec, port, &env, &log)?;
+        nodes.push((name, SocketAddr::from(([127, 0, 0, 1], port)), process));
+    }
+    for (name, addr, _) in &nodes {
+        wait_for_status(
+            *addr,
+            tree_builder_spec.grpc_name,
+            ServingStatus::Serving,
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| format!("{name}'s TreeBuilder"))?;
+    }
+
     let mut statuses = Vec::new();
     for (spec, addr, _) in &services {
         let log = data_dir.join("logs").join(format!("{}.log", spec.name));
@@ -203,6 +251,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &database_url,
         &redis_url,
     );
+    for (name, addr, process) in &nodes {
+        println!(
+            "{:<14} {:<18} {:>8}  SERVING  {} (a fleet node)",
+            name,
+            addr.to_string(),
+            process.pid(),
+            tree_builder_spec.grpc_name
+        );
+    }
     let tree_builder = SERVICES
         .iter()
         .find(|s| s.name == "tree-builder")
@@ -240,7 +297,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             () = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Some((name, status)) = services
                     .iter_mut()
-                    .find_map(|(spec, _, p)| p.try_exit_status().map(|s| (spec.name, s)))
+                    .map(|(spec, _, p)| (spec.name, p))
+                    .chain(nodes.iter_mut().map(|(name, _, p)| (name.as_str(), p)))
+                    .find_map(|(name, p)| p.try_exit_status().map(|s| (name.to_owned(), s)))
                 {
                     break format!("{name} exited unexpectedly ({status})");
                 }
@@ -253,6 +312,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("\n{reason}: stopping ...");
 
     let mut pids: Vec<(String, u32)> = Vec::new();
+    for (name, _, mut process) in nodes.into_iter().rev() {
+        pids.push((name.clone(), process.pid()));
+        let status = process.stop(Duration::from_secs(25));
+        println!("  {name:<13} stopped ({})", describe(status));
+    }
     for (spec, _, mut process) in services.into_iter().rev() {
         pids.push((spec.name.to_owned(), process.pid()));
         let status = process.stop(Duration::from_secs(25));
@@ -348,15 +412,20 @@ fn discovery_env(args: &UpArgs, data_dir: &Path) -> anyhow::Result<Vec<(&'static
                     .find(|s| s.name == "tree-builder")
                     .map_or(0, |s| args.port_of(s));
                 let file = data_dir.join("clients.yaml");
-                std::fs::write(
-                    &file,
-                    format!(
-                        "# Written by merklectl up: this machine's TreeBuilder as the one client.\n\
-                         clients:\n  - id: local\n    address: 127.0.0.1:{port}\n    \
+                let mut text = format!(
+                    "# Written by merklectl up: this machine's TreeBuilders as the clients.\n\
+                     clients:\n  - id: local\n    address: 127.0.0.1:{port}\n    \
+                     tree_builder_address: 127.0.0.1:{port}\n"
+                );
+                for n in 1..=args.fleet_nodes {
+                    let port = args.node_port(n);
+                    text.push_str(&format!(
+                        "  - id: node-{n}\n    address: 127.0.0.1:{port}\n    \
                          tree_builder_address: 127.0.0.1:{port}\n"
-                    ),
-                )
-                .with_context(|| format!("writing {}", file.display()))?;
+                    ));
+                }
+                std::fs::write(&file, text)
+                    .with_context(|| format!("writing {}", file.display()))?;
                 file
             }
         };

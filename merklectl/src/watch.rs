@@ -42,6 +42,7 @@ impl Follow {
             tz: String::new(),
             exclude: Vec::new(),
             disabled: false,
+            fleet: false,
             json: false,
         };
         match client

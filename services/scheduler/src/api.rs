@@ -10,10 +10,10 @@ use merkle_proto::{
     scheduler::v1::{
         Build, BuildState, BuildTrigger, CancelBuildRequest, CancelBuildResponse,
         CreateSourceRequest, CreateSourceResponse, DeleteSourceRequest, DeleteSourceResponse,
-        GetBuildRequest, GetBuildResponse, GetSourceRequest, GetSourceResponse, ListBuildsRequest,
-        ListBuildsResponse, ListSourcesRequest, ListSourcesResponse, TriggerBuildRequest,
-        TriggerBuildResponse, UpdateSourceRequest, UpdateSourceResponse, WatchBuildRequest,
-        WatchBuildResponse, scheduler_service_server::SchedulerService,
+        FleetMode, GetBuildRequest, GetBuildResponse, GetSourceRequest, GetSourceResponse,
+        ListBuildsRequest, ListBuildsResponse, ListSourcesRequest, ListSourcesResponse,
+        TriggerBuildRequest, TriggerBuildResponse, UpdateSourceRequest, UpdateSourceResponse,
+        WatchBuildRequest, WatchBuildResponse, scheduler_service_server::SchedulerService,
     },
     treebuilder::v1::CheckPathRequest,
 };
@@ -74,6 +74,16 @@ impl SchedulerApi {
             .await
     }
 
+    /// Asks where the source is built whether it may build its path: the Scheduler's
+    /// TreeBuilder, or for a fleet source every ready client's.
+    async fn check_source(&self, spec: &SourceSpec) -> Result<(), Error> {
+        if spec.fleet == FleetMode::AllClients {
+            crate::fleet::check_path(&self.ctx, &spec.path).await
+        } else {
+            self.check_path(&spec.path).await
+        }
+    }
+
     /// Asks TreeBuilder whether it may build `path`; its refusal is passed on, naming the field.
     async fn check_path(&self, path: &str) -> Result<(), Error> {
         let mut tree_builder = self.ctx.services.tree_builder().map_err(|reason| {
@@ -131,7 +141,7 @@ impl SchedulerService for SchedulerApi {
             .source
             .ok_or_else(|| Error::bad_request("source", "must be set"))?;
         let spec = SourceSpec::from_proto(&source, self.min_interval)?;
-        self.check_path(&spec.path).await?;
+        self.check_source(&spec).await?;
         let next = next_run(&spec, first_tick(&spec, Utc::now()));
         let stored = store::insert_source(&self.ctx.pool, &spec.message, next).await?;
         tracing::info!(source = %spec.name, path = %spec.path, "source created");
@@ -230,8 +240,9 @@ impl SchedulerService for SchedulerApi {
             }
         }
         let spec = SourceSpec::from_proto(&merged, self.min_interval)?;
-        if spec.path != current.source.path {
-            self.check_path(&spec.path).await?;
+        if spec.path != current.source.path || spec.message.fleet_mode != current.source.fleet_mode
+        {
+            self.check_source(&spec).await?;
         }
         let reschedule = spec.message.schedule != current.source.schedule
             || spec.message.jitter != current.source.jitter

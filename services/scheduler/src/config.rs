@@ -37,6 +37,13 @@ pub struct Config {
     /// DbSync, which stores the snapshots.
     #[arg(long, env = "DB_SYNC_ADDR")]
     pub db_sync_addr: Option<String>,
+    /// Discovery, which lists the client nodes fleet sources are built on.
+    #[arg(long, env = "DISCOVERY_ADDR")]
+    pub discovery_addr: Option<String>,
+    /// Nodes a fleet build builds at once.
+    #[arg(long, env = "FLEET_PARALLELISM", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub fleet_parallelism: u32,
     /// Shortest interval a source may be built at.
     #[arg(long, env = "MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub min_interval: Duration,
@@ -84,6 +91,7 @@ impl Validate for Config {
                 &self.tree_builder_addr,
             ),
             ("DB_SYNC_ADDR (--db-sync-addr)", &self.db_sync_addr),
+            ("DISCOVERY_ADDR (--discovery-addr)", &self.discovery_addr),
         ] {
             if let Some(addr) = addr {
                 require_service_uri(variable, addr)?;

@@ -16,8 +16,6 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{0}")]
-    Unimplemented(String),
     #[error(transparent)]
     Postgres(#[from] PgError),
     #[error("{0}")]
@@ -55,7 +53,6 @@ impl ServiceError for Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
-            Error::Unimplemented(_) => ErrorCode::Unimplemented,
             Error::Postgres(PgError::Query(e)) => match e.code().map(|c| c.code()) {
                 Some(code) if !["08", "40", "53", "57"].iter().any(|c| code.starts_with(c)) => {
                     ErrorCode::Internal

@@ -4,6 +4,7 @@
 //! - [`spec`]: a source checked once (schedule, cron in a time zone, jitter, policies);
 //! - [`ticker`]: the leader's lease and the schedule (exactly once with several replicas);
 //! - [`runner`]: one build, TreeBuilder then DbSync, without holding the tree;
+//! - [`fleet`]: a fleet source's build, one node build per ready client Discovery lists;
 //! - [`registry`]: the builds running here, for watchers and cancellation;
 //! - [`store`]: the schema and every query (leader writes fenced by the lease's epoch);
 //! - [`seed`]: sources declared in a file.
@@ -15,6 +16,7 @@
 mod api;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod registry;
 pub mod runner;
 pub mod seed;
@@ -47,8 +49,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         services: runner::Services::new(
             config.tree_builder_addr.as_deref(),
             config.db_sync_addr.as_deref(),
+            config.discovery_addr.as_deref(),
             &config.client,
         )?,
+        fleet_parallelism: config.fleet_parallelism as usize,
         registry: registry::Registry::default(),
         replica: replica.clone(),
         slots: tokio::sync::Semaphore::new(config.max_running_builds as usize),

@@ -8,7 +8,11 @@
 //! size. If the directory changed between the two builds (the second root differs), that sync
 //! is abandoned and done again with the new root.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::Utc;
 use merkle_proto::{
@@ -18,7 +22,8 @@ use merkle_proto::{
         FindMissingNodesRequest, GetLatestRootRequest, SetRetentionPolicyRequest, SyncTreeHeader,
         SyncTreeRequest, db_sync_service_client::DbSyncServiceClient, sync_tree_request::Content,
     },
-    scheduler::v1::{Build, BuildState},
+    discovery::v1::discovery_service_client::DiscoveryServiceClient,
+    scheduler::v1::{Build, BuildState, FleetMode},
     treebuilder::v1::{
         BuildResult, BuildTreeRequest, NodeBatch, build_tree_response::Event,
         tree_builder_service_client::TreeBuilderServiceClient,
@@ -48,29 +53,76 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// Hashes per FindMissingNodes call (the contract's limit).
 const FIND_BATCH: usize = 10_000;
 
+/// Node TreeBuilders whose channels are kept; past this many the set starts again.
+const MAX_NODE_CHANNELS: usize = 10_000;
+
 /// The services a build uses.
 #[derive(Clone)]
 pub struct Services {
     tree_builder: Option<TreeBuilderServiceClient<Channel>>,
     db_sync: Option<DbSyncServiceClient<Channel>>,
+    discovery: Option<DiscoveryServiceClient<Channel>>,
+    /// Fleet nodes' TreeBuilders, by address (channels connect lazily and are reused).
+    nodes: Arc<Mutex<HashMap<String, TreeBuilderServiceClient<Channel>>>>,
+    args: ClientArgs,
+}
+
+fn tree_builder_client(channel: Channel) -> TreeBuilderServiceClient<Channel> {
+    TreeBuilderServiceClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
 impl Services {
     pub fn new(
         tree_builder: Option<&str>,
         db_sync: Option<&str>,
+        discovery: Option<&str>,
         args: &ClientArgs,
     ) -> Result<Self, ConfigError> {
         Ok(Services {
             tree_builder: tree_builder
                 .map(|a| channel("TREE_BUILDER_ADDR (--tree-builder-addr)", a, args))
                 .transpose()?
-                .map(|c| TreeBuilderServiceClient::new(c).max_decoding_message_size(64 << 20)),
+                .map(tree_builder_client),
             db_sync: db_sync
                 .map(|a| channel("DB_SYNC_ADDR (--db-sync-addr)", a, args))
                 .transpose()?
                 .map(DbSyncServiceClient::new),
+            discovery: discovery
+                .map(|a| channel("DISCOVERY_ADDR (--discovery-addr)", a, args))
+                .transpose()?
+                .map(DiscoveryServiceClient::new),
+            nodes: Arc::default(),
+            args: args.clone(),
         })
+    }
+
+    pub fn discovery(&self) -> Result<DiscoveryServiceClient<Channel>, String> {
+        self.discovery.clone().ok_or_else(|| {
+            "DISCOVERY_ADDR is not set: fleet sources cannot list their nodes".to_owned()
+        })
+    }
+
+    /// The TreeBuilder of a fleet node at `address` (`host:port`).
+    pub fn node_tree_builder(
+        &self,
+        address: &str,
+    ) -> Result<TreeBuilderServiceClient<Channel>, String> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = nodes.get(address) {
+            return Ok(client.clone());
+        }
+        let client = channel(
+            "the node's tree_builder_address",
+            &format!("http://{address}"),
+            &self.args,
+        )
+        .map(tree_builder_client)
+        .map_err(|e| e.to_string())?;
+        if nodes.len() >= MAX_NODE_CHANNELS {
+            nodes.clear();
+        }
+        nodes.insert(address.to_owned(), client.clone());
+        Ok(client)
     }
 
     pub fn tree_builder(&self) -> Result<TreeBuilderServiceClient<Channel>, String> {
@@ -91,9 +143,31 @@ pub struct Context {
     pub pool: PgPool,
     pub cache: CacheClient,
     pub services: Services,
+    /// Nodes a fleet build builds at once.
+    pub fleet_parallelism: usize,
     pub registry: Registry,
     pub replica: String,
     pub slots: Semaphore,
+}
+
+/// Where a build runs and what its snapshots are stored as.
+pub struct Target {
+    pub tree_builder: TreeBuilderServiceClient<Channel>,
+    /// DbSync's source name: the source's, or `<source>@<node>` for a fleet node.
+    pub store_as: String,
+    /// The TreeBuilder, as failure messages name it.
+    pub builder_name: String,
+}
+
+impl Target {
+    /// The Scheduler's own TreeBuilder, storing under the source's name.
+    fn local(ctx: &Context, source: &str) -> Result<Target, Ending> {
+        Ok(Target {
+            tree_builder: ctx.services.tree_builder().map_err(Ending::Failed)?,
+            store_as: source.to_owned(),
+            builder_name: "TreeBuilder".into(),
+        })
+    }
 }
 
 /// A build to run: its record as queued, its source, and (for a scheduled build) the lease it
@@ -107,7 +181,7 @@ pub struct Job {
     pub failures: i32,
 }
 
-fn now() -> prost_types::Timestamp {
+pub(crate) fn now() -> prost_types::Timestamp {
     let t = Utc::now();
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -116,7 +190,7 @@ fn now() -> prost_types::Timestamp {
 }
 
 /// Where a build's state goes.
-struct Reporter {
+pub(crate) struct Reporter {
     ctx: Arc<Context>,
     handle: Handle,
     epoch: Option<i64>,
@@ -125,8 +199,18 @@ struct Reporter {
 }
 
 impl Reporter {
+    pub(crate) fn new(ctx: Arc<Context>, handle: Handle, epoch: Option<i64>) -> Reporter {
+        Reporter {
+            ctx,
+            handle,
+            epoch,
+            last_cache: std::time::Instant::now(),
+            last_save: std::time::Instant::now(),
+        }
+    }
+
     /// Publishes progress: watchers at once, the cache and the record now and then.
-    async fn progress(&mut self, build: &Build) {
+    pub(crate) async fn progress(&mut self, build: &Build) {
         self.handle.publish(build);
         if self.last_cache.elapsed() >= CACHE_EVERY {
             self.last_cache = std::time::Instant::now();
@@ -147,7 +231,7 @@ impl Reporter {
 
     /// Writes a state change everywhere; false when the record refused it (the build was
     /// cancelled or taken over, or the lease it runs under was lost).
-    async fn record(&mut self, build: &Build) -> bool {
+    pub(crate) async fn record(&mut self, build: &Build) -> bool {
         // PostgreSQL may be busy or restarting: try for a while. A state is published (to
         // watchers here, and to the cache for the other replicas) only once it is recorded; a
         // build that cannot be recorded at all is failed by the leader when its heartbeat
@@ -191,13 +275,8 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
         build.trace_id = merkle_shared::telemetry::current_trace_id().unwrap_or_default();
         let handle = ctx.registry.register(build.clone());
         let mut cancelled = handle.cancelled.clone();
-        let mut reporter = Reporter {
-            ctx: ctx.clone(),
-            handle,
-            epoch: lease.as_ref().map(|l| l.epoch),
-            last_cache: std::time::Instant::now(),
-            last_save: std::time::Instant::now(),
-        };
+        let epoch = lease.as_ref().map(|l| l.epoch);
+        let mut reporter = Reporter::new(ctx.clone(), handle, epoch);
         let _permit = tokio::select! {
             permit = ctx.slots.acquire() => permit.ok(),
             _ = cancelled.changed() => None,
@@ -215,13 +294,34 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
         tracing::info!(path = %spec.path, "build started");
         let started = std::time::Instant::now();
         let id = build.build_id.clone();
+        let fleet = spec.fleet == FleetMode::AllClients;
+        let work = async {
+            if fleet {
+                crate::fleet::execute(&ctx, &spec, &mut build, &mut reporter, epoch).await
+            } else {
+                let target = Target::local(&ctx, &build.source)?;
+                execute(&ctx, &spec, &mut build, &mut reporter, &target).await
+            }
+        };
         let outcome = tokio::select! {
-            outcome = execute(&ctx, &spec, &mut build, &mut reporter) => outcome,
+            outcome = work => outcome,
             () = tokio::time::sleep(spec.deadline) => Err(Ending::Cancelled(format!(
                 "the deadline of {} passed", humantime::format_duration(spec.deadline)
             ))),
             reason = cancellation(&ctx, &id, &mut cancelled) => Err(Ending::Cancelled(reason)),
         };
+        if fleet {
+            // Node builds the fleet build did not see end (it was cancelled or timed out).
+            let why = match &outcome {
+                Err(Ending::Cancelled(reason)) => format!("the fleet build ended: {reason}"),
+                _ => "the fleet build ended".to_owned(),
+            };
+            if let Err(err) =
+                store::end_children(&ctx.pool, &id, BuildState::Cancelled, &why).await
+            {
+                tracing::warn!(error = %err, "ending the fleet build's node builds failed");
+            }
+        }
         build.end_time = Some(now());
         let failed = match outcome {
             Ok(state) => {
@@ -267,7 +367,7 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
 
 /// Resolves when the build is cancelled: here (CancelBuild on this replica, a deleted
 /// source), or on another replica (its record no longer says running).
-async fn cancellation(
+pub(crate) async fn cancellation(
     ctx: &Context,
     id: &str,
     local: &mut tokio::sync::watch::Receiver<Option<String>>,
@@ -300,12 +400,12 @@ async fn cancellation(
 }
 
 /// How a build ended other than successfully.
-enum Ending {
+pub(crate) enum Ending {
     Failed(String),
     Cancelled(String),
 }
 
-fn unavailable(service: &str, status: &Status) -> Ending {
+pub(crate) fn unavailable(service: &str, status: &Status) -> Ending {
     Ending::Failed(match status.code() {
         Code::Unavailable => format!("{service} is unavailable: {}", status.message()),
         code => format!("{service}: {code:?}: {}", status.message()),
@@ -315,13 +415,13 @@ fn unavailable(service: &str, status: &Status) -> Ending {
 /// One BuildTree call: progress goes to the reporter, node batches to `nodes`; returns the
 /// result.
 async fn build_tree(
-    ctx: &Context,
+    target: &Target,
     spec: &SourceSpec,
     build: &mut Build,
     reporter: &mut Reporter,
     mut nodes: Option<&mut (dyn FnMut(NodeBatch) -> BatchFuture + Send)>,
 ) -> Result<BuildResult, Ending> {
-    let mut tree_builder = ctx.services.tree_builder().map_err(Ending::Failed)?;
+    let mut tree_builder = target.tree_builder.clone();
     let request = BuildTreeRequest {
         path: spec.path.clone(),
         exclude_patterns: spec.exclude.clone(),
@@ -333,12 +433,12 @@ async fn build_tree(
     let mut stream = tree_builder
         .build_tree(request)
         .await
-        .map_err(|s| unavailable("TreeBuilder", &s))?
+        .map_err(|s| unavailable(&target.builder_name, &s))?
         .into_inner();
     while let Some(message) = stream
         .message()
         .await
-        .map_err(|s| unavailable("TreeBuilder", &s))?
+        .map_err(|s| unavailable(&target.builder_name, &s))?
     {
         match message.event {
             Some(Event::Progress(p)) => {
@@ -360,26 +460,29 @@ async fn build_tree(
             None => {}
         }
     }
-    Err(Ending::Failed(
-        "TreeBuilder ended the build without a result".into(),
-    ))
+    Err(Ending::Failed(format!(
+        "{} ended the build without a result",
+        target.builder_name
+    )))
 }
 
 type BatchFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Ending>> + Send>>;
 
-async fn execute(
+/// One build on `target`: hash, compare with the latest stored root, store when changed.
+pub(crate) async fn execute(
     ctx: &Context,
     spec: &SourceSpec,
     build: &mut Build,
     reporter: &mut Reporter,
+    target: &Target,
 ) -> Result<BuildState, Ending> {
     let mut db_sync = ctx.services.db_sync().map_err(Ending::Failed)?;
     let phase = std::time::Instant::now();
-    let first = build_tree(ctx, spec, build, reporter, None).await?;
+    let first = build_tree(target, spec, build, reporter, None).await?;
     let hashed = phase.elapsed();
     let previous = match db_sync
         .get_latest_root(GetLatestRootRequest {
-            source: build.source.clone(),
+            source: target.store_as.clone(),
         })
         .await
     {
@@ -400,10 +503,10 @@ async fn execute(
         if previous.as_deref() == Some(result.root_hash.as_str()) {
             return Ok(BuildState::SucceededUnchanged);
         }
-        match sync(ctx, spec, build, reporter, &result, db_sync.clone()).await? {
+        match sync(target, spec, build, reporter, &result, db_sync.clone()).await? {
             Synced::Stored(snapshot_id) => {
                 build.snapshot_id = snapshot_id;
-                apply_retention(&mut db_sync, &build.source, spec.retention).await;
+                apply_retention(&mut db_sync, &target.store_as, spec.retention).await;
                 return Ok(BuildState::SucceededChanged);
             }
             Synced::Unchanged => return Ok(BuildState::SucceededUnchanged),
@@ -424,7 +527,7 @@ enum Synced {
 
 /// The second BuildTree, its nodes forwarded into SyncTree as they come.
 async fn sync(
-    ctx: &Context,
+    target: &Target,
     spec: &SourceSpec,
     build: &mut Build,
     reporter: &mut Reporter,
@@ -434,7 +537,7 @@ async fn sync(
     let (tx, rx) = mpsc::channel::<SyncTreeRequest>(4);
     let header = SyncTreeRequest {
         content: Some(Content::Header(SyncTreeHeader {
-            source: build.source.clone(),
+            source: target.store_as.clone(),
             root_hash: result.root_hash.clone(),
             build_id: build.build_id.clone(),
             profile: spec.profile as i32,
@@ -484,7 +587,7 @@ async fn sync(
             Ok(())
         })
     };
-    let second = build_tree(ctx, spec, build, reporter, Some(&mut forward)).await;
+    let second = build_tree(target, spec, build, reporter, Some(&mut forward)).await;
     drop(forward);
     drop(tx);
     let second = match second {

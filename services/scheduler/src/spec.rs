@@ -206,13 +206,7 @@ impl SourceSpec {
         };
         let fleet = match FleetMode::try_from(source.fleet_mode) {
             Ok(FleetMode::Unspecified | FleetMode::Local) => FleetMode::Local,
-            Ok(FleetMode::AllClients) => {
-                return Err(Error::Unimplemented(
-                    "source.fleet_mode: FLEET_MODE_ALL_CLIENTS is not implemented yet in the \
-                     Scheduler (see the RPC status table in the README)"
-                        .into(),
-                ));
-            }
+            Ok(FleetMode::AllClients) => FleetMode::AllClients,
             Err(_) => {
                 return Err(Error::bad_request(
                     "source.fleet_mode",

@@ -15,11 +15,18 @@ use crate::error::Error;
 const COMPONENT: &str = "scheduler";
 
 /// The Scheduler's migrations, in order; never edit a released one, add the next.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "scheduler",
-    sql: include_str!("../migrations/0001_scheduler.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "scheduler",
+        sql: include_str!("../migrations/0001_scheduler.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "fleet",
+        sql: include_str!("../migrations/0002_fleet.sql"),
+    },
+];
 
 pub async fn migrate(pool: &PgPool) -> Result<usize, PgError> {
     apply(pool, COMPONENT, MIGRATIONS).await
@@ -486,6 +493,84 @@ pub async fn save_build(
         }
     };
     Ok(n == 1)
+}
+
+/// Records one node's build of a fleet build, running, under the parent's runner (and, for a
+/// scheduled build, fenced by its lease). Returns false when the write was refused.
+pub async fn insert_child(
+    pool: &PgPool,
+    build: &pb::Build,
+    runner: &str,
+    epoch: Option<i64>,
+) -> Result<bool, Error> {
+    let conn = pool.get().await?;
+    let record = build.encode_to_vec();
+    let state = build.state as i16;
+    let n = match epoch {
+        Some(epoch) => {
+            conn.execute(
+                &format!(
+                    "INSERT INTO scheduler_builds (id, source, state, runner, lease_epoch, record, parent_id) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE {}",
+                    fence(4, 5)
+                ),
+                &[
+                    &build.build_id,
+                    &build.source,
+                    &state,
+                    &runner,
+                    &epoch,
+                    &record,
+                    &build.parent_build_id,
+                ],
+            )
+            .await?
+        }
+        None => {
+            conn.execute(
+                "INSERT INTO scheduler_builds (id, source, state, runner, record, parent_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &build.build_id,
+                    &build.source,
+                    &state,
+                    &runner,
+                    &record,
+                    &build.parent_build_id,
+                ],
+            )
+            .await?
+        }
+    };
+    Ok(n == 1)
+}
+
+/// Ends every node build of a fleet build that is still queued or running (the fleet build
+/// ended without them: cancelled, past its deadline, or taken over).
+pub async fn end_children(
+    pool: &PgPool,
+    parent: &str,
+    state: BuildState,
+    message: &str,
+) -> Result<usize, Error> {
+    let ids: Vec<String> = {
+        let conn = pool.get().await?;
+        conn.query(
+            "SELECT id FROM scheduler_builds WHERE parent_id = $1 AND state IN (1, 2)",
+            &[&parent],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let mut ended = 0;
+    for id in ids {
+        if end_build(pool, &id, state, message).await?.is_some() {
+            ended += 1;
+        }
+    }
+    Ok(ended)
 }
 
 /// Ends a queued or running build from outside its runner (a cancellation, a dead runner);
