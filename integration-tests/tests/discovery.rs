@@ -1,8 +1,9 @@
 //! Discovery as its real binary, with the real Cache service and Redis, against loopback
 //! stand-ins of Nomad's HTTP API and the Kubernetes API (`merkle-stand-ins`) and a static
 //! file: the incremental claim counted in backend calls, paging, the per-node cache across a
-//! restart, single-flight refreshes, outages answered STALE, credentials refused, a backend
-//! unreachable at start, watches (with 410 Gone), Redis down, and bad input.
+//! restart, single-flight refreshes, outages answered STALE, credentials refused, Nomad over
+//! mutual TLS, a backend unreachable at start, watches (with 410 Gone), Redis down, and bad
+//! input.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -722,8 +723,147 @@ async fn nomad_blocking_queries_drive_watch_clients() {
         (kind, client.name.as_str()),
         (ClientEventType::Removed, "client-0")
     );
-    // Each change was seen by a blocking query, then refreshed: only the changed node fetched.
+    // Each change was seen by a blocking query (the first one began before the counters were
+    // reset), then refreshed: two lists, and only the changed node fetched.
     let calls = nomad.calls();
-    assert!(calls.blocking >= 2, "{calls:?}");
-    assert_eq!(calls.detail, 1, "{calls:?}");
+    assert!(calls.blocking >= 1, "{calls:?}");
+    assert_eq!((calls.list, calls.detail), (2, 1), "{calls:?}");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl
+/// command line in `dir`; returns the folder.
+fn make_certificates(dir: &Path) -> std::path::PathBuf {
+    let dir = dir.join("pki");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=merkle test CA",
+        ],
+    ]
+    .concat());
+    for (name, extension) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), extension).expect("write");
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nomad_over_mutual_tls_with_nomads_own_variables() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    let read = |name: &str| std::fs::read(pki.join(name)).expect("read pem");
+    let nomad = NomadStandIn::start_tls(&merkle_stand_ins::Tls {
+        cert_pem: read("server.pem"),
+        key_pem: read("server.key"),
+        client_ca_pem: Some(read("ca.pem")),
+    })
+    .await
+    .expect("nomad stand-in over TLS");
+    nomad.upsert(Node::numbered(1));
+    let path = |name: &str| pki.join(name).display().to_string();
+    let mut env = vec![
+        ("DISCOVERY_BACKEND", "nomad".to_owned()),
+        ("NOMAD_ADDR", nomad.addr()),
+        ("BACKEND_TIMEOUT", "2s".to_owned()),
+    ];
+    assert!(nomad.addr().starts_with("https://127.0.0.1:"));
+
+    // Nomad's certificate is not trusted without NOMAD_CACERT.
+    let (mut c, _) = discovery(&mut stack, None, &env, ServingStatus::NotServing).await;
+    let err = c
+        .list_clients(ListClientsRequest::default())
+        .await
+        .expect_err("untrusted");
+    assert!(
+        err.message().contains("NOMAD_ADDR=https://") && err.message().contains("certificate"),
+        "{}",
+        err.message()
+    );
+
+    // Trusted, but no client certificate: the handshake is refused.
+    env.push(("NOMAD_CACERT", path("ca.pem")));
+    let (mut c, _) = discovery(&mut stack, None, &env, ServingStatus::NotServing).await;
+    let err = c
+        .list_clients(ListClientsRequest::default())
+        .await
+        .expect_err("no client certificate");
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // Mutual TLS: served.
+    env.push(("NOMAD_CLIENT_CERT", path("client.pem")));
+    env.push(("NOMAD_CLIENT_KEY", path("client.key")));
+    let (mut c, _) = discovery(&mut stack, None, &env, ServingStatus::Serving).await;
+    let answer = list(&mut c, true, false).await;
+    assert_eq!(answer.clients.len(), 1);
+    assert_eq!(answer.clients[0].name, "client-1");
 }

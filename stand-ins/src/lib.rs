@@ -21,6 +21,82 @@ async fn serve(router: axum::Router, port: u16) -> std::io::Result<(SocketAddr, 
     Ok((addr, Server(task)))
 }
 
+/// TLS for a stand-in: its certificate chain and key (PEM), and optionally the CA (PEM) that
+/// client certificates must be signed by (mutual TLS); without it no client certificate is
+/// asked for.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl Tls {
+    fn server_config(&self) -> std::io::Result<std::sync::Arc<rustls::ServerConfig>> {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}: {e}"))
+        };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("key", &e))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", &e))?;
+        let builder = match &self.client_ca_pem {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    roots
+                        .add(cert.map_err(|e| bad("client CA", &e))?)
+                        .map_err(|e| bad("client CA", &e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| bad("client verifier", &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("certificate and key", &e))?;
+        Ok(std::sync::Arc::new(config))
+    }
+}
+
+/// Serves `router` over TLS on a free loopback port until the returned handle is dropped.
+async fn serve_tls(router: axum::Router, tls: &Tls) -> std::io::Result<(SocketAddr, Server)> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                // A client that fails the handshake (no or a wrong certificate) is dropped.
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, Server(task)))
+}
+
 /// The serving task; aborted on drop.
 struct Server(tokio::task::JoinHandle<()>);
 

@@ -96,6 +96,7 @@ struct Shared {
 /// A Nomad API on a loopback port; stops when dropped.
 pub struct NomadStandIn {
     addr: std::net::SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     _server: Server,
 }
@@ -108,6 +109,29 @@ impl NomadStandIn {
 
     /// Starts on `port` (one a client was already told about).
     pub async fn start_on(port: u16) -> std::io::Result<NomadStandIn> {
+        let (shared, router) = Self::parts();
+        let (addr, server) = crate::serve(router, port).await?;
+        Ok(NomadStandIn {
+            addr,
+            tls: false,
+            shared,
+            _server: server,
+        })
+    }
+
+    /// Starts on a free port, serving HTTPS (`https://127.0.0.1:PORT`) with `tls`.
+    pub async fn start_tls(tls: &crate::Tls) -> std::io::Result<NomadStandIn> {
+        let (shared, router) = Self::parts();
+        let (addr, server) = crate::serve_tls(router, tls).await?;
+        Ok(NomadStandIn {
+            addr,
+            tls: true,
+            shared,
+            _server: server,
+        })
+    }
+
+    fn parts() -> (Arc<Shared>, Router) {
         let shared = Arc::new(Shared {
             table: Mutex::new(Table {
                 index: 1,
@@ -122,17 +146,13 @@ impl NomadStandIn {
             .route("/v1/nodes", get(nodes))
             .route("/v1/node/{id}", get(node))
             .with_state(shared.clone());
-        let (addr, server) = crate::serve(router, port).await?;
-        Ok(NomadStandIn {
-            addr,
-            shared,
-            _server: server,
-        })
+        (shared, router)
     }
 
     /// The value for `NOMAD_ADDR`.
     pub fn addr(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {

@@ -176,7 +176,11 @@ impl Fleet {
                 answer.summary = Some(summary);
                 Ok(answer)
             }
-            Err(err) => self.stale(err).await,
+            Err(err) => {
+                // The backend's status and a snippet of its answer are in the error.
+                tracing::warn!(backend = self.kind(), error = %err, "reading the backend failed; the list is not replaced");
+                self.stale(err).await
+            }
         }
     }
 
