@@ -37,6 +37,33 @@ def node(entries, profile=CONTENT) -> bytes:
     return h(out)
 
 
+def record(source, sequence, root, profile, build_id, micros, stats, previous):
+    """Section 10.1: the record hash."""
+    def s(text):
+        b = text.encode()
+        return struct.pack(">I", len(b)) + b
+    out = b"merkle-record-v1" + s(source) + struct.pack(">Q", sequence) + root
+    out += bytes([profile]) + s(build_id) + struct.pack(">q", micros)
+    out += b"".join(struct.pack(">Q", n) for n in stats)
+    out += b"\x00" if previous is None else b"\x01" + previous
+    return h(out)
+
+
+def checkpoint(kind, source, sequence, record_hash):
+    """Section 10.2: the checkpoint hash."""
+    def s(text):
+        b = text.encode()
+        return struct.pack(">I", len(b)) + b
+    return h(b"merkle-checkpoint-v1" + s(kind) + s(source) + struct.pack(">Q", sequence) + record_hash)
+
+
+def history():
+    root = node([(b"hello.txt", FILE, file_leaf(b"hello\n"), None)])
+    r1 = record("docs", 1, root, CONTENT, "b-1", 1764000000000000, (1, 1, 0, 0, 6), None)
+    r2 = record("docs", 2, root, CONTENT, "b-2", 1764000060000000, (1, 1, 0, 0, 6), r1)
+    return {"record 1": r1, "record 2": r2, "head checkpoint": checkpoint("head", "docs", 2, r2)}
+
+
 def vectors():
     ab = node([(b"c.txt", FILE, file_leaf(b"c\n"), None)])
     a = node([(b"b", DIR, ab, None), (b"d.txt", FILE, file_leaf(b"d\n"), None)])
@@ -56,12 +83,17 @@ def vectors():
         "file leaf of": file_leaf(b"hello\n"),
         "symlink leaf of": link_leaf(b"target/file.txt"),
         "node of directory": ab,
+        **history(),
     }
 
 
 def documented(spec: str):
     section = spec[spec.index("## 9. Test vectors"):]
     found = {}
+    for line in section.splitlines():
+        m = re.match(r"^- (record 1|record 2|head checkpoint)\b.*`([0-9a-f]{64})`$", line)
+        if m:
+            found[m.group(1)] = m.group(2)
     for line in section.splitlines():
         m = re.match(r"^\| (\d) \|.*`([0-9a-f]{64})` \|$", line)
         if m:

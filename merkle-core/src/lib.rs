@@ -7,7 +7,8 @@
 //! - [`watched`]: a built tree kept and watched (inotify), so a rebuild costs what changed;
 //! - [`tree`]: an in-memory tree (all directory nodes by hash);
 //! - [`proof`]: inclusion proofs, their JSON file format and verification;
-//! - [`diff`]: the changed paths between two trees, skipping equal subtrees.
+//! - [`diff`]: the changed paths between two trees, skipping equal subtrees;
+//! - [`history`]: hash-chained, signed snapshot records and their verification.
 //!
 //! The crate knows nothing of gRPC, PostgreSQL or Redis: TreeBuilder, DbSync and `merklectl`
 //! all build on it.
@@ -15,6 +16,7 @@
 pub mod build;
 pub mod diff;
 pub mod digest;
+pub mod history;
 pub mod node;
 pub mod proof;
 pub mod statcache;

@@ -121,3 +121,71 @@ fn intermediate_values_match_the_document() {
     assert_eq!(spec_value("symlink leaf of"), link);
     assert_eq!(spec_value("node of directory"), ab);
 }
+
+#[test]
+fn history_vectors_match_the_document() {
+    use merkle_core::{
+        TreeStats,
+        history::{Checkpoint, HEAD, Record, key_id, seal},
+    };
+    let root = DirNode {
+        entries: vec![Entry {
+            name: b"hello.txt".to_vec(),
+            kind: EntryKind::File,
+            hash: file_leaf(b"hello\n"),
+            size: 6,
+            meta: None,
+        }],
+    }
+    .hash(Profile::Content)
+    .expect("valid");
+    let stats = TreeStats {
+        file_count: 1,
+        dir_count: 1,
+        symlink_count: 0,
+        skipped_count: 0,
+        total_bytes: 6,
+    };
+    let first = Record {
+        source: "docs".into(),
+        sequence: 1,
+        root,
+        profile: Profile::Content,
+        build_id: "b-1".into(),
+        create_time_micros: 1_764_000_000_000_000,
+        stats,
+        previous: None,
+    };
+    let second = Record {
+        sequence: 2,
+        build_id: "b-2".into(),
+        create_time_micros: 1_764_000_060_000_000,
+        previous: Some(first.hash()),
+        ..first.clone()
+    };
+    let head = Checkpoint {
+        kind: HEAD.into(),
+        source: "docs".into(),
+        sequence: 2,
+        record_hash: second.hash(),
+    };
+    let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let signed = seal(&key, &second.hash());
+    let signature: String = signed
+        .signature
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!(
+        "record 1 {}\nrecord 2 {}\nhead {}\nkey id {}\nsignature {signature}",
+        first.hash(),
+        second.hash(),
+        head.hash(),
+        key_id(&key.verifying_key())
+    );
+    assert_eq!(spec_value("record 1"), first.hash().to_hex());
+    assert_eq!(spec_value("record 2"), second.hash().to_hex());
+    assert_eq!(spec_value("head checkpoint"), head.hash().to_hex());
+    assert_eq!(spec_value("key id"), key_id(&key.verifying_key()));
+    assert_eq!(spec_value("signature of record 2"), signature);
+}
