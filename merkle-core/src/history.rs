@@ -259,18 +259,20 @@ pub fn verify(
                 }
             }
             None => match pruned {
-                Some(c) if r.sequence == c.checkpoint.sequence + 1 => {
-                    if r.previous != Some(c.checkpoint.record_hash) {
-                        return Err(fail(
-                            what,
-                            here,
-                            format!(
-                                "it does not link to the pruning checkpoint (record {}, hash {})",
-                                c.checkpoint.sequence, c.checkpoint.record_hash
-                            ),
-                        ));
-                    }
+                Some(c)
+                    if r.sequence == c.checkpoint.sequence + 1
+                        && r.previous != Some(c.checkpoint.record_hash) =>
+                {
+                    return Err(fail(
+                        what,
+                        here,
+                        format!(
+                            "it does not link to the pruning checkpoint (record {}, hash {})",
+                            c.checkpoint.sequence, c.checkpoint.record_hash
+                        ),
+                    ));
                 }
+                Some(c) if r.sequence == c.checkpoint.sequence + 1 => {}
                 Some(c) if r.sequence <= c.checkpoint.sequence => {
                     return Err(fail(
                         what,
