@@ -104,6 +104,17 @@ impl TestStack {
         self.redis.insert(redis)
     }
 
+    /// A connection to this stack's PostgreSQL, for looking at (or tampering with) the
+    /// database directly.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let url = self.postgres.as_ref().expect("postgres started").url();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        client
+    }
+
     /// Starts the service `name` (`tree-builder`, `db-sync`, ...) on a free port, pointed at
     /// this stack's PostgreSQL and Redis, with `env` added. Does not wait for it.
     pub fn start_service(&mut self, name: &str, env: &[(&str, String)]) -> &RunningService {

@@ -76,20 +76,25 @@ async fn messages_are_described_with_field_comments() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn later_rpcs_answer_unimplemented_with_a_pointer() {
+async fn grpcurl_sees_errors_that_name_the_field() {
     let mut stack = TestStack::new();
     let service = stack.start_serving("db-sync").await;
-    let (ok, _, err) = run_grpcurl(
-        &["-d", r#"{"source":"x"}"#],
-        service.addr,
-        &["merkle.dbsync.v1.DbSyncService/GetHistoryProof"],
-    );
-    assert!(!ok);
-    assert!(err.contains("Unimplemented"), "{err}");
-    assert!(
-        err.contains("GetHistoryProof is not implemented yet"),
-        "{err}"
-    );
+    for (body, code, field) in [
+        (r#"{"source":"x"}"#, "NotFound", "source"),
+        (
+            r#"{"source":"x","page_size":20000}"#,
+            "InvalidArgument",
+            "page_size",
+        ),
+    ] {
+        let (ok, _, err) = run_grpcurl(
+            &["-d", body],
+            service.addr,
+            &["merkle.dbsync.v1.DbSyncService/GetHistoryProof"],
+        );
+        assert!(!ok);
+        assert!(err.contains(code) && err.contains(field), "{body}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -98,15 +98,6 @@ fn client(uri: &str) -> Client {
     DbSyncServiceClient::new(merklectl::remote::connect(uri).expect("channel"))
 }
 
-async fn sql(stack: &TestStack) -> tokio_postgres::Client {
-    let url = stack.postgres.as_ref().expect("postgres").url();
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    client
-}
-
 async fn count(db: &tokio_postgres::Client, table: &str) -> i64 {
     db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
@@ -158,7 +149,7 @@ fn nodes(list: Vec<merkle_proto::common::v1::TreeNode>) -> SyncTreeRequest {
 async fn a_tree_is_written_only_when_its_root_changed_and_one_file_costs_depth_rows() {
     let mut stack = TestStack::new();
     let mut c = start(&mut stack, &[]).await;
-    let db = sql(&stack).await;
+    let db = stack.sql().await;
     let mut t = wide_tree(20, 30);
 
     let first = push(&mut c, "docs", &t).await;
@@ -225,7 +216,7 @@ async fn concurrent_syncs_of_one_source_never_duplicate_or_lose_a_snapshot() {
     for task in tasks {
         assert!(task.await.expect("task").expect("sync").changed);
     }
-    let db = sql(&stack).await;
+    let db = stack.sql().await;
     let rows = db
         .query(
             "SELECT sequence, root_hash FROM merkle_roots WHERE source = 'busy' ORDER BY sequence",
@@ -299,7 +290,7 @@ async fn a_retried_sync_with_the_same_build_id_returns_the_same_snapshot() {
 async fn corrupted_uploads_are_rejected_and_nothing_is_stored() {
     let mut stack = TestStack::new();
     let mut c = start(&mut stack, &[]).await;
-    let db = sql(&stack).await;
+    let db = stack.sql().await;
     let t = Tree::new(&[("a.txt", "a"), ("sub/b.txt", "b")]);
     let root = t.tree.root;
     let root_node = t.tree.nodes[&root].clone();
@@ -813,7 +804,7 @@ async fn retention_and_garbage_collection_spare_what_a_running_sync_relies_on() 
         ],
     )
     .await;
-    let db = sql(&stack).await;
+    let db = stack.sql().await;
     // Snapshot 1 has subtree `old/` that snapshots 2 and 3 lack, and `gone/` that no later tree has.
     let mut t = Tree::new(&[("old/keep", "k"), ("gone/x", "g"), ("live", "1")]);
     let with_old = t.tree.clone();
@@ -986,7 +977,7 @@ async fn postgres_restarting_mid_sync_leaves_no_partial_snapshot() {
         .service_mut("db-sync")
         .wait_for(ServingStatus::Serving)
         .await;
-    let db = sql(&stack).await;
+    let db = stack.sql().await;
     for table in ["merkle_roots", "merkle_tree_data"] {
         assert_eq!(count(&db, table).await, 0, "{table}: no partial snapshot");
     }
@@ -1203,7 +1194,7 @@ async fn every_hot_path_query_is_served_by_an_index() {
     let mut stack = TestStack::new();
     let mut c = start(&mut stack, &[]).await;
     push(&mut c, "docs", &wide_tree(3, 3)).await;
-    let db = sql(&stack).await;
+    let db = stack.sql().await;
     // With sequential scans priced out, a query still scans a table only if no index serves it.
     db.batch_execute("SET enable_seqscan = off")
         .await
@@ -1213,7 +1204,10 @@ async fn every_hot_path_query_is_served_by_an_index() {
     for (name, query) in merkle_db_sync::store::queries::ALL {
         let sql = format!("EXPLAIN {query}");
         let plan = match *name {
-            "LATEST" | "SOURCE" => db.query(&sql, &[&"docs"]).await,
+            "LATEST" | "SOURCE" | "SEQUENCE_RANGE" | "CHECKPOINTS" => {
+                db.query(&sql, &[&"docs"]).await
+            }
+            "HISTORY" => db.query(&sql, &[&"docs", &1i64, &100i64, &100i64]).await,
             "BY_ID" => db.query(&sql, &[&1i64]).await,
             "BY_SEQUENCE" => db.query(&sql, &[&"docs", &1i64]).await,
             "BY_BUILD" => db.query(&sql, &[&"docs", &"b"]).await,

@@ -124,6 +124,36 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
             )),
         "{out}"
     );
+    // The stack signs its history with a key it made in its data directory, owner-only, and
+    // verify-history trusts that key's public half by default.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(data_dir.join("signing-key.pem"))
+            .expect("signing key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let db_sync = format!("http://127.0.0.1:{}", base + 2);
+    let tree = data.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("a"), "1").expect("write");
+    let tree = tree.to_str().expect("utf-8");
+    let (code, out, err) = run_merklectl(&["push", "docs", tree, "--addr", &db_sync]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let data_arg = data_dir.to_str().expect("utf-8");
+    let (code, out, err) = run_merklectl(&[
+        "verify-history",
+        "docs",
+        "--addr",
+        &db_sync,
+        "--data-dir",
+        data_arg,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("records 1..1 (1) verified"), "{out}");
+    assert!(out.contains("1 signed by key"), "{out}");
+
     let running = descendants(pid);
     // Five services, redis-server, and postgres with its workers.
     assert!(

@@ -155,22 +155,69 @@ impl Trust {
         }
     }
 
-    fn check(&self, seal: &Option<Seal>, hash: &Digest) -> Result<(), String> {
+    /// The trusted key a seal names: `None` for an unsigned one that may pass.
+    fn key_for(&self, seal: &Option<Seal>) -> Result<Option<&VerifyingKey>, String> {
         match seal {
             None if self.require_signatures => Err("it is not signed".into()),
-            None => Ok(()),
-            Some(seal) => {
-                let Some(key) = self.keys.get(&seal.key_id) else {
-                    return Err(format!(
-                        "it is signed by key {}, which is not trusted",
-                        seal.key_id
-                    ));
-                };
-                key.verify(&hash.0, &Signature::from_bytes(&seal.signature))
-                    .map_err(|_| format!("its signature by key {} does not verify", seal.key_id))
-            }
+            None => Ok(None),
+            Some(seal) => self.keys.get(&seal.key_id).map(Some).ok_or_else(|| {
+                format!("it is signed by key {}, which is not trusted", seal.key_id)
+            }),
         }
     }
+
+    fn check(&self, seal: &Option<Seal>, hash: &Digest) -> Result<(), String> {
+        match (self.key_for(seal)?, seal) {
+            (Some(key), Some(seal)) => key
+                .verify(&hash.0, &Signature::from_bytes(&seal.signature))
+                .map_err(|_| bad_signature(seal)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn bad_signature(seal: &Seal) -> String {
+    format!("its signature by key {} does not verify", seal.key_id)
+}
+
+/// Records whose signatures are checked together: a batch verification costs about a third
+/// of one-by-one checks, and batches run on every core.
+const SIGNATURE_BATCH: usize = 256;
+
+/// The index of the first record whose seal names a trusted key but whose signature does not
+/// verify (unsigned and untrusted seals are the sequential pass's to report).
+fn first_bad_signature(records: &[StoredRecord], trust: &Trust) -> Option<usize> {
+    use rayon::prelude::*;
+    records
+        .par_chunks(SIGNATURE_BATCH)
+        .enumerate()
+        .filter_map(|(chunk, batch)| {
+            let signed: Vec<(usize, &VerifyingKey, &Seal, &Digest)> = batch
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let seal = r.seal.as_ref()?;
+                    let key = trust.keys.get(&seal.key_id)?;
+                    Some((chunk * SIGNATURE_BATCH + i, key, seal, &r.record_hash))
+                })
+                .collect();
+            let messages: Vec<&[u8]> = signed.iter().map(|s| &s.3.0[..]).collect();
+            let signatures: Vec<Signature> = signed
+                .iter()
+                .map(|s| Signature::from_bytes(&s.2.signature))
+                .collect();
+            let keys: Vec<VerifyingKey> = signed.iter().map(|s| *s.1).collect();
+            if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+                return None;
+            }
+            // Some signature in the batch is bad: find the first one by itself.
+            signed
+                .iter()
+                .zip(&signatures)
+                .find(|((_, key, _, hash), signature)| key.verify(&hash.0, signature).is_err())
+                .map(|((index, ..), _)| *index)
+        })
+        .min()
 }
 
 /// The first bad record (or checkpoint) and why.
@@ -214,19 +261,19 @@ pub fn verify(
     to_latest: bool,
     trust: &Trust,
 ) -> Result<Verified, Failure> {
-    for (checkpoint, name) in [
-        (pruned, "the pruning checkpoint"),
-        (head, "the head checkpoint"),
-    ] {
-        if let Some(c) = checkpoint {
+    // In chain order: the start, the records, the head.
+    let check_checkpoint = |checkpoint: Option<&StoredCheckpoint>, name: &str| {
+        checkpoint.map_or(Ok(()), |c| {
             trust
                 .check(&c.seal, &c.checkpoint.hash())
-                .map_err(|why| fail(name, Some(c.checkpoint.sequence), why))?;
-        }
-    }
+                .map_err(|why| fail(name, Some(c.checkpoint.sequence), why))
+        })
+    };
+    check_checkpoint(pruned, "the pruning checkpoint")?;
+    let bad_signature_at = first_bad_signature(records, trust);
     let mut verified = Verified::default();
     let mut previous: Option<&StoredRecord> = None;
-    for stored in records {
+    for (index, stored) in records.iter().enumerate() {
         let r = &stored.record;
         let what = format!("record {}", r.sequence);
         let here = Some(r.sequence);
@@ -304,8 +351,11 @@ pub fn verify(
             ));
         }
         trust
-            .check(&stored.seal, &stored.record_hash)
+            .key_for(&stored.seal)
             .map_err(|why| fail(what.clone(), here, why))?;
+        if let (Some(seal), Some(true)) = (&stored.seal, bad_signature_at.map(|at| at == index)) {
+            return Err(fail(what, here, bad_signature(seal)));
+        }
         match &stored.seal {
             Some(seal) => *verified.signed_by.entry(seal.key_id.clone()).or_insert(0) += 1,
             None => verified.unsigned += 1,
@@ -317,6 +367,7 @@ pub fn verify(
         verified.last = r.sequence;
         previous = Some(stored);
     }
+    check_checkpoint(head, "the head checkpoint")?;
     if let Some(h) = head {
         let c = &h.checkpoint;
         if let Some(at) = records.iter().find(|s| s.record.sequence == c.sequence)

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod clients;
+pub mod history;
 pub mod local;
 pub mod remote;
 pub mod sources;

@@ -48,6 +48,13 @@ enum Command {
     /// The fleet's client nodes as Discovery lists them, with where the list came from and
     /// what a refresh found.
     Clients(merklectl::clients::ClientsArgs),
+    /// Check a source's tamper-evident history: sequence continuity, every chain link, every
+    /// signature against the keys you trust, and with --deep every stored tree. Names the first
+    /// bad record and exits 1.
+    VerifyHistory(merklectl::history::VerifyHistoryArgs),
+    /// Write a source's history (records, keys, checkpoints) as JSON lines, for
+    /// `verify-history --file` with no server.
+    ExportHistory(merklectl::history::ExportHistoryArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -79,6 +86,18 @@ fn main() -> ExitCode {
         }),
         Command::Builds(args) => {
             block_on(merklectl::sources::builds(args)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::VerifyHistory(args) => {
+            block_on(merklectl::history::verify_history(args)).map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            })
+        }
+        Command::ExportHistory(args) => {
+            block_on(merklectl::history::export(args)).map(|()| ExitCode::SUCCESS)
         }
         Command::Hash(args) => merklectl::local::hash(args).map(|()| ExitCode::SUCCESS),
         Command::Diff(args) => match args.stored.clone() {

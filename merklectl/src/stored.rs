@@ -41,11 +41,11 @@ pub struct DbSyncAddr {
 }
 
 impl DbSyncAddr {
-    fn client(&self) -> anyhow::Result<DbSyncServiceClient<Channel>> {
+    pub(crate) fn client(&self) -> anyhow::Result<DbSyncServiceClient<Channel>> {
         Ok(DbSyncServiceClient::new(connect(&self.addr)?).max_decoding_message_size(64 << 20))
     }
 
-    fn failed(&self) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+    pub(crate) fn failed(&self) -> impl FnOnce(tonic::Status) -> anyhow::Error {
         call_failed("DbSync", &self.addr)
     }
 }

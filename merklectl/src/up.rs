@@ -155,6 +155,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         allowed_roots.push(dir.clone());
     }
     let discovery_env = discovery_env(&args, &data_dir)?;
+    // DbSync signs the history with the stack's own key; `verify-history` trusts its public
+    // half by default.
+    let signing_key = crate::history::ensure_signing_key(&data_dir)?;
     let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
     for spec in SERVICES {
         let port = args.port_of(&spec);
@@ -179,6 +182,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         if spec.name == "discovery" {
             env.extend(discovery_env.iter().cloned());
+        }
+        if spec.name == "db-sync" {
+            env.push(("SIGNING_KEY_FILE", signing_key.display().to_string()));
         }
         let log = data_dir.join("logs").join(format!("{}.log", spec.name));
         let process = stack::spawn_service(&spec, port, &env, &log)?;

@@ -4,10 +4,11 @@
 use merkle_core::{
     Digest, DirNode, Entry, EntryKind, Meta, Profile, TreeStats,
     diff::{Change, ChangeType},
+    history::{Checkpoint, Record, Seal, StoredCheckpoint, StoredRecord},
     node::NodeError,
     proof::InclusionProof,
 };
-use merkle_proto::common::v1 as pb;
+use merkle_proto::{common::v1 as pb, dbsync::v1 as dbsync};
 
 /// The contract's profile; UNSPECIFIED means content.
 pub fn profile_from_proto(value: i32) -> Result<Profile, String> {
@@ -113,6 +114,78 @@ pub fn stats_to_proto(stats: &TreeStats) -> pb::TreeStats {
         skipped_count: stats.skipped_count,
         total_bytes: stats.total_bytes,
     }
+}
+
+pub fn stats_from_proto(stats: &pb::TreeStats) -> TreeStats {
+    TreeStats {
+        file_count: stats.file_count,
+        dir_count: stats.dir_count,
+        symlink_count: stats.symlink_count,
+        skipped_count: stats.skipped_count,
+        total_bytes: stats.total_bytes,
+    }
+}
+
+/// A hex digest field; empty is `None`.
+fn optional_digest(field: &str, hex: &str) -> Result<Option<Digest>, String> {
+    if hex.is_empty() {
+        return Ok(None);
+    }
+    hex.parse()
+        .map(Some)
+        .map_err(|_| format!("{field}: {hex:?} is not 64 hex digits"))
+}
+
+/// A signature and key id; both empty is unsigned.
+fn seal_from_proto(signature: &str, key_id: &str) -> Result<Option<Seal>, String> {
+    if signature.is_empty() && key_id.is_empty() {
+        return Ok(None);
+    }
+    let signature = merkle_core::digest::unhex(signature)
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .ok_or_else(|| format!("signature: {signature:?} is not 128 hex digits"))?;
+    Ok(Some(Seal {
+        key_id: key_id.to_owned(),
+        signature,
+    }))
+}
+
+/// A history record as GetHistoryProof returns it, as the verifier checks it. The create time
+/// counts in whole microseconds, as stored and hashed.
+pub fn record_from_proto(s: &dbsync::Snapshot) -> Result<StoredRecord, String> {
+    let time = s.create_time.unwrap_or_default();
+    let record = Record {
+        source: s.source.clone(),
+        sequence: s.sequence,
+        root: s
+            .root_hash
+            .parse()
+            .map_err(|_| format!("root_hash: {:?} is not 64 hex digits", s.root_hash))?,
+        profile: profile_from_proto(s.profile)?,
+        build_id: s.build_id.clone(),
+        create_time_micros: time.seconds * 1_000_000 + i64::from(time.nanos) / 1_000,
+        stats: s.stats.as_ref().map(stats_from_proto).unwrap_or_default(),
+        previous: optional_digest("previous_record_hash", &s.previous_record_hash)?,
+    };
+    Ok(StoredRecord {
+        record,
+        record_hash: optional_digest("record_hash", &s.record_hash)?
+            .ok_or("record_hash: the record is not chained")?,
+        seal: seal_from_proto(&s.signature, &s.key_id)?,
+    })
+}
+
+pub fn checkpoint_from_proto(c: &dbsync::HistoryCheckpoint) -> Result<StoredCheckpoint, String> {
+    Ok(StoredCheckpoint {
+        checkpoint: Checkpoint {
+            kind: c.kind.clone(),
+            source: c.source.clone(),
+            sequence: c.sequence,
+            record_hash: optional_digest("record_hash", &c.record_hash)?
+                .ok_or("record_hash: the checkpoint names no record hash")?,
+        },
+        seal: seal_from_proto(&c.signature, &c.key_id)?,
+    })
 }
 
 pub fn change_to_proto(change: &Change) -> pb::PathChange {

@@ -88,14 +88,6 @@ pub fn invalid_argument(field: &str, rule: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {rule}"))
 }
 
-/// The UNIMPLEMENTED status of an RPC whose behaviour a later issue delivers (the README's RPC
-/// status table lists them).
-pub fn not_yet_implemented(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented yet; see the RPC status table in the README"
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod single_flight;
+pub mod stored_tree;
 pub mod telemetry;
 
 /// Every program that links this crate (the services, merklectl, the tests and benchmarks)

@@ -26,12 +26,13 @@ pub enum RunError {
 }
 
 /// Runs a service binary; `run` serves until the [`Shutdown`] it is given fires.
-pub fn main<C, F, Fut, E>(service_name: &'static str, run: F) -> ExitCode
+/// Exit status 2 for a configuration error (found at load or at start), 1 for any other
+/// failure.
+pub fn main<C, F, Fut>(service_name: &'static str, run: F) -> ExitCode
 where
     C: ServiceConfig,
     F: FnOnce(C, Shutdown) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    Fut: Future<Output = Result<(), RunError>>,
 {
     let config: C = crate::config::load();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -62,6 +63,10 @@ where
         };
         let code = match run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(RunError::Config(err)) => {
+                tracing::error!("{err}");
+                ExitCode::from(2)
+            }
             Err(err) => {
                 tracing::error!(error = %err, "{service_name} failed");
                 ExitCode::FAILURE

@@ -19,7 +19,6 @@ use merkle_shared::{
     convert::{
         change_to_proto, entry_to_proto, name_from_proto, profile_from_proto, proof_to_proto,
     },
-    error::not_yet_implemented,
     names::SourceName,
 };
 use tokio::sync::mpsc;
@@ -30,6 +29,7 @@ use crate::{
     archive::Archive,
     browse,
     error::Error,
+    history,
     store::{self, Retention},
     sync::{Header, Outcome, Received},
 };
@@ -59,6 +59,9 @@ fn digest(field: &str, text: &str) -> Result<Digest, Error> {
     text.parse()
         .map_err(|e| Error::bad_request(field, format!("{text:?}: {e}")))
 }
+
+/// Most records one GetHistoryProof page may ask for.
+const MAX_HISTORY_PAGE: u32 = 10_000;
 
 /// The page size: 0 means `default`, above `max` means `max`.
 fn page_size(requested: u32, default: u32, max: u32) -> u32 {
@@ -442,9 +445,55 @@ impl DbSyncService for DbSyncApi {
 
     async fn get_history_proof(
         &self,
-        _request: Request<GetHistoryProofRequest>,
+        request: Request<GetHistoryProofRequest>,
     ) -> Result<Response<GetHistoryProofResponse>, Status> {
-        Err(not_yet_implemented("GetHistoryProof"))
+        let request = request.into_inner();
+        let name = source("source", &request.source)?;
+        if request.page_size > MAX_HISTORY_PAGE {
+            return Err(Error::bad_request(
+                "page_size",
+                format!("must be at most {MAX_HISTORY_PAGE}"),
+            )
+            .into());
+        }
+        let size = page_size(request.page_size, 1000, MAX_HISTORY_PAGE);
+        let binding = format!(
+            "history\0{name}\0{}\0{}",
+            request.from_sequence, request.to_sequence
+        );
+        let tokens = self.archive.tokens().await?;
+        // A later page keeps the range of the first (records stored meanwhile are not added).
+        let (from, to) =
+            match tokens.check("page_token", binding.as_bytes(), &request.page_token)? {
+                Some(position) => {
+                    let position: [u8; 16] = position.try_into().map_err(|_| {
+                        Error::bad_request("page_token", "is not a token of this call")
+                    })?;
+                    let (next, last) = position.split_at(8);
+                    let number = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+                    (number(next), number(last))
+                }
+                None => (request.from_sequence, request.to_sequence),
+            };
+        let page = history::page(&self.archive.pool, name.as_str(), from, to, size).await?;
+        let signer = &self.archive.signer;
+        let next_page_token = match page.next {
+            Some(next) => {
+                let mut position = next.to_be_bytes().to_vec();
+                position.extend_from_slice(&page.last.to_be_bytes());
+                tokens.issue(binding.as_bytes(), &position)
+            }
+            None => String::new(),
+        };
+        Ok(Response::new(GetHistoryProofResponse {
+            records: page.records,
+            public_key: signer.public_key(),
+            public_keys: signer.public_keys(),
+            pruned: page.pruned,
+            head: page.head,
+            next_page_token,
+            signing: signer.is_signing(),
+        }))
     }
 
     async fn get_retention_policy(
@@ -493,7 +542,13 @@ impl DbSyncService for DbSyncApi {
                 return Err(Error::NotFound(format!("source: {name} has no snapshots")).into());
             }
         }
-        let deleted = store::set_retention(&self.archive.pool, name.as_str(), retention).await?;
+        let deleted = store::set_retention(
+            &self.archive.pool,
+            &self.archive.signer,
+            name.as_str(),
+            retention,
+        )
+        .await?;
         tracing::info!(source = %name, ?retention, deleted, "retention policy set");
         if deleted > 0 {
             self.archive.collect.notify_one();

@@ -38,18 +38,26 @@ pub struct Archive {
     pub cache: CacheClient,
     pub nodes: NodeStore,
     pub settings: ArchiveSettings,
+    /// The history's keys (docs/merkle-spec.md section 10).
+    pub signer: Arc<crate::history::Signer>,
     tokens: OnceCell<PageTokens>,
     /// Wakes the garbage collector (after retention deleted snapshots).
     pub collect: tokio::sync::Notify,
 }
 
 impl Archive {
-    pub fn new(pool: PgPool, cache: CacheClient, settings: ArchiveSettings) -> Arc<Self> {
+    pub fn new(
+        pool: PgPool,
+        cache: CacheClient,
+        settings: ArchiveSettings,
+        signer: Arc<crate::history::Signer>,
+    ) -> Arc<Self> {
         Arc::new(Archive {
             nodes: NodeStore::new(pool.clone(), cache.clone(), settings.node_cache_bytes),
             pool,
             cache,
             settings,
+            signer,
             tokens: OnceCell::new(),
             collect: tokio::sync::Notify::new(),
         })
@@ -159,7 +167,14 @@ impl Archive {
                 )
             })
             .collect();
-        let outcome = sync::store(&self.pool, header, sent, self.settings.touch_after).await?;
+        let outcome = sync::store(
+            &self.pool,
+            &self.signer,
+            header,
+            sent,
+            self.settings.touch_after,
+        )
+        .await?;
         if let Outcome::Stored { snapshot, .. } = &outcome {
             // Written through before answering, so the next read of the latest root sees it;
             // a cache that is down costs nothing here (the client counts and logs it).
@@ -196,7 +211,7 @@ impl Archive {
                 _ => return Ok(0),
             }
             let tx = conn.transaction().await?;
-            let deleted = store::prune(&tx, source).await?;
+            let deleted = crate::history::prune(&tx, &self.signer, source).await?;
             tx.commit().await?;
             Ok::<_, Error>(deleted)
         }

@@ -1,6 +1,6 @@
 //! DbSync's configuration.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use merkle_shared::{
@@ -48,6 +48,15 @@ pub struct Config {
     #[arg(long, env = "GC_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub gc_batch: u32,
+    /// The Ed25519 private key (PKCS#8 PEM) that signs each snapshot record and checkpoint of
+    /// the history; unset: records are hash-chained but unsigned. Readable by DbSync's user
+    /// only.
+    #[arg(long, env = "SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Public keys (PEM) of earlier signing keys, comma-separated files: published with the
+    /// history so records signed before a key rotation stay verifiable.
+    #[arg(long, env = "PREVIOUS_PUBLIC_KEYS", value_delimiter = ',')]
+    pub previous_public_keys: Vec<PathBuf>,
 }
 
 impl Validate for Config {

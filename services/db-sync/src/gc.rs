@@ -55,7 +55,7 @@ pub async fn run_once(
     for source in store::sources_with_policies(&archive.pool).await? {
         let mut conn = archive.pool.get().await?;
         let tx = conn.transaction().await?;
-        collected.snapshots_deleted += store::prune(&tx, &source).await?;
+        collected.snapshots_deleted += crate::history::prune(&tx, &archive.signer, &source).await?;
         tx.commit().await?;
     }
     collected.nodes_deleted = collect_nodes(archive, grace, batch).await?;

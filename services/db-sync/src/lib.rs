@@ -12,6 +12,7 @@
 //! - [`nodes`]: the node store (process memory, the cache, PostgreSQL);
 //! - [`browse`]: directories, diffs and proofs of stored trees;
 //! - [`gc`]: retention and garbage collection;
+//! - [`history`]: the hash-chained, signed snapshot records;
 //! - [`store`]: the schema and the SQL.
 
 mod api;
@@ -20,6 +21,7 @@ pub mod browse;
 pub mod config;
 pub mod error;
 pub mod gc;
+pub mod history;
 pub mod nodes;
 pub mod store;
 pub mod sync;
@@ -41,6 +43,16 @@ pub const SERVICE_NAME: &str = merkle_proto::service_names::DB_SYNC;
 /// Serves DbSync until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let pool = postgres::pool(&config.postgres)?;
+    let signer = Arc::new(history::Signer::load(
+        config.signing_key_file.as_deref(),
+        &config.previous_public_keys,
+    )?);
+    match signer.key_id() {
+        Some(id) => tracing::info!(key_id = %id, "snapshot records are signed"),
+        None => {
+            tracing::warn!("SIGNING_KEY_FILE is not set: snapshot records are chained but unsigned")
+        }
+    }
     let cache = CacheClient::new(&config.cache, &config.client)?;
     if !cache.is_enabled() {
         tracing::warn!("CACHE_ADDR is not set: every read goes to PostgreSQL");
@@ -51,15 +63,27 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let migrated = Arc::new(AtomicBool::new(false));
     let probe_timeout = config.postgres.database_connect_timeout;
     let probe_pool = pool.clone();
+    let probe_signer = signer.clone();
     health.watch(
         config.server.health_check_interval,
         shutdown.clone(),
         move || {
             let pool = probe_pool.clone();
             let migrated = migrated.clone();
+            let signer = probe_signer.clone();
             async move {
                 if !migrated.load(Ordering::Acquire) {
                     store::migrate(&pool).await.map_err(|e| e.to_string())?;
+                    // Records stored before the history existed join their chains.
+                    let chained = history::chain_legacy(&pool, &signer)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if chained > 0 {
+                        tracing::info!(
+                            sources = chained,
+                            "chained records stored before the history existed"
+                        );
+                    }
                     migrated.store(true, Ordering::Release);
                 }
                 postgres::ping(&pool, probe_timeout).await
@@ -75,6 +99,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             node_cache_bytes: config.node_cache_bytes,
             touch_after: config.gc_grace / 2,
         },
+        signer,
     );
     gc::spawn(
         archive.clone(),

@@ -18,11 +18,18 @@ use crate::error::Error;
 const COMPONENT: &str = "db-sync";
 
 /// DbSync's migrations, in order; never edit a released one, add the next.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "merkle_roots",
-    sql: include_str!("../migrations/0001_merkle_roots.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "merkle_roots",
+        sql: include_str!("../migrations/0001_merkle_roots.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "history",
+        sql: include_str!("../migrations/0002_history.sql"),
+    },
+];
 
 /// Brings the schema up to date; returns how many migrations were applied.
 pub async fn migrate(pool: &PgPool) -> Result<usize, PgError> {
@@ -36,7 +43,7 @@ pub mod queries {
         () => {
             "id, source, sequence, root_hash, profile, build_id, created_at, file_count, \
              dir_count, symlink_count, skipped_count, total_bytes, previous_record_hash, \
-             record_hash, signature"
+             record_hash, signature, key_id"
         };
     }
 
@@ -72,7 +79,7 @@ pub mod queries {
         "SELECT s.name, s.keep_last, s.keep_within_secs, s.snapshot_count, ",
         "r.id, r.source, r.sequence, r.root_hash, r.profile, r.build_id, r.created_at, r.file_count, \
          r.dir_count, r.symlink_count, r.skipped_count, r.total_bytes, r.previous_record_hash, \
-         r.record_hash, r.signature \
+         r.record_hash, r.signature, r.key_id \
          FROM merkle_sources s CROSS JOIN LATERAL (SELECT * FROM merkle_roots m \
          WHERE m.source = s.name ORDER BY m.sequence DESC LIMIT 1) r \
          WHERE s.name > $1 ORDER BY s.name LIMIT $2"
@@ -107,10 +114,28 @@ pub mod queries {
          ON CONFLICT (hash) DO UPDATE SET last_used = now() RETURNING (xmax = 0)";
     pub const INSERT_SNAPSHOT: &str = concat!(
         "INSERT INTO merkle_roots (source, sequence, root_hash, profile, build_id, created_at, \
-         file_count, dir_count, symlink_count, skipped_count, total_bytes) \
-         VALUES ($1, $2, $3, $4, $5, clock_timestamp(), $6, $7, $8, $9, $10) RETURNING ",
+         file_count, dir_count, symlink_count, skipped_count, total_bytes, \
+         previous_record_hash, record_hash, signature, key_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING ",
         snapshot_columns!()
     );
+    /// A range of a source's records, oldest first.
+    pub const HISTORY: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE source = $1 AND sequence >= $2 AND sequence <= $3 \
+         ORDER BY sequence LIMIT $4"
+    );
+    /// A source's first and latest kept sequence numbers.
+    pub const SEQUENCE_RANGE: &str =
+        "SELECT min(sequence), max(sequence) FROM merkle_roots WHERE source = $1";
+    pub const CHECKPOINTS: &str = "SELECT kind, source, sequence, record_hash, signature, key_id, \
+         created_at FROM merkle_history_checkpoints WHERE source = $1";
+    pub const UPSERT_CHECKPOINT: &str = "INSERT INTO merkle_history_checkpoints \
+         (source, kind, sequence, record_hash, signature, key_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (source, kind) DO UPDATE SET \
+         sequence = EXCLUDED.sequence, record_hash = EXCLUDED.record_hash, \
+         signature = EXCLUDED.signature, key_id = EXCLUDED.key_id, created_at = now()";
     pub const NODE: &str = "SELECT hash, encoded, sizes FROM merkle_tree_data WHERE hash = ANY($1)";
     /// Every hot-path query with sample arguments' types, for the EXPLAIN test:
     /// (name, SQL).
@@ -126,6 +151,9 @@ pub mod queries {
         ("TOUCH_TREE", TOUCH_TREE),
         ("EXISTING", EXISTING),
         ("NODE", NODE),
+        ("HISTORY", HISTORY),
+        ("SEQUENCE_RANGE", SEQUENCE_RANGE),
+        ("CHECKPOINTS", CHECKPOINTS),
     ];
 }
 
@@ -143,6 +171,7 @@ pub struct Snapshot {
     pub previous_record_hash: Option<Vec<u8>>,
     pub record_hash: Option<Vec<u8>>,
     pub signature: Option<Vec<u8>>,
+    pub key_id: Option<String>,
 }
 
 fn digest(bytes: &[u8]) -> Result<Digest, Error> {
@@ -178,6 +207,7 @@ impl Snapshot {
             previous_record_hash: row.get(at + 12),
             record_hash: row.get(at + 13),
             signature: row.get(at + 14),
+            key_id: row.get(at + 15),
         })
     }
 
@@ -199,6 +229,7 @@ impl Snapshot {
             previous_record_hash: hex(&self.previous_record_hash),
             record_hash: hex(&self.record_hash),
             signature: hex(&self.signature),
+            key_id: self.key_id.clone().unwrap_or_default(),
         }
     }
 }
@@ -334,7 +365,12 @@ pub async fn source(
 
 /// Saves a source's policy and deletes the snapshots it no longer keeps (never the latest),
 /// in one transaction; returns how many were deleted.
-pub async fn set_retention(pool: &PgPool, name: &str, policy: Retention) -> Result<u64, Error> {
+pub async fn set_retention(
+    pool: &PgPool,
+    signer: &crate::history::Signer,
+    name: &str,
+    policy: Retention,
+) -> Result<u64, Error> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let keep_last = policy.keep_last.map(|n| n as i32);
@@ -344,13 +380,18 @@ pub async fn set_retention(pool: &PgPool, name: &str, policy: Retention) -> Resu
         &[&name, &keep_last, &keep_within],
     )
     .await?;
-    let deleted = prune(&tx, name).await?;
+    let deleted = crate::history::prune(&tx, signer, name).await?;
     tx.commit().await?;
     Ok(deleted)
 }
 
-/// Deletes the snapshots of `name` its policy no longer keeps; the caller holds a transaction.
-pub async fn prune(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<u64, Error> {
+/// Deletes the snapshots of `name` its retention policy no longer keeps (always a prefix of
+/// the history: the rules keep the newest); returns how many, and the last one deleted
+/// (sequence, record hash) for the pruning checkpoint.
+pub async fn prune(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<(u64, Option<(i64, Option<Vec<u8>>)>), Error> {
     // Lock the source first: a sync of it waits, so the latest is the latest.
     let Some(row) = tx
         .query_opt(
@@ -359,22 +400,28 @@ pub async fn prune(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<u
         )
         .await?
     else {
-        return Ok(0);
+        return Ok((0, None));
     };
     let keep_last: Option<i32> = row.get(0);
     let keep_within: Option<i64> = row.get(1);
     if keep_last.is_none() && keep_within.is_none() {
-        return Ok(0);
+        return Ok((0, None));
     }
-    let deleted = tx
-        .execute(
+    let rows = tx
+        .query(
             "DELETE FROM merkle_roots WHERE source = $1 \
              AND sequence < (SELECT max(sequence) FROM merkle_roots WHERE source = $1) \
              AND ($2::int IS NULL OR sequence <= (SELECT max(sequence) FROM merkle_roots WHERE source = $1) - $2) \
-             AND ($3::bigint IS NULL OR created_at < now() - make_interval(secs => $3::bigint))",
+             AND ($3::bigint IS NULL OR created_at < now() - make_interval(secs => $3::bigint)) \
+             RETURNING sequence, record_hash",
             &[&name, &keep_last, &keep_within],
         )
         .await?;
+    let deleted = rows.len() as u64;
+    let last = rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<Vec<u8>>>(1)))
+        .max_by_key(|(sequence, _)| *sequence);
     if deleted > 0 {
         tx.execute(
             "UPDATE merkle_sources SET snapshot_count = snapshot_count - $2 WHERE name = $1",
@@ -382,7 +429,7 @@ pub async fn prune(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<u
         )
         .await?;
     }
-    Ok(deleted)
+    Ok((deleted, last))
 }
 
 /// Sources that have a retention policy.

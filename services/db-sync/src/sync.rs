@@ -15,12 +15,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use merkle_core::{Digest, DirNode, Entry, Profile, TreeStats};
+use merkle_core::{Digest, DirNode, Entry, Profile, TreeStats, history::Record};
 use merkle_proto::{common::v1::TreeNode, dbsync::v1 as pb};
 use merkle_shared::{convert::entry_from_proto, names::SourceName, postgres::PgPool};
 
 use crate::{
     error::Error,
+    history::{self, Signer},
     nodes::NodeRow,
     store::{self, Snapshot, queries},
 };
@@ -170,6 +171,7 @@ pub fn needed_from_store(
 /// missing.
 pub async fn store(
     pool: &PgPool,
+    signer: &Signer,
     header: &Header,
     sent: HashMap<Digest, NodeRow>,
     touch_after: std::time::Duration,
@@ -260,7 +262,20 @@ pub async fn store(
         nodes_written += inserted.iter().filter(|row| row.get::<_, bool>(0)).count() as u64;
     }
 
-    let sequence = latest.map_or(1, |l| l.sequence + 1);
+    let sequence = latest.as_ref().map_or(1, |l| l.sequence + 1);
+    // The record is chained to the latest one (and signed) here, under the source's lock.
+    let created_at = history::now_micros();
+    let mut record = Record {
+        source: source.to_owned(),
+        sequence: sequence as u64,
+        root: header.root,
+        profile: header.profile,
+        build_id: header.build_id.clone(),
+        create_time_micros: history::micros(created_at),
+        stats: header.stats,
+        previous: None,
+    };
+    let chained = history::chain(&tx, signer, latest.as_ref(), &mut record).await?;
     let count = |n: u64| n as i64;
     let row = tx
         .query_one(
@@ -271,14 +286,20 @@ pub async fn store(
                 &header.root.0.as_slice(),
                 &(header.profile.byte() as i16),
                 &header.build_id,
+                &created_at,
                 &count(header.stats.file_count),
                 &count(header.stats.dir_count),
                 &count(header.stats.symlink_count),
                 &count(header.stats.skipped_count),
                 &count(header.stats.total_bytes),
+                &chained.previous,
+                &chained.hash.0.as_slice(),
+                &chained.signature,
+                &chained.key_id,
             ],
         )
         .await?;
+    history::set_head(&tx, signer, source, sequence, chained.hash).await?;
     tx.execute(
         "UPDATE merkle_sources SET snapshot_count = snapshot_count + 1 WHERE name = $1",
         &[&source],

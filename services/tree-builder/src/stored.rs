@@ -9,11 +9,11 @@ use merkle_core::{
     Digest, DirNode, MemTree, Profile,
     diff::{SubtreePair, subtrees_visited},
 };
-use merkle_proto::dbsync::v1::{ListDirectoryRequest, db_sync_service_client::DbSyncServiceClient};
+use merkle_proto::dbsync::v1::db_sync_service_client::DbSyncServiceClient;
 use merkle_shared::{
     client::{Channel, channel},
     config::{ClientArgs, ConfigError},
-    convert::entry_from_proto,
+    stored_tree::fetch_node,
 };
 use tonic::Code;
 
@@ -59,45 +59,6 @@ impl StoredTrees {
     }
 }
 
-/// One stored node, all its entries, checked against its hash.
-async fn node(
-    client: &DbSyncServiceClient<Channel>,
-    hash: Digest,
-    profile: Profile,
-) -> Result<DirNode, tonic::Status> {
-    let mut client = client.clone();
-    let mut entries = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_directory(ListDirectoryRequest {
-                root_hash: hash.to_hex(),
-                page_size: 10_000,
-                page_token,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        for e in &page.entries {
-            entries.push(
-                entry_from_proto(e, profile == Profile::Full).map_err(tonic::Status::internal)?,
-            );
-        }
-        page_token = page.next_page_token;
-        if page_token.is_empty() {
-            break;
-        }
-    }
-    let node = DirNode { entries };
-    if node.hash(profile).ok() != Some(hash) {
-        return Err(tonic::Status::data_loss(format!(
-            "DbSync's node {hash} does not hash to its key with the {} profile",
-            profile.name()
-        )));
-    }
-    Ok(node)
-}
-
 async fn fetch_for_diff(
     client: &DbSyncServiceClient<Channel>,
     expected: Digest,
@@ -105,7 +66,7 @@ async fn fetch_for_diff(
     actual: &MemTree,
 ) -> Result<MemTree, tonic::Status> {
     let mut nodes: HashMap<Digest, DirNode> = HashMap::new();
-    nodes.insert(expected, node(client, expected, profile).await?);
+    nodes.insert(expected, fetch_node(client, expected, profile).await?);
     let mut level: Vec<SubtreePair> = Vec::new();
     subtrees_visited(
         nodes.get(&expected),
@@ -119,7 +80,7 @@ async fn fetch_for_diff(
             .filter(|h| !nodes.contains_key(h))
             .collect();
         let fetched: Vec<(Digest, DirNode)> = futures::stream::iter(wanted)
-            .map(|hash| async move { node(client, hash, profile).await.map(|n| (hash, n)) })
+            .map(|hash| async move { fetch_node(client, hash, profile).await.map(|n| (hash, n)) })
             .buffer_unordered(PARALLEL_FETCHES)
             .try_collect()
             .await?;

@@ -1,0 +1,507 @@
+//! The tamper-evident history end to end: DbSync (the real binary, real PostgreSQL) chains and
+//! signs each snapshot record; the real `merklectl verify-history` checks it. The database is
+//! then tampered with directly, in each way the issue lists, and the verifier must name the
+//! first bad record; key rotation, export and offline verification, pruning, records stored
+//! before the history existed, and bad input.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ed25519_dalek::SigningKey;
+use integration_tests::{ServingStatus, TestStack, run_merklectl};
+use merkle_core::{
+    Digest, Profile, TreeStats,
+    history::{Record, key_id, seal},
+};
+use merkle_proto::{
+    common::v1::RetentionPolicy,
+    dbsync::v1::{
+        GetHistoryProofRequest, SetRetentionPolicyRequest,
+        db_sync_service_client::DbSyncServiceClient,
+    },
+};
+use merkle_shared::client::Channel;
+use tonic::Code;
+
+type Client = DbSyncServiceClient<Channel>;
+
+/// A key pair as `merklectl up` makes it; returns (private, public) paths.
+fn key_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let private = merklectl::history::ensure_signing_key(dir).expect("key");
+    (private, dir.join(merklectl::history::PUBLIC_KEY_FILE))
+}
+
+async fn start_db_sync(stack: &mut TestStack, env: &[(&str, String)]) -> (String, Client) {
+    if stack.postgres.is_none() {
+        stack.start_postgres().await;
+    }
+    let db_sync = stack.start_service("db-sync", env);
+    db_sync.wait_for(ServingStatus::Serving).await;
+    let uri = db_sync.uri();
+    let client = DbSyncServiceClient::new(merklectl::remote::connect(&uri).expect("channel"));
+    (uri, client)
+}
+
+/// Stores `count` snapshots of `source`, each a different tree, with the real CLI.
+fn push_versions(stack: &TestStack, uri: &str, source: &str, versions: std::ops::Range<u32>) {
+    let dir = stack.dir().join(format!("tree-{source}"));
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+    for n in versions {
+        std::fs::write(dir.join("sub/version"), n.to_string()).expect("write");
+        let (code, out, err) =
+            run_merklectl(&["push", source, dir.to_str().expect("utf-8"), "--addr", uri]);
+        assert_eq!(code, Some(0), "push {n}: {out}{err}");
+    }
+}
+
+/// `merklectl verify-history` against DbSync at `uri`: (exit code, stdout, stderr).
+fn verify(uri: &str, source: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let mut args = vec!["verify-history", source, "--addr", uri];
+    args.extend_from_slice(extra);
+    run_merklectl(&args)
+}
+
+/// Verification fails, naming `record` and a reason containing `why`.
+fn assert_fails_at(uri: &str, trusted: &str, record: u64, why: &str) {
+    let (code, out, err) = verify(uri, "docs", &["--trusted-key", trusted]);
+    assert_eq!(code, Some(1), "verification must fail: {out}{err}");
+    assert!(
+        err.contains(&format!("FAILED at record {record}:")) && err.contains(why),
+        "expected record {record} ({why}), got: {err}"
+    );
+}
+
+async fn exec(db: &tokio_postgres::Client, statement: &str) {
+    db.batch_execute(statement)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+/// A record appended at the tail by someone with database access but not the key: correctly
+/// chained and hashed, signed with `key`.
+async fn forge_record(db: &tokio_postgres::Client, key: &SigningKey) -> u64 {
+    let row = db
+        .query_one(
+            "SELECT sequence, root_hash, record_hash FROM merkle_roots WHERE source = 'docs' \
+             ORDER BY sequence DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("latest");
+    let sequence = row.get::<_, i64>(0) + 1;
+    let root: Vec<u8> = row.get(1);
+    let previous: Vec<u8> = row.get(2);
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as i64;
+    let record = Record {
+        source: "docs".into(),
+        sequence: sequence as u64,
+        root: Digest(root.clone().try_into().expect("32 bytes")),
+        profile: Profile::Content,
+        build_id: "forged".into(),
+        create_time_micros: micros,
+        stats: TreeStats::default(),
+        previous: Some(Digest(previous.clone().try_into().expect("32 bytes"))),
+    };
+    let hash = record.hash();
+    let sealed = seal(key, &hash);
+    db.execute(
+        "INSERT INTO merkle_roots (source, sequence, root_hash, profile, build_id, created_at, \
+         file_count, dir_count, symlink_count, skipped_count, total_bytes, \
+         previous_record_hash, record_hash, signature, key_id) \
+         VALUES ('docs', $1, $2, 1, 'forged', $3, 0, 0, 0, 0, 0, $4, $5, $6, $7)",
+        &[
+            &sequence,
+            &root,
+            &(UNIX_EPOCH + Duration::from_micros(micros as u64)),
+            &previous,
+            &hash.0.as_slice(),
+            &sealed.signature.as_slice(),
+            &sealed.key_id,
+        ],
+    )
+    .await
+    .expect("insert forged record");
+    sequence as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_kind_of_tampering_is_named_by_verify_history() {
+    let mut stack = TestStack::new();
+    let (private, public) = key_pair(&stack.dir().join("keys"));
+    let trusted = public.to_str().expect("utf-8").to_owned();
+    let (uri, _) = start_db_sync(
+        &mut stack,
+        &[("SIGNING_KEY_FILE", private.display().to_string())],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 1..6);
+
+    let (code, out, err) = verify(&uri, "docs", &["--trusted-key", &trusted, "--deep"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("docs: records 1..5 (5) verified"), "{out}");
+    assert!(out.contains("reaches the signed head, record 5"), "{out}");
+    assert!(
+        out.contains("every stored tree hashes to its root"),
+        "{out}"
+    );
+    let (code, out, _) = verify(&uri, "docs", &["--trusted-key", &trusted, "--json"]);
+    assert_eq!(code, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(json["records"], 5);
+    assert_eq!(json["unsigned"], 0);
+
+    let db = stack.sql().await;
+    // A changed root (an existing tree's, so the database accepts it).
+    exec(&db, "CREATE TEMP TABLE saved AS SELECT * FROM merkle_roots").await;
+    let swap = "UPDATE merkle_roots SET sequence = 1000 WHERE sequence = 2; \
+                UPDATE merkle_roots SET sequence = 2 WHERE sequence = 3; \
+                UPDATE merkle_roots SET sequence = 3 WHERE sequence = 1000";
+    // (what, tampering, its undoing, the record named, why)
+    let cases = [
+        (
+            "a changed root (an existing tree's, so the database accepts it)",
+            "UPDATE merkle_roots SET root_hash = \
+             (SELECT root_hash FROM merkle_roots WHERE sequence = 1) WHERE sequence = 3",
+            "UPDATE merkle_roots r SET root_hash = s.root_hash FROM saved s WHERE r.id = s.id",
+            3,
+            "a field was changed",
+        ),
+        (
+            "a changed timestamp",
+            "UPDATE merkle_roots SET created_at = created_at - interval '1 day' WHERE sequence = 2",
+            "UPDATE merkle_roots r SET created_at = s.created_at FROM saved s WHERE r.id = s.id",
+            2,
+            "a field was changed",
+        ),
+        (
+            "two records swapped",
+            swap,
+            swap,
+            2,
+            "it does not link to record 1",
+        ),
+    ];
+    for (what, tamper, undo, record, why) in cases {
+        exec(&db, tamper).await;
+        eprintln!("tampered: {what}");
+        assert_fails_at(&uri, &trusted, record, why);
+        exec(&db, undo).await;
+    }
+    let (code, out, err) = verify(&uri, "docs", &["--trusted-key", &trusted]);
+    assert_eq!(code, Some(0), "restored: {out}{err}");
+
+    // A record inserted with a forged signature (the real key's id, a signature by another).
+    let mut forger = SigningKey::from_bytes(&[9; 32]);
+    let sequence = forge_record(&db, &forger).await;
+    let real_id = key_id(&signing_key(&private).verifying_key());
+    exec(
+        &db,
+        &format!("UPDATE merkle_roots SET key_id = '{real_id}' WHERE sequence = {sequence}"),
+    )
+    .await;
+    assert_fails_at(&uri, &trusted, sequence, "does not verify");
+    exec(
+        &db,
+        &format!("DELETE FROM merkle_roots WHERE sequence = {sequence}"),
+    )
+    .await;
+    // A record signed by a key the verifier does not trust.
+    forger = SigningKey::from_bytes(&[10; 32]);
+    let sequence = forge_record(&db, &forger).await;
+    assert_fails_at(
+        &uri,
+        &trusted,
+        sequence,
+        &format!(
+            "signed by key {}, which is not trusted",
+            key_id(&forger.verifying_key())
+        ),
+    );
+    exec(
+        &db,
+        &format!("DELETE FROM merkle_roots WHERE sequence = {sequence}"),
+    )
+    .await;
+
+    // A truncated tail: the signed head names a newer record than the records reach.
+    exec(&db, "DELETE FROM merkle_roots WHERE sequence = 5").await;
+    assert_fails_at(&uri, &trusted, 5, "the tail was truncated");
+    // A deleted record.
+    exec(&db, "DELETE FROM merkle_roots WHERE sequence = 3").await;
+    assert_fails_at(&uri, &trusted, 4, "record 3 is missing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_keys_exports_pruning_and_records_older_than_the_history_verify() {
+    let mut stack = TestStack::new();
+    let (old_private, old_public) = key_pair(&stack.dir().join("old"));
+    let (new_private, new_public) = key_pair(&stack.dir().join("new"));
+    let (uri, _) = start_db_sync(
+        &mut stack,
+        &[("SIGNING_KEY_FILE", old_private.display().to_string())],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 1..3);
+    // Records stored before the history existed: their chain columns are empty.
+    let db = stack.sql().await;
+    exec(
+        &db,
+        "UPDATE merkle_roots SET previous_record_hash = NULL, record_hash = NULL, \
+         signature = NULL, key_id = NULL; DELETE FROM merkle_history_checkpoints",
+    )
+    .await;
+
+    // Rotation: the new key signs, the old one is still published.
+    stack
+        .service_mut("db-sync")
+        .process
+        .stop(Duration::from_secs(10));
+    let (uri, mut client) = start_db_sync(
+        &mut stack,
+        &[
+            ("SIGNING_KEY_FILE", new_private.display().to_string()),
+            ("PREVIOUS_PUBLIC_KEYS", old_public.display().to_string()),
+        ],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 3..5);
+    let (old, new) = (
+        old_public.to_str().expect("p"),
+        new_public.to_str().expect("p"),
+    );
+    let (code, out, err) = verify(&uri, "docs", &["--trusted-key", old, "--trusted-key", new]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let new_id = key_id(&signing_key(&new_private).verifying_key());
+    assert!(
+        out.contains(&format!("4 signed by key {new_id}")),
+        "the older records were chained and signed at start by the new key: {out}"
+    );
+    let answer = client
+        .get_history_proof(GetHistoryProofRequest {
+            source: "docs".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("proof")
+        .into_inner();
+    assert_eq!(answer.public_keys.len(), 2, "current and previous keys");
+    assert!(answer.signing);
+    assert_eq!(answer.head.expect("head").sequence, 4);
+    // A record under the old key only: sign record 1 again with it, as before the rotation.
+    let old_key = signing_key(&old_private);
+    let row = db
+        .query_one(
+            "SELECT record_hash FROM merkle_roots WHERE sequence = 1",
+            &[],
+        )
+        .await
+        .expect("record 1");
+    let hash = Digest(row.get::<_, Vec<u8>>(0).try_into().expect("32 bytes"));
+    let sealed = seal(&old_key, &hash);
+    db.execute(
+        "UPDATE merkle_roots SET signature = $1, key_id = $2 WHERE sequence = 1",
+        &[&sealed.signature.as_slice(), &sealed.key_id],
+    )
+    .await
+    .expect("re-sign");
+    let (code, out, err) = verify(&uri, "docs", &["--trusted-key", old, "--trusted-key", new]);
+    assert_eq!(code, Some(0), "both keys trusted: {out}{err}");
+    let (code, _, err) = verify(&uri, "docs", &["--trusted-key", new]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("record 1:") && err.contains("not trusted"),
+        "{err}"
+    );
+
+    // Export, then verify with no server at all.
+    let (code, exported, err) = run_merklectl(&["export-history", "docs", "--addr", &uri]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(exported.lines().count(), 5, "a header and four records");
+    let file = stack.dir().join("docs.jsonl");
+    std::fs::write(&file, &exported).expect("write");
+    stack
+        .service_mut("db-sync")
+        .process
+        .stop(Duration::from_secs(10));
+    let file_arg = file.to_str().expect("utf-8");
+    let verify_file = || {
+        run_merklectl(&[
+            "verify-history",
+            "--file",
+            file_arg,
+            "--trusted-key",
+            old,
+            "--trusted-key",
+            new,
+        ])
+    };
+    let (code, out, err) = verify_file();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("records 1..4 (4) verified"), "{out}");
+    // Record 2's build id changed in the file.
+    let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
+    lines[2] = lines[2].replacen("\"build_id\":\"", "\"build_id\":\"x", 1);
+    std::fs::write(&file, lines.join("\n")).expect("write");
+    let (code, _, err) = verify_file();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("FAILED at record 2:"), "{err}");
+
+    // Pruning leaves a signed checkpoint that verification starts from.
+    let (uri, mut client) = start_db_sync(
+        &mut stack,
+        &[("SIGNING_KEY_FILE", new_private.display().to_string())],
+    )
+    .await;
+    client
+        .set_retention_policy(SetRetentionPolicyRequest {
+            source: "docs".into(),
+            policy: Some(RetentionPolicy {
+                keep_last: 2,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("retention");
+    let (code, out, err) = verify(&uri, "docs", &["--trusted-key", new]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("records 3..4 (2) verified"), "{out}");
+    assert!(out.contains("starts after record 2"), "{out}");
+    // A forged start: the pruning checkpoint's record hash changed.
+    exec(
+        &db,
+        "UPDATE merkle_history_checkpoints SET record_hash = sha256(record_hash) WHERE kind = 'pruned'",
+    )
+    .await;
+    let (code, _, err) = verify(&uri, "docs", &["--trusted-key", new]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("FAILED at the pruning checkpoint"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsigned_history_bad_ranges_and_bad_keys() {
+    let mut stack = TestStack::new();
+    let (uri, mut client) = start_db_sync(&mut stack, &[]).await;
+    push_versions(&stack, &uri, "docs", 1..4);
+    // No key: the records are chained, the answer says unsigned.
+    let empty = stack.dir().join("no-keys");
+    let data_dir = empty.to_str().expect("utf-8");
+    let (code, _, err) = verify(&uri, "docs", &["--data-dir", data_dir]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no trusted key"), "{err}");
+    let (code, out, err) = verify(&uri, "docs", &["--data-dir", data_dir, "--allow-unsigned"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("3 unsigned"), "{out}");
+    let (_, public) = key_pair(&stack.dir().join("k"));
+    let (code, _, err) = verify(
+        &uri,
+        "docs",
+        &["--trusted-key", public.to_str().expect("p")],
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("record 1: it is not signed") && err.contains("--allow-unsigned"),
+        "{err}"
+    );
+
+    let call = |from: u64, to: u64, page_size: u32, source: &str| GetHistoryProofRequest {
+        source: source.into(),
+        from_sequence: from,
+        to_sequence: to,
+        page_size,
+        page_token: String::new(),
+    };
+    let status = client
+        .get_history_proof(call(0, 0, 0, "nothing"))
+        .await
+        .expect_err("unknown source");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    for (request, field) in [
+        (call(3, 2, 0, "docs"), "from_sequence"),
+        (call(1, 9, 0, "docs"), "to_sequence"),
+        (call(0, 0, 10_001, "docs"), "page_size"),
+        (call(0, 0, 0, "Bad Name"), "source"),
+    ] {
+        let status = client
+            .get_history_proof(request)
+            .await
+            .expect_err("bad request");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+    // Pages: one record each, the range pinned by the token.
+    let mut token = String::new();
+    let mut sequences = Vec::new();
+    loop {
+        let page = client
+            .get_history_proof(GetHistoryProofRequest {
+                page_size: 1,
+                page_token: token,
+                ..call(0, 0, 1, "docs")
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        sequences.extend(page.records.iter().map(|r| r.sequence));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(sequences, [1, 2, 3]);
+
+    // A key file that is not an Ed25519 key: DbSync refuses to start, naming the setting.
+    let bad = stack.dir().join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let service = stack.start_service(
+        "db-sync",
+        &[("SIGNING_KEY_FILE", bad.display().to_string())],
+    );
+    let log = service.log.clone();
+    let status = stack
+        .service_mut("db-sync")
+        .process
+        .wait_timeout(Duration::from_secs(30))
+        .expect("DbSync exits");
+    assert_eq!(status.code(), Some(2));
+    let text = std::fs::read_to_string(&log).expect("log");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("SIGNING_KEY_FILE"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one line naming the setting: {text}");
+    assert!(errors[0].contains("not an Ed25519 private key"), "{text}");
+
+    // A key readable by others: a warning, and DbSync serves.
+    let (private, _) = key_pair(&stack.dir().join("open"));
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    start_db_sync(
+        &mut stack,
+        &[("SIGNING_KEY_FILE", private.display().to_string())],
+    )
+    .await;
+    let log = stack.service_mut("db-sync").log.clone();
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("readable by others than its owner") && text.contains("644"),
+        "{text}"
+    );
+}
+
+/// The signing key in the PKCS#8 file `merklectl up` writes.
+fn signing_key(path: &Path) -> SigningKey {
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path).expect("key")).expect("pem")
+}
