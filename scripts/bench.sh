@@ -9,6 +9,8 @@
 #                                           100,000- (or 1,000,000-) file tree
 #   scripts/bench.sh discovery              Discovery on 1,000 Nomad nodes (a stand-in, 2 ms per
 #                                           answer): HOT list, incremental refresh vs full fetch
+#   scripts/bench.sh history                signing and chaining on a changed SyncTree (signed
+#                                           beside unsigned), verify-history of 100,000 records
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-scheduler -p merkle-discovery -p merkle-bench

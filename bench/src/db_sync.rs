@@ -191,6 +191,26 @@ fn pgbench(port: u16) -> anyhow::Result<(Duration, f64)> {
     ))
 }
 
+/// A work folder and a PostgreSQL in it that loads pg_stat_statements (to count and time
+/// exactly which queries ran).
+pub(crate) async fn postgres_with_statements(
+    prefix: &str,
+) -> anyhow::Result<(tempfile::TempDir, Postgres)> {
+    let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    // The Postgres folder must be reachable by the server's user when running as root.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755))?;
+    }
+    let pg = Postgres::start_with(
+        &work.path().join("postgres"),
+        stack::free_port()?,
+        &[("shared_preload_libraries", "pg_stat_statements")],
+    )
+    .await?;
+    Ok((work, pg))
+}
+
 pub fn run(args: DbSyncBenchArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(run_async(args))
 }
@@ -200,21 +220,8 @@ async fn run_async(args: DbSyncBenchArgs) -> anyhow::Result<()> {
     fs::create_dir_all(&args.work_dir)?;
     let tree_dir = args.work_dir.canonicalize()?.join("hundred-k");
     crate::trees::ensure(&tree_dir, generate_hundred_k)?;
-    let work = tempfile::Builder::new()
-        .prefix("merkle-bench-dbsync-")
-        .tempdir()?;
+    let (work, pg) = postgres_with_statements("merkle-bench-dbsync-").await?;
     let w = work.path();
-    // The Postgres folder must be reachable by the server's user when running as root.
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(w, fs::Permissions::from_mode(0o755))?;
-    }
-    let pg = Postgres::start_with(
-        &w.join("postgres"),
-        stack::free_port()?,
-        &[("shared_preload_libraries", "pg_stat_statements")],
-    )
-    .await?;
     let redis = Redis::start(&w.join("redis"), stack::free_port()?).await?;
     let cache = rpc::start_service(w, "cache", &[("REDIS_URL", redis.url())]).await?;
     let warm = rpc::start_service(

@@ -11,11 +11,14 @@
 //!   ([`scheduler`]);
 //! - `discovery`: Discovery's HOT list and incremental refresh against a Nomad stand-in with
 //!   2 ms per answer ([`discovery`]);
+//! - `history`: what chaining and signing add to a changed SyncTree, and `verify-history` of
+//!   100,000 signed records ([`history`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
 mod cache;
 mod db_sync;
 mod discovery;
+mod history;
 mod rpc;
 mod scheduler;
 mod trees;
@@ -46,6 +49,9 @@ enum Command {
     /// Discovery: the HOT list, and an incremental refresh of 1,000 Nomad nodes beside a full
     /// fetch.
     Discovery(discovery::DiscoveryBenchArgs),
+    /// The tamper-evident history: signing and chaining on a changed SyncTree, and
+    /// verify-history of 100,000 signed records.
+    History(history::HistoryBenchArgs),
     /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
     /// forwarding each call to another echo (two hops).
     #[command(hide = true)]
@@ -58,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         None => trees::run(cli.trees),
         Some(Command::Cache(args)) => cache::run(args),
         Some(Command::DbSync(args)) => db_sync::run(args),
+        Some(Command::History(args)) => history::run(args),
         Some(Command::Scheduler(args)) => scheduler::run(args),
         Some(Command::Discovery(args)) => discovery::run(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),

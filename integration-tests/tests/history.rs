@@ -156,9 +156,34 @@ async fn each_kind_of_tampering_is_named_by_verify_history() {
     assert_eq!(json["records"], 5);
     assert_eq!(json["unsigned"], 0);
 
+    // Concurrent syncs of one source never fork its chain.
+    let pushes: Vec<_> = (0..4)
+        .map(|n| {
+            let dir = stack.dir().join(format!("race-{n}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join("n"), n.to_string()).expect("write");
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                run_merklectl(&["push", "race", dir.to_str().expect("utf-8"), "--addr", &uri])
+            })
+        })
+        .collect();
+    for push in pushes {
+        let (code, out, err) = push.join().expect("push thread");
+        assert_eq!(code, Some(0), "{out}{err}");
+    }
+    let (code, out, err) = verify(&uri, "race", &["--trusted-key", &trusted]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("race: records 1..4 (4) verified"), "{out}");
+
+    // The tampering below edits rows by sequence number: only `docs` stays.
     let db = stack.sql().await;
-    // A changed root (an existing tree's, so the database accepts it).
-    exec(&db, "CREATE TEMP TABLE saved AS SELECT * FROM merkle_roots").await;
+    exec(
+        &db,
+        "DELETE FROM merkle_roots WHERE source = 'race'; \
+         CREATE TEMP TABLE saved AS SELECT * FROM merkle_roots",
+    )
+    .await;
     let swap = "UPDATE merkle_roots SET sequence = 1000 WHERE sequence = 2; \
                 UPDATE merkle_roots SET sequence = 2 WHERE sequence = 3; \
                 UPDATE merkle_roots SET sequence = 3 WHERE sequence = 1000";
