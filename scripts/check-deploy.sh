@@ -30,3 +30,11 @@ echo "k8s/merkle-mesh.yaml matches the chart"
 
 "$bin/kubernetes-validate" --quiet --strict -k "$kube_version" k8s/*.yaml
 echo "kubernetes-validate --strict (Kubernetes $kube_version): ok"
+
+# The chart with the history signing key mounted, validated the same way.
+"$bin/helm" template merkle-mesh helm/merkle-mesh \
+  --set dbSync.signingKeySecret=merkle-mesh-history \
+  --set 'dbSync.previousPublicKeys={2025.pub.pem,2024.pub.pem}' > "$rendered"
+grep -q 'value: /etc/merkle-mesh/history/2025.pub.pem,/etc/merkle-mesh/history/2024.pub.pem' "$rendered"
+"$bin/kubernetes-validate" --quiet --strict -k "$kube_version" "$rendered"
+echo "chart with a history signing key: ok"

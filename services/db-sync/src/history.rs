@@ -43,6 +43,16 @@ fn read_key_file(variable: &str, path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::new(variable, format!("{}: cannot be read: {e}", path.display())))
 }
 
+/// Whether users other than the key's owner can read it. A group-readable file of the
+/// process's own group passes: that is how Kubernetes mounts a Secret for a pod with an
+/// `fsGroup` (mode 0440 at least).
+fn readable_by_others(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let mode = meta.permissions().mode();
+    let own_group = meta.gid() == nix::unistd::getegid().as_raw();
+    mode & 0o007 != 0 || (mode & 0o070 != 0 && !own_group)
+}
+
 impl Signer {
     /// Loads the signing key and the retired public keys; an error names the setting.
     pub fn load(signing_key: Option<&Path>, previous: &[PathBuf]) -> Result<Signer, ConfigError> {
@@ -58,13 +68,12 @@ impl Signer {
                     ),
                 )
             })?;
-            use std::os::unix::fs::PermissionsExt as _;
             if let Ok(meta) = std::fs::metadata(path)
-                && meta.permissions().mode() & 0o077 != 0
+                && readable_by_others(&meta)
             {
                 tracing::warn!(
                     file = %path.display(),
-                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    mode = format!("{:o}", std::os::unix::fs::MetadataExt::mode(&meta) & 0o777),
                     "SIGNING_KEY_FILE is readable by others than its owner; chmod 600 it"
                 );
             }
