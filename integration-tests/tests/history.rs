@@ -254,6 +254,22 @@ async fn each_kind_of_tampering_is_named_by_verify_history() {
     )
     .await;
 
+    // --deep: a stored tree that no longer hashes to its root (read by a DbSync that keeps no
+    // nodes in memory, so it reads the corrupted rows).
+    exec(
+        &db,
+        "UPDATE merkle_tree_data SET encoded = encoded || '\\x00'::bytea \
+         WHERE hash NOT IN (SELECT root_hash FROM merkle_roots)",
+    )
+    .await;
+    let (cold, _) = start_db_sync(&mut stack, &[("NODE_CACHE_BYTES", "0".into())]).await;
+    let (code, _, err) = verify(&cold, "docs", &["--trusted-key", &trusted, "--deep"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("FAILED at record 1: its stored tree") && err.contains("DataLoss"),
+        "{err}"
+    );
+
     // A truncated tail: the signed head names a newer record than the records reach.
     exec(&db, "DELETE FROM merkle_roots WHERE sequence = 5").await;
     assert_fails_at(&uri, &trusted, 5, "the tail was truncated");

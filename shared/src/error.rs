@@ -31,6 +31,8 @@ pub enum ErrorCode {
     Timeout,
     /// This server does not do this (yet); the message says which piece is missing.
     Unimplemented,
+    /// Stored data is corrupted (e.g. a stored node no longer matches its hash).
+    DataLoss,
     /// A bug or an unexpected failure.
     Internal,
 }
@@ -50,7 +52,8 @@ impl ErrorCode {
             Code::Unavailable => ErrorCode::Unavailable,
             Code::DeadlineExceeded => ErrorCode::Timeout,
             Code::Unimplemented => ErrorCode::Unimplemented,
-            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorCode::Internal,
+            Code::DataLoss => ErrorCode::DataLoss,
+            Code::Ok | Code::Unknown | Code::Internal => ErrorCode::Internal,
         }
     }
 }
@@ -75,6 +78,10 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Timeout => Code::DeadlineExceeded,
         ErrorCode::Unimplemented => Code::Unimplemented,
+        ErrorCode::DataLoss => {
+            tracing::error!(error = %err, "stored data is corrupted");
+            Code::DataLoss
+        }
         ErrorCode::Internal => {
             tracing::error!(error = %err, "internal error");
             Code::Internal

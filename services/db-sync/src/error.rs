@@ -22,6 +22,9 @@ pub enum Error {
     Cancelled(String),
     #[error(transparent)]
     Postgres(#[from] PgError),
+    /// A stored node or record that no longer matches its hash.
+    #[error("{0}")]
+    DataLoss(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -69,6 +72,7 @@ impl ServiceError for Error {
             },
             Error::Postgres(PgError::Migration { .. }) => ErrorCode::Unavailable,
             Error::Postgres(PgError::Pool(_)) => ErrorCode::Unavailable,
+            Error::DataLoss(_) => ErrorCode::DataLoss,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

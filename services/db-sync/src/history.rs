@@ -145,7 +145,7 @@ pub fn now_micros() -> SystemTime {
 fn digest_of(bytes: &[u8]) -> Result<Digest, Error> {
     <[u8; 32]>::try_from(bytes)
         .map(Digest)
-        .map_err(|_| Error::Internal("a stored record hash is not 32 bytes".into()))
+        .map_err(|_| Error::DataLoss("a stored record hash is not 32 bytes".into()))
 }
 
 /// The record a stored snapshot is (what its hash covers).

@@ -224,7 +224,7 @@ impl NodeStore {
             let encoded: Vec<u8> = row.get(1);
             let sizes: Vec<u8> = row.get(2);
             let node = decode(&hash, &encoded, &sizes).ok_or_else(|| {
-                Error::Internal(format!("stored node {hash} does not match its hash"))
+                Error::DataLoss(format!("stored node {hash} does not match its hash"))
             })?;
             let node = Arc::new(node);
             self.remember(hash, node.clone());
