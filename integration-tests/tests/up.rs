@@ -82,6 +82,8 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
         .args(["--postgres-port", &free_port().expect("port").to_string()])
         .args(["--redis-port", &free_port().expect("port").to_string()])
         .args(["--base-port", &base.to_string(), "--no-build"])
+        .args(["--otlp-port", &free_port().expect("port").to_string()])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .args(["--fleet-nodes", "1"])
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
@@ -224,6 +226,8 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
         .args(["--postgres-port", &free_port().expect("port").to_string()])
         .args(["--redis-port", &free_port().expect("port").to_string()])
         .args(["--base-port", &base.to_string(), "--no-build"])
+        .args(["--otlp-port", &free_port().expect("port").to_string()])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .arg("--watch")
         .arg(&watched)
         .args(["--every", "1s"])
@@ -290,6 +294,52 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
         &|l| l.contains("  site  ") && l.contains("unchanged"),
         Duration::from_secs(30),
         &mut seen,
+    );
+
+    // The local receiver got every build's spans: `merklectl trace` shows one as a tree.
+    let scheduler = format!("http://127.0.0.1:{base}");
+    let (code, out, err) = run_merklectl(&[
+        "builds", "site", "--addr", &scheduler, "--json", "--limit", "50",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let build_id = out
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|b| b["state"] == "SUCCEEDED_CHANGED")
+        .find_map(|b| b["build_id"].as_str().map(str::to_owned))
+        .expect("a succeeded build");
+    let stack_dir = data.path().join("stack");
+    let stack_arg = stack_dir.to_str().expect("utf-8");
+    let trace = |extra: &[&str]| {
+        let mut args = vec![
+            "trace",
+            build_id.as_str(),
+            "--addr",
+            scheduler.as_str(),
+            "--data-dir",
+            stack_arg,
+        ];
+        args.extend_from_slice(extra);
+        run_merklectl(&args)
+    };
+    let (code, out, err) = trace(&[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for service in ["merkle-scheduler", "merkle-tree-builder", "merkle-db-sync"] {
+        assert!(
+            out.contains(service),
+            "{service} missing from the trace:\n{out}"
+        );
+    }
+    assert!(out.contains("TreeBuilderService/BuildTree"), "{out}");
+    let (code, json, err) = trace(&["--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let otlp: serde_json::Value = serde_json::from_str(&json).expect("OTLP JSON");
+    assert!(
+        otlp["resourceSpans"]
+            .as_array()
+            .is_some_and(|r| r.len() >= 3),
+        "{json}"
     );
     drop(child);
 }

@@ -315,13 +315,16 @@ impl<'a> Builder<'a> {
         run.watch = watch;
 
         progress.set_phase(Phase::Scanning);
-        let skeleton = pool.install(|| run.scan_dir(root, b"", 0, meta.dev()))?;
+        // One span per phase, children of the caller's (a BuildTree call's) span.
+        let skeleton = tracing::info_span!("scan", build.phase = "scan")
+            .in_scope(|| pool.install(|| run.scan_dir(root, b"", 0, meta.dev())))?;
         if run.entries.load(Ordering::Relaxed) > self.options.keep_max_entries {
             // Too big to keep: hashed as a plain build, and the caller is told so.
             run.watch = None;
         }
         progress.set_phase(Phase::Hashing);
-        let (root_digest, mut stats, kept) = pool.install(|| run.hash_dir(skeleton, root, b""))?;
+        let (root_digest, mut stats, kept) = tracing::info_span!("hash", build.phase = "hash")
+            .in_scope(|| pool.install(|| run.hash_dir(skeleton, root, b"")))?;
         stats.dir_count += 1;
         stats.skipped_count = run.skipped.load(Ordering::Relaxed);
         progress.set_phase(Phase::Done);

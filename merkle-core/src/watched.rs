@@ -238,7 +238,14 @@ impl Builder<'_> {
             .bytes_total
             .store(tree.top.stats.total_bytes, Ordering::Relaxed);
 
-        pool.install(|| run.refresh(&mut tree.top, &tree.root, b"", 0, &dirty))?;
+        // The watched tree's only phase: re-listing and hashing what changed.
+        tracing::info_span!(
+            "hash",
+            build.phase = "hash",
+            watched = true,
+            dirs_changed = dirty.dir_count()
+        )
+        .in_scope(|| pool.install(|| run.refresh(&mut tree.top, &tree.root, b"", 0, &dirty)))?;
         if tree.top.listed > self.options.max_entries {
             return Err(BuildError::TooManyEntries {
                 limit: self.options.max_entries,

@@ -10,6 +10,7 @@ pub mod remote;
 pub mod sources;
 pub mod stack;
 pub mod stored;
+pub mod traces;
 pub mod up;
 pub mod watch;
 

@@ -55,6 +55,9 @@ enum Command {
     /// Write a source's history (records, keys, checkpoints) as JSON lines, for
     /// `verify-history --file` with no server.
     ExportHistory(merklectl::history::ExportHistoryArgs),
+    /// A build's trace as an indented tree (service, span, duration, status), from the spans
+    /// `merklectl up`'s receiver collected; `--json` writes OTLP JSON.
+    Trace(merklectl::traces::TraceArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -95,6 +98,9 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             })
+        }
+        Command::Trace(args) => {
+            block_on(merklectl::traces::trace(args)).map(|()| ExitCode::SUCCESS)
         }
         Command::ExportHistory(args) => {
             block_on(merklectl::history::export(args)).map(|()| ExitCode::SUCCESS)

@@ -74,6 +74,11 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=16))]
     pub fleet_nodes: u16,
+    /// Port of the local OTLP trace receiver every service sends its spans to (see
+    /// `merklectl trace`); not started when OTEL_EXPORTER_OTLP_ENDPOINT is set, as the
+    /// services then export there.
+    #[arg(long, default_value_t = 4317)]
+    pub otlp_port: u16,
 }
 
 impl UpArgs {
@@ -154,6 +159,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     {
         allowed_roots.push(dir.clone());
     }
+    // Traces: a collector of the person's own (OTEL_EXPORTER_OTLP_ENDPOINT, inherited by
+    // every service), else the local receiver.
+    let mut telemetry_env: Vec<(&'static str, String)> = Vec::new();
+    let traces = if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty()) {
+        None
+    } else {
+        let addr = SocketAddr::from(([127, 0, 0, 1], args.otlp_port));
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("the OTLP receiver cannot listen on {addr}; pass --otlp-port")
+        })?;
+        let receiver =
+            crate::traces::Receiver::to_file(&data_dir.join(crate::traces::TRACES_FILE))?;
+        receiver.serve(listener);
+        telemetry_env.extend([
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            // The receiver takes traces; metrics are on each service's /metrics.
+            ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "500".to_owned()),
+        ]);
+        Some(addr)
+    };
     let discovery_env = discovery_env(&args, &data_dir)?;
     // DbSync signs the history with the stack's own key; `verify-history` trusts its public
     // half by default.
@@ -162,6 +188,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for spec in SERVICES {
         let port = args.port_of(&spec);
         let mut env = service_env(&spec, &args, &database_url, &redis_url);
+        env.extend(telemetry_env.iter().cloned());
         if spec.name == "tree-builder" {
             let roots: Vec<String> = allowed_roots
                 .iter()
@@ -200,6 +227,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let name = format!("node-{n}");
         let port = args.node_port(n);
         let mut env = service_env(&tree_builder_spec, &args, &database_url, &redis_url);
+        env.extend(telemetry_env.iter().cloned());
         let roots: Vec<String> = allowed_roots
             .iter()
             .map(|p| p.display().to_string())
@@ -280,6 +308,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
          merkle.treebuilder.v1.TreeBuilderService/BuildTree",
         roots[0]
     );
+    match traces {
+        Some(addr) => println!(
+            "traces: OTLP receiver on {addr}, spans in {}; see one build with `merklectl trace BUILD_ID`",
+            data_dir.join(crate::traces::TRACES_FILE).display()
+        ),
+        None => println!("traces: sent to OTEL_EXPORTER_OTLP_ENDPOINT (no local receiver)"),
+    }
     println!("logs: {}/logs   stop: Ctrl-C", data_dir.display());
 
     let address = |name: &str| {
@@ -472,12 +507,15 @@ fn print_table(
     redis_url: &str,
 ) {
     println!(
-        "\n{:<14} {:<18} {:>8}  STATUS",
-        "COMPONENT", "ADDRESS", "PID"
+        "\n{:<14} {:<18} {:>8}  {:<11} {:<34} SERVICE",
+        "COMPONENT", "ADDRESS", "PID", "STATUS", "METRICS"
     );
     for ((spec, addr, process), status) in services.iter().zip(statuses) {
+        let metrics = merkle_shared::metrics::admin_addr(None, *addr)
+            .map(|a| format!("http://{a}/metrics"))
+            .unwrap_or_default();
         println!(
-            "{:<14} {:<18} {:>8}  {status}  {}",
+            "{:<14} {:<18} {:>8}  {status:<11} {metrics:<34} {}",
             spec.name,
             addr.to_string(),
             process.pid(),

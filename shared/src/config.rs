@@ -144,6 +144,10 @@ pub struct ServerArgs {
     /// How often dependencies (PostgreSQL, Redis) are checked for the health status.
     #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub health_check_interval: Duration,
+    /// Where `/metrics` (Prometheus text) is served, host:port; default: the gRPC address
+    /// with its port + 1000 (51051-51055 locally); `off` serves none.
+    #[arg(long, env = "METRICS_LISTEN_ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_listen_addr: Option<String>,
 }
 
 impl ServerArgs {
@@ -151,6 +155,14 @@ impl ServerArgs {
     pub fn listen_addr_or(&self, default_port: u16) -> SocketAddr {
         self.listen_addr
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+}
+
+fn parse_metrics_addr(value: &str) -> Result<String, String> {
+    if value == "off" || value.parse::<SocketAddr>().is_ok() {
+        Ok(value.to_owned())
+    } else {
+        Err("use host:port (e.g. 0.0.0.0:51053) or off".into())
     }
 }
 

@@ -23,6 +23,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod names;
 pub mod page_token;
 pub mod postgres;

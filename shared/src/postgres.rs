@@ -67,10 +67,12 @@ impl PostgresArgs {
 pub fn pool(args: &PostgresArgs) -> Result<PgPool, ConfigError> {
     let mut config = args.parse()?;
     config.connect_timeout(args.database_connect_timeout);
-    Ok(bb8::Pool::builder()
+    let pool = bb8::Pool::builder()
         .max_size(args.database_pool_size)
         .connection_timeout(args.database_connect_timeout)
-        .build_unchecked(PostgresConnectionManager::new(config, NoTls)))
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+    crate::metrics::observe_pool("postgresql", pool.clone());
+    Ok(pool)
 }
 
 /// Checks that PostgreSQL answers, within `timeout`.
@@ -192,5 +194,124 @@ impl std::fmt::Debug for PostgresArgs {
             .field("database_pool_size", &self.database_pool_size)
             .field("database_connect_timeout", &self.database_connect_timeout)
             .finish()
+    }
+}
+
+/// The table a statement names first (after FROM, INTO or UPDATE), for span names.
+fn first_table(sql: &str) -> Option<&str> {
+    let words: Vec<&str> = sql.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| ["FROM", "INTO", "UPDATE"].contains(&w[0].to_ascii_uppercase().as_str()))
+        .map(|w| w[1].trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_'))
+        .filter(|t| !t.is_empty() && !t.starts_with('('))
+}
+
+/// A client span for one statement (inside a trace only), following the database semantic conventions: the
+/// statement's text (its values are parameters, never in it), its operation and table.
+pub fn statement_span(sql: &str) -> tracing::Span {
+    let operation = sql
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    let name = match first_table(sql) {
+        Some(table) => format!("{operation} {table}"),
+        None => operation.clone(),
+    };
+    crate::telemetry::child_span(|| {
+        tracing::info_span!(
+            "postgresql",
+            otel.name = %name,
+            otel.kind = "client",
+            db.system = "postgresql",
+            db.operation = %operation,
+            db.statement = %sql,
+        )
+    })
+}
+
+/// PostgreSQL calls with a client span each ([`statement_span`]): what every service uses
+/// instead of `query`, `execute` and friends, so every statement shows in the trace.
+pub trait Traced: tokio_postgres::GenericClient + Sync {
+    fn query_traced<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+    + Send
+    + 'a {
+        tracing::Instrument::instrument(
+            tokio_postgres::GenericClient::query(self, sql, params),
+            statement_span(sql),
+        )
+    }
+
+    fn query_one_traced<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a
+    {
+        tracing::Instrument::instrument(
+            tokio_postgres::GenericClient::query_one(self, sql, params),
+            statement_span(sql),
+        )
+    }
+
+    fn query_opt_traced<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<
+        Output = Result<Option<tokio_postgres::Row>, tokio_postgres::Error>,
+    > + Send
+    + 'a {
+        tracing::Instrument::instrument(
+            tokio_postgres::GenericClient::query_opt(self, sql, params),
+            statement_span(sql),
+        )
+    }
+
+    fn execute_traced<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a {
+        tracing::Instrument::instrument(
+            tokio_postgres::GenericClient::execute(self, sql, params),
+            statement_span(sql),
+        )
+    }
+
+    fn batch_execute_traced<'a>(
+        &'a self,
+        sql: &'a str,
+    ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a {
+        tracing::Instrument::instrument(
+            tokio_postgres::GenericClient::batch_execute(self, sql),
+            statement_span(sql),
+        )
+    }
+}
+
+impl<C: tokio_postgres::GenericClient + Sync> Traced for C {}
+
+#[cfg(test)]
+mod span_tests {
+    use super::first_table;
+
+    #[test]
+    fn span_names_take_the_first_table() {
+        assert_eq!(
+            first_table("SELECT a FROM merkle_roots WHERE x = $1"),
+            Some("merkle_roots")
+        );
+        assert_eq!(
+            first_table("INSERT INTO builds (id) VALUES ($1)"),
+            Some("builds")
+        );
+        assert_eq!(first_table("UPDATE sources SET a = 1"), Some("sources"));
+        assert_eq!(first_table("SELECT 1"), None);
     }
 }

@@ -78,6 +78,29 @@ pub async fn serve(
     let local_addr = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
+    // The admin port: /metrics. A default port already taken is not worth failing for; a
+    // configured one is.
+    if let Some(admin) = crate::metrics::admin_addr(args.metrics_listen_addr.as_deref(), local_addr)
+    {
+        match TcpListener::bind(admin).await {
+            Ok(admin_listener) => {
+                tracing::info!(addr = %admin, "serving /metrics");
+                tokio::spawn(crate::metrics::serve_admin(
+                    admin_listener,
+                    shutdown.clone(),
+                ));
+            }
+            Err(source) if args.metrics_listen_addr.is_some() => {
+                return Err(ServeError::Bind {
+                    addr: admin,
+                    source,
+                });
+            }
+            Err(err) => {
+                tracing::warn!(addr = %admin, %err, "cannot serve /metrics there; set METRICS_LISTEN_ADDR");
+            }
+        }
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut drain_signal = shutdown.clone();
     let server = tonic::transport::Server::builder()
@@ -159,6 +182,7 @@ mod tests {
             concurrency_limit: 16,
             shutdown_grace: grace,
             health_check_interval: Duration::from_secs(1),
+            metrics_listen_addr: Some("off".into()),
         }
     }
 

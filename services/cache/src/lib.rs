@@ -22,6 +22,53 @@ use merkle_shared::{health::Health, redis, server, service::RunError, shutdown::
 /// The fully qualified gRPC service name.
 pub const SERVICE_NAME: &str = merkle_proto::service_names::CACHE;
 
+/// Reports the cache's counters and its breaker as metrics, read when they are collected.
+fn observe(store: &std::sync::Arc<store::Store>) {
+    use opentelemetry::KeyValue;
+    let meter = merkle_shared::metrics::meter();
+    let counted = store.clone();
+    meter
+        .u64_observable_counter("merkle.cache.lookups")
+        .with_description("Cache reads by namespace and result (hit, miss)")
+        .with_callback(move |observer| {
+            for ns in counted.stats().snapshot() {
+                let namespace = merkle_proto::cache::v1::Namespace::try_from(ns.namespace)
+                    .map(|n| n.as_str_name())
+                    .unwrap_or("NAMESPACE_UNSPECIFIED");
+                for (result, value) in [("hit", ns.hits), ("miss", ns.misses)] {
+                    observer.observe(
+                        value,
+                        &[
+                            KeyValue::new("namespace", namespace),
+                            KeyValue::new("result", result),
+                        ],
+                    );
+                }
+                observer.observe(
+                    ns.errors + ns.skipped,
+                    &[
+                        KeyValue::new("namespace", namespace),
+                        KeyValue::new("result", "unavailable"),
+                    ],
+                );
+            }
+        })
+        .build();
+    let breaker = store.clone();
+    meter
+        .i64_observable_gauge("merkle.cache.breaker.state")
+        .with_description("The circuit breaker around Redis: 0 closed, 1 half-open, 2 open")
+        .with_callback(move |observer| {
+            let state = match breaker.breaker_state() {
+                merkle_shared::breaker::BreakerState::Closed => 0,
+                merkle_shared::breaker::BreakerState::HalfOpen => 1,
+                merkle_shared::breaker::BreakerState::Open => 2,
+            };
+            observer.observe(state, &[KeyValue::new("dependency", "redis")]);
+        })
+        .build();
+}
+
 /// Serves Cache until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let (health, health_service) = Health::new(SERVICE_NAME).await;
@@ -35,6 +82,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         breaker_cooldown: config.redis_breaker_cooldown,
     };
     let store = store::Store::new(pool, settings);
+    observe(&store);
     let probe = store.clone();
     health.watch(
         config.server.health_check_interval,

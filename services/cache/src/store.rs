@@ -168,6 +168,7 @@ impl Store {
     /// the error or skip.
     async fn redis<T, F, Fut>(
         self: &Arc<Self>,
+        operation: &'static str,
         ns: Option<Namespace>,
         op: F,
     ) -> Result<T, Unavailable>
@@ -182,7 +183,26 @@ impl Store {
             return Err(Unavailable::Skipped);
         };
         let timeout = self.settings.timeout;
-        let outcome = match tokio::time::timeout(timeout, op(self.pool.connection())).await {
+        // A client span per command (database semantic conventions; keys and values stay
+        // out of it), and the commands waiting on the multiplexed connection.
+        let span = merkle_shared::telemetry::child_span(|| {
+            tracing::info_span!(
+                "redis",
+                otel.name = operation,
+                otel.kind = "client",
+                db.system = "redis",
+                db.operation = operation,
+                db.statement = operation,
+                db.namespace = ns.map(|n| n.to_proto().as_str_name()).unwrap_or_default(),
+            )
+        });
+        let _in_flight = merkle_shared::metrics::RedisInFlight::start();
+        let outcome = match tokio::time::timeout(
+            timeout,
+            tracing::Instrument::instrument(op(self.pool.connection()), span.clone()),
+        )
+        .await
+        {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(err.to_string()),
             Err(_) => Err(format!("Redis did not answer within {timeout:?}")),
@@ -194,6 +214,10 @@ impl Store {
                 Ok(value)
             }
             Err(reason) => {
+                tracing_opentelemetry::OpenTelemetrySpanExt::set_status(
+                    &span,
+                    opentelemetry::trace::Status::error(reason.clone()),
+                );
                 permit.failure();
                 if self.breaker.state() == BreakerState::Open {
                     // Writes may have been lost by this outage: trust no latest root from before.
@@ -254,7 +278,7 @@ impl Store {
         }
         let redis_key = self.keys().key(ns, key);
         let read = self
-            .redis(Some(ns), |mut c| async move {
+            .redis("GET", Some(ns), |mut c| async move {
                 redis::pipe()
                     .cmd("GET")
                     .arg(&redis_key)
@@ -301,7 +325,7 @@ impl Store {
             Err(Unavailable::Skipped)
         } else {
             let redis_keys: Vec<String> = keys.iter().map(|k| self.keys().key(ns, k)).collect();
-            self.redis(Some(ns), |mut c| async move {
+            self.redis("MGET", Some(ns), |mut c| async move {
                 redis::cmd("MGET")
                     .arg(&redis_keys)
                     .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
@@ -375,7 +399,7 @@ impl Store {
             cmd.ignore();
         }
         let written = self
-            .redis(Some(ns), |mut c| async move {
+            .redis("SET", Some(ns), |mut c| async move {
                 pipe.query_async::<()>(&mut c).await
             })
             .await;
@@ -396,7 +420,7 @@ impl Store {
     pub async fn delete(self: &Arc<Self>, ns: Namespace, key: &str) -> Result<bool, Unavailable> {
         let redis_key = self.keys().key(ns, key);
         let deleted = self
-            .redis(Some(ns), |mut c| async move {
+            .redis("UNLINK", Some(ns), |mut c| async move {
                 redis::cmd("UNLINK")
                     .arg(&redis_key)
                     .query_async::<u64>(&mut c)
@@ -460,7 +484,7 @@ impl Store {
             if !batch.is_empty() {
                 let unlink = redis::cmd("UNLINK").arg(&batch).clone();
                 let n = self
-                    .redis(ns, |mut c| async move {
+                    .redis("UNLINK", ns, |mut c| async move {
                         unlink.query_async::<u64>(&mut c).await
                     })
                     .await?;
@@ -490,7 +514,7 @@ impl Store {
         cursor: u64,
         ns: Option<Namespace>,
     ) -> Result<(u64, Vec<Vec<u8>>), Unavailable> {
-        self.redis(ns, |mut c| async move {
+        self.redis("SCAN", ns, |mut c| async move {
             redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -519,7 +543,7 @@ impl Store {
     /// Redis' own figures and this deployment's key count.
     pub async fn info(self: &Arc<Self>) -> Result<RedisInfo, Unavailable> {
         let text = self
-            .redis(None, |mut c| async move {
+            .redis("INFO", None, |mut c| async move {
                 redis::cmd("INFO").query_async::<String>(&mut c).await
             })
             .await?;

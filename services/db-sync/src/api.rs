@@ -135,6 +135,7 @@ impl DbSyncService for DbSyncApi {
                 })
                 .unwrap_or_default(),
         };
+        merkle_shared::telemetry::tag_build(&header.build_id, header.source.as_str());
         if header.build_id.len() > 256 {
             return Err(Error::bad_request("header.build_id", "must be at most 256 bytes").into());
         }

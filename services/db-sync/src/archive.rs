@@ -2,6 +2,7 @@
 //! and what is written through: the latest snapshot of each source (mutable, written through on
 //! every change, `NAMESPACE_LATEST_ROOT`) and directory nodes (immutable, `nodes.rs`).
 
+use merkle_shared::postgres::Traced as _;
 use std::{collections::HashMap, sync::Arc};
 
 use merkle_core::Digest;
@@ -112,7 +113,7 @@ impl Archive {
         let conn = self.pool.get().await?;
         let keys: Vec<&[u8]> = hashes.iter().map(|h| h.0.as_slice()).collect();
         let found: std::collections::HashSet<Vec<u8>> = conn
-            .query(
+            .query_traced(
                 queries::FIND_NODES,
                 &[&keys, &self.settings.touch_after.as_secs_f64()],
             )

@@ -12,6 +12,7 @@
 //! `last_used`, so it spares the node; a node reached only through a sync that has not committed
 //! yet is recent by construction. The snapshot's foreign key to its root node is a last guard.
 
+use merkle_shared::postgres::Traced as _;
 use std::{sync::Arc, time::Duration};
 
 use merkle_shared::shutdown::Shutdown;
@@ -67,7 +68,7 @@ pub async fn collect_nodes(archive: &Archive, grace: Duration, batch: usize) -> 
     let grace = grace.as_secs_f64();
     let candidates: Vec<Vec<u8>> = {
         let conn = archive.pool.get().await?;
-        conn.query(MARK, &[&grace, &MAX_CANDIDATES])
+        conn.query_traced(MARK, &[&grace, &MAX_CANDIDATES])
             .await?
             .iter()
             .map(|row| row.get(0))
@@ -77,7 +78,7 @@ pub async fn collect_nodes(archive: &Archive, grace: Duration, batch: usize) -> 
     for chunk in candidates.chunks(batch.max(1)) {
         let conn = archive.pool.get().await?;
         let keys: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
-        deleted += conn.execute(SWEEP, &[&keys, &grace]).await?;
+        deleted += conn.execute_traced(SWEEP, &[&keys, &grace]).await?;
     }
     Ok(deleted)
 }

@@ -8,6 +8,7 @@
 //! public halves, published by GetHistoryProof so old records stay verifiable after a
 //! rotation. With no key, records are still chained and left unsigned.
 
+use merkle_shared::postgres::Traced as _;
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -206,7 +207,7 @@ pub async fn chain(
 
 /// Writes a checkpoint (signed when there is a key).
 async fn checkpoint(
-    tx: &impl GenericClient,
+    tx: &(impl GenericClient + Sync),
     signer: &Signer,
     kind: &str,
     source: &str,
@@ -220,7 +221,7 @@ async fn checkpoint(
         record_hash,
     };
     let sealed = signer.seal(&statement.hash());
-    tx.execute(
+    tx.execute_traced(
         queries::UPSERT_CHECKPOINT,
         &[
             &source,
@@ -264,7 +265,7 @@ async fn chain_unchained(
     source: &str,
 ) -> Result<Option<Digest>, Error> {
     let rows = tx
-        .query(
+        .query_traced(
             &format!(
                 "SELECT {} FROM merkle_roots WHERE source = $1 ORDER BY sequence",
                 "id, source, sequence, root_hash, profile, build_id, created_at, file_count, \
@@ -285,7 +286,7 @@ async fn chain_unchained(
                 record.previous = previous;
                 let hash = record.hash();
                 let sealed = signer.seal(&hash);
-                tx.execute(
+                tx.execute_traced(
                     "UPDATE merkle_roots SET previous_record_hash = $2, record_hash = $3, \
                      signature = $4, key_id = $5 WHERE id = $1",
                     &[
@@ -314,7 +315,7 @@ pub async fn chain_legacy(pool: &PgPool, signer: &Signer) -> Result<usize, Error
     let sources: Vec<String> = pool
         .get()
         .await?
-        .query(
+        .query_traced(
             "SELECT DISTINCT source FROM merkle_roots WHERE record_hash IS NULL",
             &[],
         )
@@ -325,7 +326,7 @@ pub async fn chain_legacy(pool: &PgPool, signer: &Signer) -> Result<usize, Error
     for source in &sources {
         let mut conn = pool.get().await?;
         let tx = conn.transaction().await?;
-        tx.execute(
+        tx.execute_traced(
             "SELECT 1 FROM merkle_sources WHERE name = $1 FOR UPDATE",
             &[source],
         )
@@ -383,7 +384,9 @@ pub async fn page(
         .read_only(true)
         .start()
         .await?;
-    let row = conn.query_one(queries::SEQUENCE_RANGE, &[&source]).await?;
+    let row = conn
+        .query_one_traced(queries::SEQUENCE_RANGE, &[&source])
+        .await?;
     let (Some(oldest), Some(latest)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
     else {
         return Err(Error::NotFound(format!(
@@ -405,7 +408,7 @@ pub async fn page(
         ));
     }
     let rows = conn
-        .query(
+        .query_traced(
             queries::HISTORY,
             &[
                 &source,
@@ -429,7 +432,7 @@ pub async fn page(
         next,
         last,
     };
-    for row in conn.query(queries::CHECKPOINTS, &[&source]).await? {
+    for row in conn.query_traced(queries::CHECKPOINTS, &[&source]).await? {
         let c = checkpoint_from_row(&row);
         match c.kind.as_str() {
             HEAD => page.head = Some(c),

@@ -7,6 +7,7 @@
 //! `NAMESPACE_TREE_META`, then PostgreSQL. Whatever layer a node comes from, its bytes are
 //! hashed again before use, so a corrupted cache entry is a miss, never a wrong answer.
 
+use merkle_shared::postgres::Traced as _;
 use std::{collections::HashMap, sync::Arc};
 
 use merkle_core::{Digest, DirNode, EntryKind, Profile, digest::sha256};
@@ -213,7 +214,9 @@ impl NodeStore {
         // PostgreSQL, then fill the layers above.
         let conn = self.pool.get().await?;
         let keys: Vec<&[u8]> = still.iter().map(|h| h.0.as_slice()).collect();
-        let rows = conn.query(crate::store::queries::NODE, &[&keys]).await?;
+        let rows = conn
+            .query_traced(crate::store::queries::NODE, &[&keys])
+            .await?;
         drop(conn);
         let mut fill = Vec::with_capacity(rows.len());
         for row in rows {
@@ -244,7 +247,9 @@ impl NodeStore {
     pub async fn warm(&self, hashes: &[Digest]) -> Result<(u64, u64), Error> {
         let conn = self.pool.get().await?;
         let keys: Vec<&[u8]> = hashes.iter().map(|h| h.0.as_slice()).collect();
-        let rows = conn.query(crate::store::queries::NODE, &[&keys]).await?;
+        let rows = conn
+            .query_traced(crate::store::queries::NODE, &[&keys])
+            .await?;
         drop(conn);
         let entries: Vec<(String, CachedNode)> = rows
             .iter()

@@ -2,6 +2,7 @@
 //! on sources and snapshots. Each hot-path query is a constant in [`queries`], so a test can
 //! `EXPLAIN` all of them and prove none scans a table unindexed.
 
+use merkle_shared::postgres::Traced as _;
 use std::time::{Duration, SystemTime};
 
 use merkle_core::{Digest, Profile, TreeStats};
@@ -277,22 +278,25 @@ pub fn snapshot_from_row(row: &Row) -> Result<Snapshot, Error> {
 }
 
 async fn one(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Option<Snapshot>, Error> {
-    match client.query_opt(sql, params).await? {
+    match client.query_opt_traced(sql, params).await? {
         Some(row) => Ok(Some(Snapshot::from_row(&row, 0)?)),
         None => Ok(None),
     }
 }
 
-pub async fn latest(client: &impl GenericClient, source: &str) -> Result<Option<Snapshot>, Error> {
+pub async fn latest(
+    client: &(impl GenericClient + Sync),
+    source: &str,
+) -> Result<Option<Snapshot>, Error> {
     one(client, queries::LATEST, &[&source]).await
 }
 
 pub async fn by_build(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     source: &str,
     build_id: &str,
 ) -> Result<Option<Snapshot>, Error> {
@@ -302,12 +306,15 @@ pub async fn by_build(
     one(client, queries::BY_BUILD, &[&source, &build_id]).await
 }
 
-pub async fn by_id(client: &impl GenericClient, id: i64) -> Result<Option<Snapshot>, Error> {
+pub async fn by_id(
+    client: &(impl GenericClient + Sync),
+    id: i64,
+) -> Result<Option<Snapshot>, Error> {
     one(client, queries::BY_ID, &[&id]).await
 }
 
 pub async fn by_sequence(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     source: &str,
     sequence: i64,
 ) -> Result<Option<Snapshot>, Error> {
@@ -316,7 +323,7 @@ pub async fn by_sequence(
 
 /// A page of a source's snapshots, newest first, below `before` (a sequence).
 pub async fn page(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     source: &str,
     before: i64,
     start: SystemTime,
@@ -324,7 +331,7 @@ pub async fn page(
     limit: i64,
 ) -> Result<Vec<Snapshot>, Error> {
     client
-        .query(queries::PAGE, &[&source, &before, &start, &end, &limit])
+        .query_traced(queries::PAGE, &[&source, &before, &start, &end, &limit])
         .await?
         .iter()
         .map(|row| Snapshot::from_row(row, 0))
@@ -333,12 +340,12 @@ pub async fn page(
 
 /// A page of sources after `after`, by name.
 pub async fn sources(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     after: &str,
     limit: i64,
 ) -> Result<Vec<SourceSummary>, Error> {
     client
-        .query(queries::SOURCES, &[&after, &limit])
+        .query_traced(queries::SOURCES, &[&after, &limit])
         .await?
         .iter()
         .map(|row| {
@@ -354,11 +361,11 @@ pub async fn sources(
 
 /// A source's retention policy and snapshot count, or `None` when it has no snapshots.
 pub async fn source(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     name: &str,
 ) -> Result<Option<(Retention, u64)>, Error> {
     Ok(client
-        .query_opt(queries::SOURCE, &[&name])
+        .query_opt_traced(queries::SOURCE, &[&name])
         .await?
         .map(|row| (Retention::from_row(&row, 1), row.get::<_, i64>(3) as u64)))
 }
@@ -375,7 +382,7 @@ pub async fn set_retention(
     let tx = conn.transaction().await?;
     let keep_last = policy.keep_last.map(|n| n as i32);
     let keep_within = policy.keep_within.map(|d| d.as_secs() as i64);
-    tx.execute(
+    tx.execute_traced(
         "UPDATE merkle_sources SET keep_last = $2, keep_within_secs = $3 WHERE name = $1",
         &[&name, &keep_last, &keep_within],
     )
@@ -394,7 +401,7 @@ pub async fn prune(
 ) -> Result<(u64, Option<(i64, Option<Vec<u8>>)>), Error> {
     // Lock the source first: a sync of it waits, so the latest is the latest.
     let Some(row) = tx
-        .query_opt(
+        .query_opt_traced(
             "SELECT keep_last, keep_within_secs FROM merkle_sources WHERE name = $1 FOR UPDATE",
             &[&name],
         )
@@ -408,7 +415,7 @@ pub async fn prune(
         return Ok((0, None));
     }
     let rows = tx
-        .query(
+        .query_traced(
             "DELETE FROM merkle_roots WHERE source = $1 \
              AND sequence < (SELECT max(sequence) FROM merkle_roots WHERE source = $1) \
              AND ($2::int IS NULL OR sequence <= (SELECT max(sequence) FROM merkle_roots WHERE source = $1) - $2) \
@@ -423,7 +430,7 @@ pub async fn prune(
         .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<Vec<u8>>>(1)))
         .max_by_key(|(sequence, _)| *sequence);
     if deleted > 0 {
-        tx.execute(
+        tx.execute_traced(
             "UPDATE merkle_sources SET snapshot_count = snapshot_count - $2 WHERE name = $1",
             &[&name, &(deleted as i64)],
         )
@@ -436,7 +443,7 @@ pub async fn prune(
 pub async fn sources_with_policies(pool: &PgPool) -> Result<Vec<String>, Error> {
     let conn = pool.get().await?;
     Ok(conn
-        .query(
+        .query_traced(
             "SELECT name FROM merkle_sources WHERE keep_last IS NOT NULL OR keep_within_secs IS NOT NULL",
             &[],
         )
@@ -450,7 +457,7 @@ pub async fn sources_with_policies(pool: &PgPool) -> Result<Vec<String>, Error> 
 pub async fn page_token_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
     let conn = pool.get().await?;
     let row = conn
-        .query_one(
+        .query_one_traced(
             "SELECT value FROM dbsync_secrets WHERE name = 'page_token_key'",
             &[],
         )

@@ -13,6 +13,7 @@
 //! are marked used (and row-locked) in its transaction, so garbage collection never deletes one
 //! under it (see `gc.rs`).
 
+use merkle_shared::postgres::Traced as _;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use merkle_core::{Digest, DirNode, Entry, Profile, TreeStats, history::Record};
@@ -181,12 +182,12 @@ pub async fn store(
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     // One sync of a source at a time: the row lock is held until commit.
-    tx.execute(
+    tx.execute_traced(
         "INSERT INTO merkle_sources (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
         &[&source],
     )
     .await?;
-    tx.execute(
+    tx.execute_traced(
         "SELECT 1 FROM merkle_sources WHERE name = $1 FOR UPDATE",
         &[&source],
     )
@@ -209,7 +210,7 @@ pub async fn store(
     let walked: Vec<Vec<u8>> = if roots.is_empty() {
         Vec::new()
     } else {
-        tx.query(queries::TOUCH_TREE, &[&roots, &touch_after.as_secs_f64()])
+        tx.query_traced(queries::TOUCH_TREE, &[&roots, &touch_after.as_secs_f64()])
             .await?
             .iter()
             .map(|row| row.get(0))
@@ -219,7 +220,7 @@ pub async fn store(
     let present: HashSet<Vec<u8>> = if walked.is_empty() {
         HashSet::new()
     } else {
-        tx.query(queries::EXISTING, &[&walked_refs])
+        tx.query_traced(queries::EXISTING, &[&walked_refs])
             .await?
             .iter()
             .map(|row| row.get::<_, Vec<u8>>(0))
@@ -254,7 +255,7 @@ pub async fn store(
         let sizes: Vec<&[u8]> = chunk.iter().map(|r| r.sizes.as_slice()).collect();
         let children: Vec<&[u8]> = chunk.iter().map(|r| r.child_dirs.as_slice()).collect();
         let inserted = tx
-            .query(
+            .query_traced(
                 queries::INSERT_NODES,
                 &[&hashes, &encoded, &sizes, &children],
             )
@@ -278,7 +279,7 @@ pub async fn store(
     let chained = history::chain(&tx, signer, latest.as_ref(), &mut record).await?;
     let count = |n: u64| n as i64;
     let row = tx
-        .query_one(
+        .query_one_traced(
             queries::INSERT_SNAPSHOT,
             &[
                 &source,
@@ -300,7 +301,7 @@ pub async fn store(
         )
         .await?;
     history::set_head(&tx, signer, source, sequence, chained.hash).await?;
-    tx.execute(
+    tx.execute_traced(
         "UPDATE merkle_sources SET snapshot_count = snapshot_count + 1 WHERE name = $1",
         &[&source],
     )

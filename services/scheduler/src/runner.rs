@@ -262,6 +262,47 @@ impl Reporter {
     }
 }
 
+/// Build duration, files and bytes, and builds by final state.
+fn record_metrics(build: &Build, took: Duration) {
+    use merkle_shared::metrics::{counter, meter, seconds_histogram};
+    use opentelemetry::{KeyValue, metrics::Histogram};
+    struct Instruments {
+        duration: Histogram<f64>,
+        files: Histogram<u64>,
+        bytes: Histogram<u64>,
+        ended: opentelemetry::metrics::Counter<u64>,
+    }
+    static INSTRUMENTS: std::sync::OnceLock<Instruments> = std::sync::OnceLock::new();
+    let i = INSTRUMENTS.get_or_init(|| Instruments {
+        duration: seconds_histogram(
+            "merkle.build.duration",
+            "How long builds took, by final state",
+        ),
+        files: meter()
+            .u64_histogram("merkle.build.files")
+            .with_description("Files in each finished build's tree")
+            .with_boundaries(vec![10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7])
+            .build(),
+        bytes: meter()
+            .u64_histogram("merkle.build.size")
+            .with_unit("By")
+            .with_description("Bytes of file content in each finished build's tree")
+            .with_boundaries(vec![1e3, 1e6, 1e8, 1e9, 1e10, 1e11, 1e12])
+            .build(),
+        ended: counter("merkle.builds", "Builds that ended, by final state"),
+    });
+    let state = BuildState::try_from(build.state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("BUILD_STATE_UNSPECIFIED");
+    let attributes = [KeyValue::new("state", state)];
+    i.duration.record(took.as_secs_f64(), &attributes);
+    i.ended.add(1, &attributes);
+    if let Some(stats) = &build.stats {
+        i.files.record(stats.file_count, &attributes);
+        i.bytes.record(stats.total_bytes, &attributes);
+    }
+}
+
 /// Runs a queued build to its end. Never fails: every outcome is recorded on the build.
 pub async fn run(ctx: Arc<Context>, job: Job) {
     let Job {
@@ -343,6 +384,13 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
             progress.phase = BuildPhase::Done as i32;
         }
         let recorded = reporter.record(&build).await;
+        record_metrics(&build, started.elapsed());
+        if failed {
+            tracing_opentelemetry::OpenTelemetrySpanExt::set_status(
+                &tracing::Span::current(),
+                opentelemetry::trace::Status::error(build.error_message.clone()),
+            );
+        }
         tracing::info!(
             state = BuildState::try_from(build.state).map(|s| s.as_str_name()).unwrap_or("?"),
             root = %build.root_hash,
@@ -456,7 +504,12 @@ async fn build_tree(
                     forward(batch).await?;
                 }
             }
-            Some(Event::Result(result)) => return Ok(result),
+            Some(Event::Result(result)) => {
+                // The result is the last message: reading on takes the call's status (OK),
+                // so the call ends as a completed one, not a cancelled one.
+                while let Ok(Some(_)) = stream.message().await {}
+                return Ok(result);
+            }
             None => {}
         }
     }

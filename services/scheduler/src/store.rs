@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use merkle_proto::scheduler::v1::{self as pb, BuildState};
+use merkle_shared::postgres::Traced as _;
 use merkle_shared::postgres::{Migration, PgError, PgPool, migrate as apply};
 use prost::Message as _;
 use tokio_postgres::{GenericClient, Row, error::SqlState};
@@ -61,7 +62,7 @@ pub async fn acquire_lease(
     let conn = pool.get().await?;
     let ttl = ttl.as_secs_f64();
     let row = conn
-        .query_opt(
+        .query_opt_traced(
             "INSERT INTO scheduler_lease (name, holder, epoch, expires_at) \
              VALUES ($1, $2, 1, now() + make_interval(secs => $3)) \
              ON CONFLICT (name) DO UPDATE SET \
@@ -88,7 +89,7 @@ pub async fn renew_lease(
 ) -> Result<bool, Error> {
     let conn = pool.get().await?;
     let n = conn
-        .execute(
+        .execute_traced(
             "UPDATE scheduler_lease SET expires_at = now() + make_interval(secs => $3) \
              WHERE name = $4 AND holder = $1 AND epoch = $2 AND expires_at > now()",
             &[&lease.holder, &lease.epoch, &ttl.as_secs_f64(), &LEASE],
@@ -100,7 +101,7 @@ pub async fn renew_lease(
 /// Gives the lease up (on shutdown), so another replica takes over at once.
 pub async fn release_lease(pool: &PgPool, lease: &Lease) -> Result<(), Error> {
     let conn = pool.get().await?;
-    conn.execute(
+    conn.execute_traced(
         "UPDATE scheduler_lease SET expires_at = now() WHERE name = $3 AND holder = $1 AND epoch = $2",
         &[&lease.holder, &lease.epoch, &LEASE],
     )
@@ -154,7 +155,7 @@ pub async fn insert_source(
 ) -> Result<StoredSource, Error> {
     let conn = pool.get().await?;
     let row = conn
-        .query_one(
+        .query_one_traced(
             &format!(
                 "INSERT INTO scheduler_sources (name, spec, enabled, next_tick, next_due_at) \
                  VALUES ($1, $2, $3, $4, $5) RETURNING {SOURCE_COLUMNS}"
@@ -187,7 +188,7 @@ pub async fn update_source(
     let conn = pool.get().await?;
     let row = match next {
         Some(next) => {
-            conn.query_opt(
+            conn.query_opt_traced(
                 &format!(
                     "UPDATE scheduler_sources SET spec = $2, enabled = $3, next_tick = $4, \
                      next_due_at = $5, failures = 0, updated_at = now() WHERE name = $1 \
@@ -204,7 +205,7 @@ pub async fn update_source(
             .await?
         }
         None => {
-            conn.query_opt(
+            conn.query_opt_traced(
                 &format!(
                     "UPDATE scheduler_sources SET spec = $2, enabled = $3, updated_at = now() \
                      WHERE name = $1 RETURNING {SOURCE_COLUMNS}"
@@ -218,11 +219,11 @@ pub async fn update_source(
 }
 
 pub async fn get_source(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     name: &str,
 ) -> Result<Option<StoredSource>, Error> {
     client
-        .query_opt(
+        .query_opt_traced(
             &format!("SELECT {SOURCE_COLUMNS} FROM scheduler_sources WHERE name = $1"),
             &[&name],
         )
@@ -233,12 +234,12 @@ pub async fn get_source(
 }
 
 pub async fn list_sources(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     after: &str,
     limit: i64,
 ) -> Result<Vec<StoredSource>, Error> {
     client
-        .query(
+        .query_traced(
             &format!(
                 "SELECT {SOURCE_COLUMNS} FROM scheduler_sources WHERE name > $1 ORDER BY name LIMIT $2"
             ),
@@ -253,7 +254,7 @@ pub async fn list_sources(
 pub async fn delete_source(pool: &PgPool, name: &str) -> Result<bool, Error> {
     let conn = pool.get().await?;
     Ok(conn
-        .execute("DELETE FROM scheduler_sources WHERE name = $1", &[&name])
+        .execute_traced("DELETE FROM scheduler_sources WHERE name = $1", &[&name])
         .await?
         == 1)
 }
@@ -261,7 +262,7 @@ pub async fn delete_source(pool: &PgPool, name: &str) -> Result<bool, Error> {
 /// Sources whose scheduled build is due, earliest first.
 pub async fn due_sources(pool: &PgPool, limit: i64) -> Result<Vec<StoredSource>, Error> {
     let conn = pool.get().await?;
-    conn.query(
+    conn.query_traced(
         &format!(
             "SELECT {SOURCE_COLUMNS} FROM scheduler_sources \
              WHERE enabled AND next_due_at IS NOT NULL AND next_due_at <= now() \
@@ -311,7 +312,7 @@ pub async fn record_tick(
     let tx = conn.transaction().await?;
     // The source row lock orders this with TriggerBuild and with updates of the source.
     let locked = tx
-        .query_opt(
+        .query_opt_traced(
             &format!(
                 "SELECT 1 FROM scheduler_sources WHERE name = $1 AND next_tick = $2 AND {} FOR UPDATE",
                 fence(3, 4)
@@ -324,7 +325,7 @@ pub async fn record_tick(
         return Ok(TickOutcome::Lost);
     }
     let active = tx
-        .query_opt(
+        .query_opt_traced(
             "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2)",
             &[&source],
         )
@@ -340,7 +341,7 @@ pub async fn record_tick(
                 tick.to_rfc3339()
             );
             cancelled.end_time = Some(timestamp(Utc::now()));
-            tx.execute(
+            tx.execute_traced(
                 "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
                 &[
                     &cancelled.build_id,
@@ -356,7 +357,7 @@ pub async fn record_tick(
     };
     let build = make(outcome_state);
     let inserted = tx
-        .execute(
+        .execute_traced(
             "INSERT INTO scheduler_builds (id, source, state, scheduled_for, runner, lease_epoch, record) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
             &[
@@ -370,7 +371,7 @@ pub async fn record_tick(
             ],
         )
         .await?;
-    tx.execute(
+    tx.execute_traced(
         "UPDATE scheduler_sources SET next_tick = $2, next_due_at = $3 WHERE name = $1",
         &[&source, &next.map(|n| n.0), &next.map(|n| n.1)],
     )
@@ -398,7 +399,7 @@ pub async fn queue_manual(
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let exists = tx
-        .query_opt(
+        .query_opt_traced(
             "SELECT 1 FROM scheduler_sources WHERE name = $1 FOR UPDATE",
             &[&build.source],
         )
@@ -410,7 +411,7 @@ pub async fn queue_manual(
         )));
     }
     let active = tx
-        .query_opt(
+        .query_opt_traced(
             "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2)",
             &[&build.source],
         )
@@ -430,7 +431,7 @@ pub async fn queue_manual(
         cancelled.error_message =
             "replaced by a triggered build (CONCURRENCY_POLICY_REPLACE)".into();
         cancelled.end_time = Some(timestamp(Utc::now()));
-        tx.execute(
+        tx.execute_traced(
             "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
             &[
                 &cancelled.build_id,
@@ -441,7 +442,7 @@ pub async fn queue_manual(
         .await?;
         replaced = Some(cancelled.build_id);
     }
-    tx.execute(
+    tx.execute_traced(
         "INSERT INTO scheduler_builds (id, source, state, runner, record) VALUES ($1, $2, $3, $4, $5)",
         &[&build.build_id, &build.source, &(build.state as i16), &runner, &build.encode_to_vec()],
     )
@@ -462,7 +463,7 @@ pub async fn save_build(
     let conn = pool.get().await?;
     let n = match epoch {
         Some(epoch) => {
-            conn.execute(
+            conn.execute_traced(
                 &format!(
                     "UPDATE scheduler_builds SET state = $2, record = $3, heartbeat_at = now() \
                      WHERE id = $1 AND runner = $4 AND state IN (1, 2) AND {}",
@@ -479,7 +480,7 @@ pub async fn save_build(
             .await?
         }
         None => {
-            conn.execute(
+            conn.execute_traced(
                 "UPDATE scheduler_builds SET state = $2, record = $3, heartbeat_at = now() \
                  WHERE id = $1 AND runner = $4 AND state IN (1, 2)",
                 &[
@@ -508,7 +509,7 @@ pub async fn insert_child(
     let state = build.state as i16;
     let n = match epoch {
         Some(epoch) => {
-            conn.execute(
+            conn.execute_traced(
                 &format!(
                     "INSERT INTO scheduler_builds (id, source, state, runner, lease_epoch, record, parent_id) \
                      SELECT $1, $2, $3, $4, $5, $6, $7 WHERE {}",
@@ -527,7 +528,7 @@ pub async fn insert_child(
             .await?
         }
         None => {
-            conn.execute(
+            conn.execute_traced(
                 "INSERT INTO scheduler_builds (id, source, state, runner, record, parent_id) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
                 &[
@@ -555,7 +556,7 @@ pub async fn end_children(
 ) -> Result<usize, Error> {
     let ids: Vec<String> = {
         let conn = pool.get().await?;
-        conn.query(
+        conn.query_traced(
             "SELECT id FROM scheduler_builds WHERE parent_id = $1 AND state IN (1, 2)",
             &[&parent],
         )
@@ -584,7 +585,7 @@ pub async fn end_build(
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let Some(row) = tx
-        .query_opt(
+        .query_opt_traced(
             "SELECT record FROM scheduler_builds WHERE id = $1 AND state IN (1, 2) FOR UPDATE",
             &[&id],
         )
@@ -596,7 +597,7 @@ pub async fn end_build(
     build.state = state as i32;
     build.error_message = message.to_owned();
     build.end_time = Some(timestamp(Utc::now()));
-    tx.execute(
+    tx.execute_traced(
         "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
         &[&id, &(state as i16), &build.encode_to_vec()],
     )
@@ -605,9 +606,12 @@ pub async fn end_build(
     Ok(Some(build))
 }
 
-pub async fn get_build(client: &impl GenericClient, id: &str) -> Result<Option<pb::Build>, Error> {
+pub async fn get_build(
+    client: &(impl GenericClient + Sync),
+    id: &str,
+) -> Result<Option<pb::Build>, Error> {
     client
-        .query_opt("SELECT record FROM scheduler_builds WHERE id = $1", &[&id])
+        .query_opt_traced("SELECT record FROM scheduler_builds WHERE id = $1", &[&id])
         .await?
         .as_ref()
         .map(|r| build_from_row(r, 0))
@@ -618,14 +622,14 @@ pub async fn get_build(client: &impl GenericClient, id: &str) -> Result<Option<p
 pub async fn build_state(pool: &PgPool, id: &str) -> Result<Option<i16>, Error> {
     let conn = pool.get().await?;
     Ok(conn
-        .query_opt("SELECT state FROM scheduler_builds WHERE id = $1", &[&id])
+        .query_opt_traced("SELECT state FROM scheduler_builds WHERE id = $1", &[&id])
         .await?
         .map(|r| r.get(0)))
 }
 
 /// Builds newest first, of one source or all, before a (created_at, id) position.
 pub async fn list_builds(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     source: Option<&str>,
     before: Option<(DateTime<Utc>, String)>,
     limit: i64,
@@ -634,7 +638,7 @@ pub async fn list_builds(
     let rows = match source {
         Some(source) => {
             client
-                .query(
+                .query_traced(
                     "SELECT record, created_at FROM scheduler_builds WHERE source = $1 \
                      AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4",
                     &[&source, &before_time, &before_id, &limit],
@@ -643,7 +647,7 @@ pub async fn list_builds(
         }
         None => {
             client
-                .query(
+                .query_traced(
                     "SELECT record, created_at FROM scheduler_builds \
                      WHERE (created_at, id) < ($1, $2) ORDER BY created_at DESC, id DESC LIMIT $3",
                     &[&before_time, &before_id, &limit],
@@ -666,14 +670,14 @@ pub async fn orphaned_builds(
     let conn = pool.get().await?;
     let rows = match runner {
         Some(runner) => {
-            conn.query(
+            conn.query_traced(
                 "SELECT id FROM scheduler_builds WHERE state IN (1, 2) AND runner = $1",
                 &[&runner],
             )
             .await?
         }
         None => {
-            conn.query(
+            conn.query_traced(
                 "SELECT id FROM scheduler_builds WHERE state IN (1, 2) \
                  AND heartbeat_at < now() - make_interval(secs => $1)",
                 &[&silent_for.as_secs_f64()],
@@ -694,7 +698,7 @@ pub async fn record_outcome(
 ) -> Result<(), Error> {
     let conn = pool.get().await?;
     if failed {
-        conn.execute(
+        conn.execute_traced(
             &format!(
                 "UPDATE scheduler_sources SET failures = failures + 1, next_due_at = \
                  GREATEST(next_due_at, now() + make_interval(secs => LEAST(600, 10 * power(2, LEAST(failures, 10))))) \
@@ -705,7 +709,7 @@ pub async fn record_outcome(
         )
         .await?;
     } else {
-        conn.execute(
+        conn.execute_traced(
             &format!("UPDATE scheduler_sources SET failures = 0 WHERE name = $1 AND failures <> 0 AND {}", fence(2, 3)),
             &[&source, &lease.holder, &lease.epoch],
         )
@@ -717,7 +721,7 @@ pub async fn record_outcome(
 pub async fn page_token_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
     let conn = pool.get().await?;
     Ok(conn
-        .query_one(
+        .query_one_traced(
             "SELECT value FROM scheduler_secrets WHERE name = 'page_token_key'",
             &[],
         )

@@ -104,6 +104,7 @@ impl TreeBuilderService for TreeBuilderApi {
             options,
             fresh: request.disable_stat_cache,
         };
+        merkle_shared::telemetry::tag_build(&request.build_id, "");
         tracing::info!(path = %root.display(), build_id = %request.build_id, profile = profile.name(), "build started");
 
         let (tx, rx) = mpsc::channel(16);

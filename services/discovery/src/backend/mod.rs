@@ -8,6 +8,8 @@ mod static_file;
 
 use std::{collections::BTreeMap, time::SystemTime};
 
+use tracing::Instrument as _;
+
 use merkle_proto::discovery::v1::Client;
 
 use crate::{
@@ -72,11 +74,61 @@ impl Backend {
 
     /// Every node's key and version.
     pub async fn list(&self) -> Result<Listing, BackendError> {
-        match self {
-            Backend::Static(b) => b.list().await,
-            Backend::Nomad(b) => b.list().await,
-            Backend::Kubernetes(b) => b.list().await,
+        let listing = async {
+            match self {
+                Backend::Static(b) => b.list().await,
+                Backend::Nomad(b) => b.list().await,
+                Backend::Kubernetes(b) => b.list().await,
+            }
         }
+        .instrument(self.span("list"))
+        .await;
+        if let Ok(l) = &listing {
+            self.count("list", l.calls);
+        }
+        listing
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Static(_) => "static",
+            Backend::Nomad(_) => "nomad",
+            Backend::Kubernetes(_) => "kubernetes",
+        }
+    }
+
+    /// A client span for one backend operation.
+    fn span(&self, operation: &'static str) -> tracing::Span {
+        merkle_shared::telemetry::child_span(|| {
+            tracing::info_span!(
+                "discovery.backend",
+                otel.name = %format!("{} {operation}", self.name()),
+                otel.kind = "client",
+                backend = self.name(),
+                operation,
+            )
+        })
+    }
+
+    /// Counts calls to the orchestrator (`merkle.discovery.backend.calls`), by backend and
+    /// kind: `list` (one per page), `detail`, `watch`.
+    fn count(&self, kind: &'static str, calls: u64) {
+        static CALLS: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+            std::sync::OnceLock::new();
+        CALLS
+            .get_or_init(|| {
+                merkle_shared::metrics::counter(
+                    "merkle.discovery.backend.calls",
+                    "Calls Discovery made to its orchestrator, by backend and kind",
+                )
+            })
+            .add(
+                calls,
+                &[
+                    opentelemetry::KeyValue::new("backend", self.name()),
+                    opentelemetry::KeyValue::new("kind", kind),
+                ],
+            );
     }
 
     /// One node's details; [`BackendError::Gone`] when it no longer exists.
@@ -85,14 +137,23 @@ impl Backend {
             Backend::Static(_) => Err(BackendError::Gone(format!(
                 "{key}: the static file lists it no more"
             ))),
-            Backend::Nomad(b) => b.fetch(key).await,
-            Backend::Kubernetes(b) => b.fetch(key).await,
+            Backend::Nomad(b) => {
+                self.count("detail", 1);
+                b.fetch(key).instrument(self.span("detail")).await
+            }
+            Backend::Kubernetes(b) => {
+                self.count("detail", 1);
+                b.fetch(key).instrument(self.span("detail")).await
+            }
         }
     }
 
     /// Waits until the node list may have changed since `index` (true), or for at most about
     /// WATCH_WAIT (false).
     pub async fn wait_change(&self, index: &str) -> Result<bool, BackendError> {
+        if !matches!(self, Backend::Static(_)) {
+            self.count("watch", 1);
+        }
         match self {
             Backend::Static(b) => b.wait_change(index).await,
             Backend::Nomad(b) => b.wait_change(index).await,
