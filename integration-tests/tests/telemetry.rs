@@ -212,7 +212,10 @@ async fn settled_trace(receiver: &Receiver, trace_id: &str) -> Vec<TraceSpan> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_build_is_one_trace_across_all_five_services() {
-    let (receiver, otel) = receiver().await;
+    let (receiver, mut otel) = receiver().await;
+    // Metrics go over OTLP too, here every half second.
+    otel.retain(|(key, _)| *key != "OTEL_METRICS_EXPORTER");
+    otel.push(("OTEL_METRIC_EXPORT_INTERVAL", "500".to_owned()));
     let mut system = system(&otel).await;
     fleet_source(&mut system, "site").await;
     let build = trigger(&mut system.scheduler, "site").await;
@@ -338,6 +341,28 @@ async fn one_build_is_one_trace_across_all_five_services() {
         "{cache}"
     );
     assert!(cache.contains("merkle_cache_breaker_state"), "{cache}");
+
+    // The same instruments reach the collector over OTLP.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted = [
+        ("merkle-db-sync", "rpc.server.call.duration"),
+        ("merkle-cache", "merkle.cache.lookups"),
+        ("merkle-scheduler", "merkle.build.duration"),
+    ];
+    loop {
+        let names = receiver.metric_names();
+        if wanted
+            .iter()
+            .all(|(s, m)| names.contains(&(s.to_string(), m.to_string())))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "OTLP metrics received: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The median time of five builds of `docs`, triggered and followed to their end.
@@ -382,20 +407,12 @@ async fn a_callers_traceparent_is_continued_and_a_dead_collector_costs_nothing()
         .expect("bind");
     let receiver = Receiver::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-                    receiver.clone(),
-                ),
-            )
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            ),
-    );
+    let server = tokio::spawn(receiver.router().serve_with_incoming_shutdown(
+        tonic::transport::server::TcpIncoming::from(listener),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let mut system = system(&otlp_env(port)).await;
     fleet_source(&mut system, "docs").await;
 

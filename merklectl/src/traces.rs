@@ -1,5 +1,6 @@
 //! Traces for a person: the OTLP receiver `merklectl up` runs (a tonic `TraceService` that
-//! keeps every span it is sent, in memory and as OTLP JSON lines in a file), and
+//! keeps every span it is sent, in memory and as OTLP JSON lines in a file; it also takes
+//! metrics, keeping the names each service sent), and
 //! `merklectl trace BUILD_ID`, which prints one build's spans as an indented tree, or writes
 //! them as OTLP JSON for other tools (`--json`).
 
@@ -16,6 +17,10 @@ use merkle_proto::scheduler::v1::{
     GetBuildRequest, scheduler_service_client::SchedulerServiceClient,
 };
 use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
@@ -36,6 +41,29 @@ pub const TRACES_FILE: &str = "traces.jsonl";
 pub struct Receiver {
     received: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     file: Option<Arc<Mutex<std::fs::File>>>,
+    /// (service.name, metric name) of every metric received.
+    metrics: Arc<Mutex<std::collections::BTreeSet<(String, String)>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        for resource in request.into_inner().resource_metrics {
+            let service = resource
+                .resource
+                .as_ref()
+                .and_then(|r| attribute(&r.attributes, "service.name"))
+                .unwrap_or_default();
+            for metric in resource.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                metrics.insert((service.clone(), metric.name.clone()));
+            }
+        }
+        Ok(Response::new(ExportMetricsServiceResponse::default()))
+    }
 }
 
 #[tonic::async_trait]
@@ -70,17 +98,31 @@ impl Receiver {
         Ok(Receiver {
             received: Arc::default(),
             file: Some(Arc::new(Mutex::new(opened))),
+            metrics: Arc::default(),
         })
     }
 
-    /// Serves OTLP/gRPC on `listener` in the background.
+    /// Serves OTLP/gRPC (traces and metrics) on `listener` in the background.
     pub fn serve(&self, listener: tokio::net::TcpListener) {
-        let service = TraceServiceServer::new(self.clone());
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
+            self.router()
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
+    }
+
+    /// The receiver's gRPC services, to serve as the caller likes.
+    pub fn router(&self) -> tonic::transport::server::Router {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(self.clone()))
+            .add_service(MetricsServiceServer::new(self.clone()))
+    }
+
+    /// The (service.name, metric name) pairs received over OTLP so far.
+    pub fn metric_names(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The spans of `trace_id` received so far, each with its service's name.
