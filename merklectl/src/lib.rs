@@ -3,6 +3,7 @@
 //! does.
 
 pub mod cache;
+pub mod check;
 pub mod clients;
 pub mod history;
 pub mod local;

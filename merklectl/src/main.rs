@@ -58,6 +58,9 @@ enum Command {
     /// A build's trace as an indented tree (service, span, duration, status), from the spans
     /// `merklectl up`'s receiver collected; `--json` writes OTLP JSON.
     Trace(merklectl::traces::TraceArgs),
+    /// Check that every service is up: its gRPC health and one read call each (what the
+    /// chart's `helm test` runs). Exits 1 when one fails.
+    Check(merklectl::check::CheckArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -99,6 +102,13 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Check(args) => block_on(merklectl::check::run(args)).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }),
         Command::Trace(args) => {
             block_on(merklectl::traces::trace(args)).map(|()| ExitCode::SUCCESS)
         }
