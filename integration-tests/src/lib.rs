@@ -230,7 +230,14 @@ pub fn grpcurl() -> PathBuf {
 /// Runs `grpcurl -plaintext FLAGS ADDR ARGS`; returns (success, stdout, stderr).
 pub fn run_grpcurl(flags: &[&str], addr: SocketAddr, args: &[&str]) -> (bool, String, String) {
     let mut command = Command::new(grpcurl());
-    command.args(["-plaintext", "-max-time", "20"]);
+    command.args(["-max-time", "20"]);
+    // Plaintext unless the flags ask for TLS.
+    if !flags
+        .iter()
+        .any(|f| matches!(*f, "-cacert" | "-cert" | "-insecure" | "-plaintext"))
+    {
+        command.arg("-plaintext");
+    }
     command.args(flags).arg(addr.to_string()).args(args);
     let out = command.output().unwrap_or_else(|e| {
         panic!(
@@ -283,4 +290,99 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
 /// True while a process with this pid exists.
 pub fn process_exists(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Runs the openssl command line in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An EC P-256 key in a new request: openssl's arguments.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// Issues `<name>.pem` and `<name>.key` in `pki`, signed by its CA, with subject `CN=<cn>` and
+/// the X.509 extensions `extensions` (one per line).
+pub fn issue_certificate(pki: &Path, name: &str, cn: &str, extensions: &str) {
+    let ext = format!("{name}.ext");
+    std::fs::write(pki.join(&ext), extensions).expect("write extensions");
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let subject = format!("/CN={cn}");
+    let request = [
+        &["req"][..],
+        &EC_KEY,
+        &["-keyout", &key, "-out", &csr, "-subj", &subject],
+    ]
+    .concat();
+    openssl(pki, &request);
+    openssl(
+        pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+/// The extensions of a service's certificate: it serves 127.0.0.1 and localhost, and
+/// presents itself to the services it calls.
+pub const SERVICE_EXTENSIONS: &str =
+    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n";
+
+/// A CA (`ca.pem`), a server certificate for 127.0.0.1 (`server.pem`, also good as a client
+/// certificate) and a client certificate (`client.pem`), with their keys, made with the
+/// openssl command line in `dir/pki`; returns that folder.
+pub fn make_certificates(dir: &Path) -> PathBuf {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).expect("mkdir");
+    let ca = [
+        &["req", "-x509"][..],
+        &EC_KEY,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=merkle test CA",
+        ],
+    ]
+    .concat();
+    openssl(&pki, &ca);
+    issue_certificate(&pki, "server", "server", SERVICE_EXTENSIONS);
+    issue_certificate(&pki, "client", "client", "extendedKeyUsage=clientAuth\n");
+    pki
 }

@@ -730,97 +730,10 @@ async fn nomad_blocking_queries_drive_watch_clients() {
     assert_eq!((calls.list, calls.detail), (2, 1), "{calls:?}");
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl
-/// command line in `dir`; returns the folder.
-fn make_certificates(dir: &Path) -> std::path::PathBuf {
-    let dir = dir.join("pki");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=merkle test CA",
-        ],
-    ]
-    .concat());
-    for (name, extension) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ] {
-        std::fs::write(dir.join(format!("{name}.ext")), extension).expect("write");
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        run(&[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        ]
-        .concat());
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-    }
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nomad_over_mutual_tls_with_nomads_own_variables() {
     let mut stack = TestStack::new();
-    let pki = make_certificates(stack.dir());
+    let pki = integration_tests::make_certificates(stack.dir());
     let read = |name: &str| std::fs::read(pki.join(name)).expect("read pem");
     let nomad = NomadStandIn::start_tls(&merkle_stand_ins::Tls {
         cert_pem: read("server.pem"),

@@ -104,6 +104,28 @@ where
     }
 }
 
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// The service's address.
+    #[arg(long)]
+    pub addr: String,
+    /// The service name to ask about; empty: the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
+}
+
+/// `merklectl health`: true when the service reports SERVING (an exec probe for clusters
+/// where the services speak TLS, which the kubelet's gRPC probe cannot).
+pub async fn health_only(args: HealthArgs) -> anyhow::Result<bool> {
+    match health(&args.addr, &args.service).await {
+        Ok(()) => Ok(true),
+        Err(why) => {
+            eprintln!("{}: {why}", args.addr);
+            Ok(false)
+        }
+    }
+}
+
 /// `merklectl check`: true when every service answered.
 pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
     let channel = |addr: &str| connect(addr).map_err(|e| e.to_string());

@@ -61,6 +61,8 @@ enum Command {
     /// Check that every service is up: its gRPC health and one read call each (what the
     /// chart's `helm test` runs). Exits 1 when one fails.
     Check(merklectl::check::CheckArgs),
+    /// Exit 0 when the service at --addr reports SERVING (grpc.health.v1), 1 otherwise.
+    Health(merklectl::check::HealthArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -102,6 +104,13 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Health(args) => block_on(merklectl::check::health_only(args)).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }),
         Command::Check(args) => block_on(merklectl::check::run(args)).map(|ok| {
             if ok {
                 ExitCode::SUCCESS

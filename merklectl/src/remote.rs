@@ -8,8 +8,16 @@ use merkle_shared::{
     config::ClientArgs,
 };
 
-/// A channel to the service at `addr` (`http://host:port`).
+/// A channel to the service at `addr` (`http://host:port`, or `https://host:port` with the
+/// services' TLS variables, `TLS_CA_FILE` and for mutual TLS `TLS_CERT_FILE`/`TLS_KEY_FILE`).
 pub fn connect(addr: &str) -> anyhow::Result<Channel> {
+    static TLS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        merkle_shared::tls::init(&merkle_shared::tls::TlsArgs::from_env())
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)?;
     let args = ClientArgs {
         client_connect_timeout: Duration::from_secs(3),
         client_request_timeout: Duration::from_secs(60),

@@ -33,13 +33,24 @@ pub fn channel(variable: &str, uri: &str, args: &ClientArgs) -> Result<Channel, 
             "must name a host; use http://host:port",
         ));
     }
-    let channel = endpoint
+    let endpoint = endpoint
         .connect_timeout(args.client_connect_timeout)
         .timeout(args.client_request_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect_lazy();
+        .keep_alive_timeout(Duration::from_secs(10));
+    // https://: TLS with the service's own certificate (see `crate::tls`).
+    let channel = if endpoint.uri().scheme_str() == Some("https") {
+        if crate::tls::client().is_none() {
+            return Err(ConfigError::new(
+                variable,
+                "is https:// but TLS_CA_FILE (the CA that signs the services' certificates) is not set",
+            ));
+        }
+        endpoint.connect_with_connector_lazy(crate::tls::Connector)
+    } else {
+        endpoint.connect_lazy()
+    };
     Ok(ClientTraceLayer.layer(channel))
 }
 

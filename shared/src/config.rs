@@ -148,6 +148,8 @@ pub struct ServerArgs {
     /// with its port + 1000 (51051-51055 locally); `off` serves none.
     #[arg(long, env = "METRICS_LISTEN_ADDR", value_parser = parse_metrics_addr)]
     pub metrics_listen_addr: Option<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl ServerArgs {
@@ -196,9 +198,10 @@ pub struct ClientArgs {
     pub client_max_attempts: u32,
 }
 
-/// Checks that `uri` is an `http://host:port` address of another service.
+/// Checks that `uri` is an `http://host:port` (or, with TLS, `https://host:port`) address of
+/// another service.
 pub fn require_service_uri(variable: &str, uri: &str) -> Result<(), ConfigError> {
-    require_scheme(variable, uri, &["http"])?;
+    require_scheme(variable, uri, &["http", "https"])?;
     match uri.parse::<http::Uri>() {
         Ok(parsed) if parsed.host().is_some() => Ok(()),
         _ => Err(ConfigError::new(variable, "must be http://host:port")),

@@ -35,6 +35,7 @@ pub mod shutdown;
 pub mod single_flight;
 pub mod stored_tree;
 pub mod telemetry;
+pub mod tls;
 
 /// Every program that links this crate (the services, merklectl, the tests and benchmarks)
 /// allocates with mimalloc: a service's hot path is allocation-heavy (protobuf messages decoded,

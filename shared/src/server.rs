@@ -101,9 +101,8 @@ pub async fn serve(
             }
         }
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut drain_signal = shutdown.clone();
-    let server = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .timeout(args.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -111,10 +110,20 @@ pub async fn serve(
         .layer(GlobalConcurrencyLimitLayer::new(
             args.concurrency_limit as usize,
         ))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, async move { drain_signal.wait().await });
+        .add_routes(routes);
+    let drained = async move { drain_signal.wait().await };
+    // TLS when TLS_CERT_FILE is set (see `crate::tls`), else plain h2c.
+    let tls = crate::tls::server().is_some();
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = if tls {
+        Box::pin(builder.serve_with_incoming_shutdown(crate::tls::incoming(listener), drained))
+    } else {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        Box::pin(builder.serve_with_incoming_shutdown(incoming, drained))
+    };
 
-    tracing::info!(service = service_name, addr = %local_addr, "serving gRPC");
+    tracing::info!(service = service_name, addr = %local_addr, tls, "serving gRPC");
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result.map_err(ServeError::from),
@@ -183,6 +192,7 @@ mod tests {
             shutdown_grace: grace,
             health_check_interval: Duration::from_secs(1),
             metrics_listen_addr: Some("off".into()),
+            tls: Default::default(),
         }
     }
 

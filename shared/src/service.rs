@@ -14,6 +14,7 @@ use crate::{
 /// A service's config: parsed by clap, validated, loggable, with telemetry settings.
 pub trait ServiceConfig: Parser + Validate + Debug {
     fn telemetry(&self) -> &TelemetryArgs;
+    fn server(&self) -> &crate::config::ServerArgs;
 }
 
 /// Why a service could not start or stopped with an error.
@@ -54,6 +55,10 @@ where
             }
         };
         tracing::info!(service = service_name, version = env!("CARGO_PKG_VERSION"), config = ?config, "starting");
+        if let Err(err) = crate::tls::init(&config.server().tls) {
+            tracing::error!("{err}");
+            return ExitCode::from(2);
+        }
         let shutdown = match Shutdown::on_signals() {
             Ok(shutdown) => shutdown,
             Err(err) => {

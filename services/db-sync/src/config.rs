@@ -80,4 +80,8 @@ impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryArgs {
         &self.telemetry
     }
+
+    fn server(&self) -> &merkle_shared::config::ServerArgs {
+        &self.server
+    }
 }

@@ -1,0 +1,239 @@
+//! In-app TLS and mutual TLS (for clusters without a service mesh), with the real Cache and
+//! DbSync binaries and certificates made by the openssl command line: both serve TLS and
+//! refuse a caller without a certificate (and a plaintext one); DbSync reaches Cache over
+//! mutual TLS with its own certificate; a renewed certificate is served without a restart; a
+//! bad TLS setting stops a service at start, naming it.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    SERVICE_EXTENSIONS, TestStack, issue_certificate, make_certificates, run_grpcurl, tail,
+};
+
+/// grpcurl's flags for a caller with the client certificate (or without one).
+fn tls_flags(pki: &Path, with_certificate: bool) -> Vec<String> {
+    let file = |name: &str| pki.join(name).display().to_string();
+    let mut flags = vec!["-cacert".to_owned(), file("ca.pem")];
+    if with_certificate {
+        flags.extend(["-cert".to_owned(), file("client.pem")]);
+        flags.extend(["-key".to_owned(), file("client.key")]);
+    }
+    flags
+}
+
+fn grpcurl(flags: &[String], addr: SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    run_grpcurl(&flags, addr, args)
+}
+
+/// Waits until the service at `addr` answers its health check over mutual TLS.
+async fn wait_serving(pki: &Path, addr: SocketAddr, service: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = format!(r#"{{"service":"{service}"}}"#);
+        let (ok, out, _) = grpcurl(
+            &[tls_flags(pki, true), vec!["-d".into(), body]].concat(),
+            addr,
+            &["grpc.health.v1.Health/Check"],
+        );
+        if ok && out.contains("SERVING") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not serving:\n{}", tail(log));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The TLS environment of a service with certificate `name`.
+fn tls_env(pki: &Path, name: &str) -> Vec<(&'static str, String)> {
+    let file = |f: String| pki.join(f).display().to_string();
+    vec![
+        ("TLS_CERT_FILE", file(format!("{name}.pem"))),
+        ("TLS_KEY_FILE", file(format!("{name}.key"))),
+        ("TLS_CLIENT_CA_FILE", file("ca.pem".into())),
+        ("TLS_CA_FILE", file("ca.pem".into())),
+    ]
+}
+
+/// The subject of the certificate the server at `addr` presents, as openssl shows it.
+fn served_subject(pki: &Path, addr: SocketAddr) -> String {
+    let file = |name: &str| pki.join(name).display().to_string();
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-CAfile"])
+        .arg(file("ca.pem"))
+        .args(["-cert", &file("client.pem"), "-key", &file("client.key")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.trim_start().starts_with("subject="))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_serve_mutual_tls_refuse_callers_without_a_certificate_and_reload() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    issue_certificate(&pki, "cache", "cache", SERVICE_EXTENSIONS);
+    issue_certificate(&pki, "db-sync", "db-sync", SERVICE_EXTENSIONS);
+    stack.start_postgres().await;
+    stack.start_redis().await;
+
+    let cache = stack.start_service("cache", &tls_env(&pki, "cache"));
+    let (cache_addr, cache_log) = (cache.addr, cache.log.clone());
+    wait_serving(&pki, cache_addr, "merkle.cache.v1.CacheService", &cache_log).await;
+    let mut env = tls_env(&pki, "db-sync");
+    env.push((
+        "CACHE_ADDR",
+        format!("https://127.0.0.1:{}", cache_addr.port()),
+    ));
+    let db_sync = stack.start_service("db-sync", &env);
+    let (db_sync_addr, db_sync_log) = (db_sync.addr, db_sync.log.clone());
+    wait_serving(
+        &pki,
+        db_sync_addr,
+        "merkle.dbsync.v1.DbSyncService",
+        &db_sync_log,
+    )
+    .await;
+
+    // A caller without a certificate is refused, and so is a plaintext one.
+    for addr in [cache_addr, db_sync_addr] {
+        // (TLS 1.3 refuses the certificate after the client's side of the handshake: the
+        // caller sees the connection closed.)
+        let (ok, out, _) = grpcurl(&tls_flags(&pki, false), addr, &["list"]);
+        assert!(!ok, "a caller without a certificate was served: {out}");
+        let (ok, _, _) = run_grpcurl(&["-plaintext"], addr, &["list"]);
+        assert!(!ok, "a plaintext caller was served");
+    }
+    assert!(
+        std::fs::read_to_string(&cache_log)
+            .expect("log")
+            .contains("TLS handshake refused"),
+        "{}",
+        tail(&cache_log)
+    );
+
+    // DbSync reads the cache first: its call reaches Cache over mutual TLS, as a miss.
+    let (ok, _, err) = grpcurl(
+        &[
+            tls_flags(&pki, true),
+            vec!["-d".into(), r#"{"source":"docs"}"#.into()],
+        ]
+        .concat(),
+        db_sync_addr,
+        &["merkle.dbsync.v1.DbSyncService/GetLatestRoot"],
+    );
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    let (ok, stats, err) = grpcurl(
+        &tls_flags(&pki, true),
+        cache_addr,
+        &["merkle.cache.v1.CacheService/GetStats"],
+    );
+    assert!(ok, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("json");
+    let latest = stats["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .find(|n| n["namespace"] == "NAMESPACE_LATEST_ROOT")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        latest["misses"].as_str().is_some_and(|m| m != "0"),
+        "DbSync's cache read did not reach Cache: {stats}\n{}",
+        tail(&db_sync_log)
+    );
+
+    // The command line speaks TLS with the services' variables: the exec probe the chart
+    // uses when TLS is on.
+    let probe = |with_certificate: bool| {
+        let file = |name: &str| pki.join(name).display().to_string();
+        let mut command = std::process::Command::new(integration_tests::binary("merklectl"));
+        command
+            .args([
+                "health",
+                "--addr",
+                &format!("https://127.0.0.1:{}", cache_addr.port()),
+            ])
+            .args(["--service", "merkle.cache.v1.CacheService"])
+            .env("TLS_CA_FILE", file("ca.pem"));
+        if with_certificate {
+            command
+                .env("TLS_CERT_FILE", file("client.pem"))
+                .env("TLS_KEY_FILE", file("client.key"));
+        }
+        command.output().expect("merklectl health")
+    };
+    let out = probe(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !probe(false).status.success(),
+        "served without a certificate"
+    );
+
+    // A renewed certificate is served to new connections without a restart.
+    let subject = served_subject(&pki, cache_addr);
+    assert!(subject.ends_with("CN = cache"), "{subject}");
+    issue_certificate(&pki, "cache", "cache-renewed", SERVICE_EXTENSIONS);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !served_subject(&pki, cache_addr).contains("cache-renewed") {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served:\n{}",
+            tail(&cache_log)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_serving(&pki, cache_addr, "merkle.cache.v1.CacheService", &cache_log).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_tls_setting_stops_the_service_naming_it() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    let file = |name: &str| pki.join(name).display().to_string();
+    for (env, named) in [
+        (
+            // The client's key with the server's certificate.
+            vec![
+                ("TLS_CERT_FILE", file("server.pem")),
+                ("TLS_KEY_FILE", file("client.key")),
+            ],
+            "TLS_KEY_FILE",
+        ),
+        (
+            vec![
+                ("TLS_CERT_FILE", file("server.pem")),
+                ("TLS_KEY_FILE", file("server.key")),
+                ("TLS_CLIENT_CA_FILE", file("missing.pem")),
+            ],
+            "TLS_CLIENT_CA_FILE",
+        ),
+        (
+            vec![("DB_SYNC_ADDR", "https://127.0.0.1:1".to_owned())],
+            "TLS_CA_FILE",
+        ),
+    ] {
+        let service = stack.start_service("tree-builder", &env);
+        let log = service.log.clone();
+        let status = stack
+            .service_mut("tree-builder")
+            .process
+            .wait_timeout(Duration::from_secs(30))
+            .expect("the service exits");
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(status.code(), Some(2), "{named}: {text}");
+        assert!(text.contains(named), "{named} is not named: {text}");
+    }
+}
