@@ -386,3 +386,34 @@ pub fn make_certificates(dir: &Path) -> PathBuf {
     issue_certificate(&pki, "client", "client", "extendedKeyUsage=clientAuth\n");
     pki
 }
+
+/// Follows a Scheduler build until it ends (neither queued nor running), for at most a minute.
+pub async fn wait_build_end(
+    scheduler: &mut merkle_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient<
+        merkle_shared::client::Channel,
+    >,
+    id: &str,
+) -> merkle_proto::scheduler::v1::Build {
+    use merkle_proto::scheduler::v1::{BuildState, GetBuildRequest};
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let build = scheduler
+            .get_build(GetBuildRequest {
+                build_id: id.into(),
+            })
+            .await
+            .expect("GetBuild")
+            .into_inner()
+            .build
+            .expect("a build");
+        let state = BuildState::try_from(build.state).expect("state");
+        if !matches!(state, BuildState::Queued | BuildState::Running) {
+            return build;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build {id} did not end: {build:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -146,23 +146,7 @@ async fn wait_builds(
 }
 
 async fn wait_end(c: &mut Client, id: &str) -> Build {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let b = c
-            .get_build(GetBuildRequest {
-                build_id: id.into(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .build
-            .expect("build");
-        if ended(&b) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "build {id} did not end: {b:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    integration_tests::wait_build_end(c, id).await
 }
 
 async fn trigger(c: &mut Client, source: &str) -> Build {

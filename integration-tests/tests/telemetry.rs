@@ -15,8 +15,8 @@ use std::{
 
 use integration_tests::{ServingStatus, TestStack, free_port, run_grpcurl, tail};
 use merkle_proto::scheduler::v1::{
-    Build, BuildState, CreateSourceRequest, FleetMode, GetBuildRequest, Source,
-    TriggerBuildRequest, scheduler_service_client::SchedulerServiceClient,
+    Build, BuildState, CreateSourceRequest, FleetMode, Source, TriggerBuildRequest,
+    scheduler_service_client::SchedulerServiceClient,
 };
 use merkle_shared::client::Channel;
 use merklectl::traces::{Receiver, TraceSpan};
@@ -157,27 +157,7 @@ async fn fleet_source(system: &mut System, name: &str) {
 }
 
 async fn wait_end(c: &mut Client, id: &str) -> Build {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let build = c
-            .get_build(GetBuildRequest {
-                build_id: id.into(),
-            })
-            .await
-            .expect("get build")
-            .into_inner()
-            .build
-            .expect("build");
-        let state = BuildState::try_from(build.state).expect("state");
-        if !matches!(state, BuildState::Queued | BuildState::Running) {
-            return build;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the build did not end: {build:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    integration_tests::wait_build_end(c, id).await
 }
 
 async fn trigger(c: &mut Client, source: &str) -> Build {
