@@ -919,20 +919,28 @@ async fn retention_and_garbage_collection_spare_what_a_running_sync_relies_on() 
         .policy
         .expect("policy");
     assert_eq!(policy.keep_last, 1);
-    let snapshots = c
-        .list_snapshots(ListSnapshotsRequest {
-            source: "docs".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .snapshots;
-    assert_eq!(
-        snapshots.iter().map(|s| s.sequence).collect::<Vec<_>>(),
-        [4],
-        "keep_last 1 after the new sync"
-    );
+    // Retention after a sync runs in the background, once the sync has answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshots = c
+            .list_snapshots(ListSnapshotsRequest {
+                source: "docs".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .snapshots;
+        let sequences: Vec<u64> = snapshots.iter().map(|s| s.sequence).collect();
+        if sequences == [4] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keep_last 1 after the new sync: {sequences:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
