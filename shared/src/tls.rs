@@ -348,13 +348,13 @@ pub fn incoming(
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Connector;
 
-type Connected_ = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<http::Uri> for Connector {
-    type Response = Connected_;
+    type Response = TlsIo;
     type Error = BoxError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Connected_, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<TlsIo, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
