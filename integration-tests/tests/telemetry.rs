@@ -393,7 +393,10 @@ async fn a_callers_traceparent_is_continued_and_a_dead_collector_costs_nothing()
             let _ = stopped.await;
         },
     ));
-    let mut system = system(&otlp_env(port)).await;
+    // Quiet logs do not mean fewer traces: LOG_LEVEL filters log lines only.
+    let mut env = otlp_env(port);
+    env.push(("LOG_LEVEL", "warn".to_owned()));
+    let mut system = system(&env).await;
     fleet_source(&mut system, "docs").await;
 
     // grpcurl, an independent client, sends a traceparent: the build continues that trace.

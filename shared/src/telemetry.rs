@@ -119,18 +119,23 @@ fn export_error(e: impl std::fmt::Display) -> ConfigError {
     )
 }
 
+/// The log lines' filter (`LOG_LEVEL`).
+fn log_filter(args: &TelemetryArgs) -> Result<EnvFilter, ConfigError> {
+    EnvFilter::try_new(&args.log_level).map_err(|e| {
+        ConfigError::new(
+            "LOG_LEVEL (--log-level)",
+            format!("not a valid filter: {e}"),
+        )
+    })
+}
+
 /// Installs the global subscriber, propagator, tracer and meter providers. Call once, inside
 /// the tokio runtime.
 pub fn init(
     service_name: &'static str,
     args: &TelemetryArgs,
 ) -> Result<TelemetryGuard, ConfigError> {
-    let filter = EnvFilter::try_new(&args.log_level).map_err(|e| {
-        ConfigError::new(
-            "LOG_LEVEL (--log-level)",
-            format!("not a valid filter: {e}"),
-        )
-    })?;
+    let filter = log_filter(args)?;
     let resource = resource(service_name);
 
     let mut traces = SdkTracerProvider::builder().with_resource(resource.clone());
@@ -178,11 +183,14 @@ pub fn init(
     );
     opentelemetry::global::set_tracer_provider(traces.clone());
 
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // LOG_LEVEL filters the log lines only: spans (info and above) are traced whatever it
+    // says, so `LOG_LEVEL=warn` keeps every trace.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let registry = tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
-        .with(TraceIdsLayer::default());
+        .with(TraceIdsLayer::default().with_filter(log_filter(args)?));
     let result = if args.log_format == "json" {
         let format = tracing_subscriber::fmt::format()
             .json()
@@ -193,7 +201,8 @@ pub fn init(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .event_format(WithTraceIds::json(format))
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .try_init()
     } else {
@@ -201,7 +210,8 @@ pub fn init(
             .with(
                 tracing_subscriber::fmt::layer()
                     .event_format(WithTraceIds::text(tracing_subscriber::fmt::format()))
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .try_init()
     };
