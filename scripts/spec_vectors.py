@@ -49,19 +49,27 @@ def record(source, sequence, root, profile, build_id, micros, stats, previous):
     return h(out)
 
 
-def checkpoint(kind, source, sequence, record_hash):
-    """Section 10.2: the checkpoint hash."""
+def checkpoint(kind, source, sequence, record_hash, actor=""):
+    """Section 10.2: the checkpoint hash (version 2 when it names an actor)."""
     def s(text):
         b = text.encode()
         return struct.pack(">I", len(b)) + b
-    return h(b"merkle-checkpoint-v1" + s(kind) + s(source) + struct.pack(">Q", sequence) + record_hash)
+    body = s(kind) + s(source) + struct.pack(">Q", sequence) + record_hash
+    if actor:
+        return h(b"merkle-checkpoint-v2" + body + s(actor))
+    return h(b"merkle-checkpoint-v1" + body)
 
 
 def history():
     root = node([(b"hello.txt", FILE, file_leaf(b"hello\n"), None)])
     r1 = record("docs", 1, root, CONTENT, "b-1", 1764000000000000, (1, 1, 0, 0, 6), None)
     r2 = record("docs", 2, root, CONTENT, "b-2", 1764000060000000, (1, 1, 0, 0, 6), r1)
-    return {"record 1": r1, "record 2": r2, "head checkpoint": checkpoint("head", "docs", 2, r2)}
+    return {
+        "record 1": r1,
+        "record 2": r2,
+        "head checkpoint": checkpoint("head", "docs", 2, r2),
+        "pruned checkpoint": checkpoint("pruned", "docs", 1, r1, "alice (admin)"),
+    }
 
 
 def vectors():
@@ -91,7 +99,7 @@ def documented(spec: str):
     section = spec[spec.index("## 9. Test vectors"):]
     found = {}
     for line in section.splitlines():
-        m = re.match(r"^- (record 1|record 2|head checkpoint)\b.*`([0-9a-f]{64})`$", line)
+        m = re.match(r"^- (record 1|record 2|head checkpoint|pruned checkpoint)\b.*`([0-9a-f]{64})`$", line)
         if m:
             found[m.group(1)] = m.group(2)
     for line in section.splitlines():

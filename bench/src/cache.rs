@@ -8,12 +8,12 @@
 
 use std::time::Duration;
 
+use crate::rpc::Channel;
 use merkle_proto::cache::v1::{
     CircuitState, Entry, GetManyRequest, GetRequest, GetStatusRequest, Namespace, SetManyRequest,
     cache_service_client::CacheServiceClient,
 };
 use merklectl::stack::{self, Redis};
-use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::rpc::{self, Load, Row};

@@ -65,7 +65,7 @@ fn client(uri: &str) -> anyhow::Result<Client> {
 }
 
 /// A plain channel, as the echo's client has, for the latency rows: like compared with like.
-type Plain = DbSyncServiceClient<tonic::transport::Channel>;
+type Plain = DbSyncServiceClient<crate::rpc::Channel>;
 
 fn plain(uri: &str) -> anyhow::Result<Plain> {
     Ok(DbSyncServiceClient::new(rpc::channel(uri)?).max_decoding_message_size(64 << 20))
@@ -300,6 +300,7 @@ async fn run_async(args: DbSyncBenchArgs) -> anyhow::Result<()> {
     let latest = |mut c: Plain| async move {
         c.get_latest_root(GetLatestRootRequest {
             source: "big".into(),
+            ..Default::default()
         })
         .await?;
         anyhow::Ok(())
@@ -565,6 +566,7 @@ async fn mixed(
                 let latest = c
                     .get_latest_root(GetLatestRootRequest {
                         source: source.name.clone(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner()

@@ -37,7 +37,7 @@ pub fn run(args: DiscoveryBenchArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(run_async(args))
 }
 
-type Client = DiscoveryServiceClient<tonic::transport::Channel>;
+type Client = DiscoveryServiceClient<crate::rpc::Channel>;
 
 async fn list(
     c: &mut Client,

@@ -182,6 +182,7 @@ async fn append_records(
         source: source.to_owned(),
         sequence: count,
         record_hash: previous,
+        actor: String::new(),
     };
     let sealed = seal(key, &head.hash());
     db.execute(
@@ -193,6 +194,7 @@ async fn append_records(
             &previous.0.as_slice(),
             &sealed.signature.as_slice(),
             &sealed.key_id,
+            &"",
         ],
     )
     .await?;

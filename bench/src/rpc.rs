@@ -16,7 +16,10 @@ use std::{
 use anyhow::Context as _;
 use merklectl::stack::{self, ManagedProcess, free_port};
 use nix::sys::signal::Signal;
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{Request, Response, Status};
+
+/// The channel every benchmark client uses: tonic's, with the bearer token (`channel`).
+pub type Channel = merkle_shared::auth::token::ClientAuth<tonic::transport::Channel>;
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse,
     health_check_response::ServingStatus as Serving,
@@ -68,11 +71,7 @@ impl Health for Echo {
 pub fn serve_echo(args: EchoArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let next = match args.forward {
-            Some(uri) => Some(HealthClient::new(
-                tonic::transport::Endpoint::from_shared(uri)?
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
-            )),
+            Some(uri) => Some(HealthClient::new(channel(&uri)?)),
             None => None,
         };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
@@ -146,6 +145,11 @@ pub async fn start_service(
         ("LOG_LEVEL", "warn".to_owned()),
         ("HEALTH_CHECK_INTERVAL", "200ms".to_owned()),
     ];
+    // Authenticated as in production; the benchmark's clients call as the admin.
+    let credentials = merklectl::credentials::Credentials::ensure(work)?;
+    all.extend(credentials.service_env(name));
+    merkle_shared::auth::token::install(&credentials.token("admin")?)
+        .map_err(anyhow::Error::msg)?;
     all.extend(env.iter().cloned());
     let log = work.join(format!("{name}-{port}.log"));
     let process = stack::spawn_service(spec, port, &all, &log)?;
@@ -164,11 +168,16 @@ pub async fn start_service(
     })
 }
 
-/// A fresh connection to `uri` (each simulated client has its own, as separate clients would).
+/// A fresh connection to `uri` (each simulated client has its own, as separate clients would),
+/// presenting the benchmark's token as real clients present theirs.
 pub fn channel(uri: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(uri.to_owned())?
+    let plain = tonic::transport::Endpoint::from_shared(uri.to_owned())?
         .tcp_nodelay(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(tower::Layer::layer(
+        &merkle_shared::auth::token::ClientAuthLayer::process(),
+        plain,
+    ))
 }
 
 /// One echo call.

@@ -41,7 +41,7 @@ pub struct SchedulerBenchArgs {
     work_dir: std::path::PathBuf,
 }
 
-type Client = SchedulerServiceClient<tonic::transport::Channel>;
+type Client = SchedulerServiceClient<crate::rpc::Channel>;
 
 /// User and system CPU time of a process so far (from /proc).
 fn cpu_time(pid: u32) -> anyhow::Result<Duration> {

@@ -217,6 +217,13 @@ fn tree_builder_rebuilds(work: &Path, t1: &Path, runs: u32) -> anyhow::Result<Se
         ),
         ("LOG_LEVEL", "warn".to_owned()),
     ];
+    let credentials = merklectl::credentials::Credentials::ensure(work)?;
+    let env: Vec<(&str, String)> = env
+        .into_iter()
+        .chain(credentials.service_env("tree-builder"))
+        .collect();
+    merkle_shared::auth::token::install(&credentials.token("operator")?)
+        .map_err(anyhow::Error::msg)?;
     let mut process = stack::spawn_service(spec, port, &env, &work.join("tree-builder.log"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -230,7 +237,8 @@ fn tree_builder_rebuilds(work: &Path, t1: &Path, runs: u32) -> anyhow::Result<Se
             Duration::from_secs(20),
         )
         .await?;
-        let mut client = TreeBuilderServiceClient::connect(format!("http://{addr}")).await?;
+        let mut client =
+            TreeBuilderServiceClient::new(crate::rpc::channel(&format!("http://{addr}"))?);
         let mut call = async |fresh: bool| -> anyhow::Result<(Duration, BuildResult)> {
             let request = BuildTreeRequest {
                 path: t1.display().to_string(),

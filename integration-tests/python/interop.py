@@ -3,7 +3,8 @@
 TreeBuilder: health check, then a BuildTree stream. Stubs are generated from proto/ at run
 time with grpcio-tools, so this checks the contract as another language sees it.
 
-Usage: interop.py ADDR DIR EXPECTED_ROOT   (exit 0 when everything matches)
+Usage: interop.py ADDR DIR EXPECTED_ROOT   (exit 0 when everything matches); the bearer token
+is read from the file $MERKLE_TOKEN_FILE.
 """
 import os
 import sys
@@ -33,6 +34,9 @@ def main() -> int:
         sys.path.insert(0, out)
         from merkle.treebuilder.v1 import treebuilder_pb2, treebuilder_pb2_grpc
 
+        with open(os.environ["MERKLE_TOKEN_FILE"]) as f:
+            token = f.read().strip()
+        credentials = (("authorization", f"Bearer {token}"),)
         with grpc.insecure_channel(addr) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(
@@ -46,7 +50,7 @@ def main() -> int:
             stub = treebuilder_pb2_grpc.TreeBuilderServiceStub(channel)
             request = treebuilder_pb2.BuildTreeRequest(path=directory, include_nodes=True)
             nodes, result = 0, None
-            for message in stub.BuildTree(request, timeout=60):
+            for message in stub.BuildTree(request, timeout=60, metadata=credentials):
                 kind = message.WhichOneof("event")
                 if kind == "nodes":
                     nodes += len(message.nodes.nodes)
@@ -60,7 +64,11 @@ def main() -> int:
                 return 1
 
             try:
-                stub.VerifyTree(treebuilder_pb2.VerifyTreeRequest(path=directory, expected_root_hash="xyz"), timeout=10)
+                stub.VerifyTree(
+                    treebuilder_pb2.VerifyTreeRequest(path=directory, expected_root_hash="xyz"),
+                    timeout=10,
+                    metadata=credentials,
+                )
                 print("VerifyTree accepted a bad hash", file=sys.stderr)
                 return 1
             except grpc.RpcError as err:

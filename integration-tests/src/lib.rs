@@ -4,6 +4,10 @@
 //!
 //! The service binaries must be built first (`cargo build --workspace --bins`); the README's
 //! test command does that.
+//!
+//! Authentication is on, as in production: every service gets the harness's identities file
+//! and its own service token ([`credentials`]), and the clients the harness makes present the
+//! admin token unless a test asks for another identity ([`RunningService::channel_as`]).
 
 use std::{
     net::SocketAddr,
@@ -12,9 +16,32 @@ use std::{
     time::Duration,
 };
 
+pub use merkle_shared::auth::token::ClientAuth;
+pub use merklectl::credentials::Credentials;
 pub use merklectl::stack::{
     self, ManagedProcess, Postgres, Redis, SERVICES, ServiceSpec, free_port, wait_for_status,
 };
+use tower::Layer as _;
+
+/// The credentials every stack of this test process uses (made once, under the target folder,
+/// shared by the test binaries), with the admin token installed for in-process clients.
+pub fn credentials() -> &'static Credentials {
+    static CREDENTIALS: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+    CREDENTIALS.get_or_init(|| {
+        let dir = stack::binary_dir()
+            .expect("binary folder")
+            .join("it-credentials");
+        let credentials = Credentials::ensure(&dir).expect("test credentials");
+        merkle_shared::auth::token::install(&credentials.token("admin").expect("admin token"))
+            .expect("install the admin token");
+        credentials
+    })
+}
+
+/// The token of `identity` (`admin`, `operator`, `reader`, or a service's name).
+pub fn token_of(identity: &str) -> String {
+    credentials().token(identity).expect("token")
+}
 pub use tonic_health::pb::health_check_response::ServingStatus;
 
 /// How long a service may take to report a health status in tests.
@@ -43,8 +70,21 @@ impl RunningService {
         }
     }
 
-    /// A gRPC channel to the service.
-    pub fn channel(&self) -> tonic::transport::Channel {
+    /// A gRPC channel to the service, presenting the admin token.
+    pub fn channel(&self) -> ClientAuth<tonic::transport::Channel> {
+        self.channel_as("admin")
+    }
+
+    /// A gRPC channel to the service, presenting `identity`'s token (`admin`, `operator`,
+    /// `reader` or a service's name).
+    pub fn channel_as(&self, identity: &str) -> ClientAuth<tonic::transport::Channel> {
+        let layer = merkle_shared::auth::token::ClientAuthLayer::with_token(&token_of(identity))
+            .expect("a valid token");
+        layer.layer(self.plain_channel())
+    }
+
+    /// A gRPC channel to the service without credentials.
+    pub fn plain_channel(&self) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(self.uri())
             .expect("valid uri")
             .timeout(Duration::from_secs(30))
@@ -63,6 +103,7 @@ pub struct TestStack {
 
 impl TestStack {
     pub fn new() -> Self {
+        credentials();
         let dir = tempfile::Builder::new()
             .prefix("merkle-it-")
             .tempdir()
@@ -135,6 +176,7 @@ impl TestStack {
                 self.dir.path().join("stat-cache").display().to_string(),
             ));
         }
+        all_env.extend(credentials().service_env(name));
         if let Some(pg) = &self.postgres {
             all_env.push(("DATABASE_URL", pg.url()));
         }
@@ -171,6 +213,33 @@ impl TestStack {
         let service = self.services.last().expect("just started");
         service.wait_for(ServingStatus::Serving).await;
         service
+    }
+
+    /// Everything a build needs (PostgreSQL, Redis, Cache, DbSync writing through the cache,
+    /// TreeBuilder) and one Scheduler with `env` added; returns the Scheduler's address.
+    pub async fn start_system(&mut self, env: &[(&str, String)]) -> String {
+        if self.postgres.is_none() {
+            self.start_postgres().await;
+        }
+        if self.redis.is_none() {
+            self.start_redis().await;
+        }
+        let cache = self.start_serving("cache").await.uri();
+        let db_sync = self.start_service("db-sync", &[("CACHE_ADDR", cache.clone())]);
+        db_sync.wait_for(ServingStatus::Serving).await;
+        let db_sync = db_sync.uri();
+        let tree_builder = self.start_serving("tree-builder").await.uri();
+        let mut all = vec![
+            ("CACHE_ADDR", cache),
+            ("DB_SYNC_ADDR", db_sync),
+            ("TREE_BUILDER_ADDR", tree_builder),
+            ("MIN_INTERVAL", "1s".to_owned()),
+            ("LEASE_DURATION", "2s".to_owned()),
+        ];
+        all.extend(env.iter().cloned());
+        let scheduler = self.start_service("scheduler", &all);
+        scheduler.wait_for(ServingStatus::Serving).await;
+        scheduler.uri()
     }
 
     /// Every service started so far, in start order.
@@ -238,6 +307,14 @@ pub fn run_grpcurl(flags: &[&str], addr: SocketAddr, args: &[&str]) -> (bool, St
     {
         command.arg("-plaintext");
     }
+    // As the admin, unless the test sends credentials of its own.
+    let header = format!("authorization: Bearer {}", token_of("admin"));
+    if !flags
+        .iter()
+        .any(|f| f.to_ascii_lowercase().starts_with("authorization:"))
+    {
+        command.args(["-H", &header]);
+    }
     command.args(flags).arg(addr.to_string()).args(args);
     let out = command.output().unwrap_or_else(|e| {
         panic!(
@@ -263,9 +340,14 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Runs the real `merklectl` with `args` (its stat caches in a temporary folder); returns
-/// (exit code, stdout, stderr).
+/// Runs the real `merklectl` with `args` (its stat caches in a temporary folder) as the
+/// harness's admin; returns (exit code, stdout, stderr).
 pub fn run_merklectl(args: &[&str]) -> (Option<i32>, String, String) {
+    run_merklectl_with_token(&credentials().token_file("admin"), args)
+}
+
+/// [`run_merklectl`] presenting the token in `token_file` (e.g. the one `merklectl up` made).
+pub fn run_merklectl_with_token(token_file: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(binary("merklectl"))
         .args(args)
         .env(
@@ -273,6 +355,7 @@ pub fn run_merklectl(args: &[&str]) -> (Option<i32>, String, String) {
             std::env::temp_dir().join("merklectl-test-cache"),
         )
         .env_remove("CACHE_ADDR")
+        .env(merklectl::credentials::TOKEN_FILE_VARIABLE, token_file)
         .output()
         .expect("run merklectl");
     (

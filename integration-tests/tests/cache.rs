@@ -10,23 +10,67 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{RunningService, ServingStatus, TestStack, run_merklectl, signal};
+use integration_tests::{
+    ClientAuth, RunningService, ServingStatus, TestStack, run_merklectl, signal, token_of,
+};
 use merkle_proto::cache::v1::{
     CircuitState, ClearRequest, DeleteRequest, Entry, GetManyRequest, GetRequest, GetStatsRequest,
     GetStatsResponse, GetStatusRequest, GetStatusResponse, InvalidatePatternRequest, Namespace,
     SetManyRequest, SetRequest, WarmupRequest, cache_service_client::CacheServiceClient,
 };
 use merkle_shared::{
-    cache::{CacheArgs, CacheClient, CacheSource},
-    config::ClientArgs,
+    auth::token::ClientAuthLayer,
+    cache::{CacheClient, CacheSource, seal::Seal},
+    propagation::ClientTraceLayer,
 };
 use nix::sys::signal::Signal;
 use tonic::{Code, transport::Channel};
+use tower::Layer as _;
 
-type Client = CacheServiceClient<Channel>;
+type Client = CacheServiceClient<ClientAuth<Channel>>;
 
-fn client(service: &RunningService) -> Client {
-    CacheServiceClient::new(service.channel())
+/// Clients of one Cache service, one per identity: a namespace is written only by the service
+/// that owns it, so writes go as the owner ([`Clients::owner`]); everything else goes as the
+/// admin (the `Deref`).
+struct Clients {
+    admin: Client,
+    db_sync: Client,
+    scheduler: Client,
+    discovery: Client,
+}
+
+impl Clients {
+    /// The client of `ns`'s owner.
+    fn owner(&mut self, ns: Namespace) -> &mut Client {
+        match ns {
+            Namespace::LatestRoot | Namespace::TreeMeta => &mut self.db_sync,
+            Namespace::BuildStatus => &mut self.scheduler,
+            _ => &mut self.discovery,
+        }
+    }
+}
+
+impl std::ops::Deref for Clients {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.admin
+    }
+}
+
+impl std::ops::DerefMut for Clients {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.admin
+    }
+}
+
+fn client(service: &RunningService) -> Clients {
+    let as_ = |identity: &str| CacheServiceClient::new(service.channel_as(identity));
+    Clients {
+        admin: as_("admin"),
+        db_sync: as_("db-sync"),
+        scheduler: as_("scheduler"),
+        discovery: as_("discovery"),
+    }
 }
 
 /// A raw connection to the test's Redis, to look at what the service stored.
@@ -49,20 +93,21 @@ async fn redis_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String>
     keys
 }
 
-async fn set(c: &mut Client, ns: Namespace, key: &str, value: &[u8]) -> bool {
-    c.set(SetRequest {
-        namespace: ns as i32,
-        key: key.to_owned(),
-        value: value.to_vec(),
-        ttl: None,
-    })
-    .await
-    .expect("Set")
-    .into_inner()
-    .stored
+async fn set(c: &mut Clients, ns: Namespace, key: &str, value: &[u8]) -> bool {
+    c.owner(ns)
+        .set(SetRequest {
+            namespace: ns as i32,
+            key: key.to_owned(),
+            value: value.to_vec(),
+            ttl: None,
+        })
+        .await
+        .expect("Set")
+        .into_inner()
+        .stored
 }
 
-async fn get(c: &mut Client, ns: Namespace, key: &str) -> Option<Vec<u8>> {
+async fn get(c: &mut Clients, ns: Namespace, key: &str) -> Option<Vec<u8>> {
     let answer = c
         .get(GetRequest {
             namespace: ns as i32,
@@ -74,14 +119,14 @@ async fn get(c: &mut Client, ns: Namespace, key: &str) -> Option<Vec<u8>> {
     answer.found.then_some(answer.value)
 }
 
-async fn status(c: &mut Client) -> GetStatusResponse {
+async fn status(c: &mut Clients) -> GetStatusResponse {
     c.get_status(GetStatusRequest {})
         .await
         .expect("GetStatus")
         .into_inner()
 }
 
-async fn stats(c: &mut Client) -> GetStatsResponse {
+async fn stats(c: &mut Clients) -> GetStatsResponse {
     c.get_stats(GetStatsRequest {})
         .await
         .expect("GetStats")
@@ -97,7 +142,7 @@ fn ns_stats(stats: &GetStatsResponse, ns: Namespace) -> merkle_proto::cache::v1:
         .expect("namespace in stats")
 }
 
-async fn start_cache(stack: &mut TestStack, env: &[(&str, String)]) -> Client {
+async fn start_cache(stack: &mut TestStack, env: &[(&str, String)]) -> Clients {
     if stack.redis.is_none() {
         stack.start_redis().await;
     }
@@ -121,19 +166,20 @@ async fn each_namespace_has_its_default_ttl_and_a_request_ttl_overrides_it() {
     assert!(set(&mut c, Namespace::TreeMeta, "abc", b"meta").await);
     assert!(set(&mut c, Namespace::DiscoveryList, "nomad", b"list").await);
     assert!(
-        c.set(SetRequest {
-            namespace: Namespace::BuildStatus as i32,
-            key: "b1".into(),
-            value: b"running".to_vec(),
-            ttl: Some(prost_types::Duration {
-                seconds: 120,
-                nanos: 0
-            }),
-        })
-        .await
-        .expect("Set")
-        .into_inner()
-        .stored
+        c.owner(Namespace::BuildStatus)
+            .set(SetRequest {
+                namespace: Namespace::BuildStatus as i32,
+                key: "b1".into(),
+                value: b"running".to_vec(),
+                ttl: Some(prost_types::Duration {
+                    seconds: 120,
+                    nanos: 0
+                }),
+            })
+            .await
+            .expect("Set")
+            .into_inner()
+            .stored
     );
 
     let ttl = |ns: Namespace, key: &'static str| {
@@ -233,9 +279,9 @@ async fn keys_follow_the_layout_and_clear_leaves_other_deployments_alone() {
     );
     let keys = redis_keys(&mut raw).await;
     for key in [
-        "team-a:v1:tree_meta:a:b*c?[d]\\e",
-        "team-a:v1:latest_root:docs",
-        "team-a:v1:build_status:b-1",
+        "team-a:v2:tree_meta:a:b*c?[d]\\e",
+        "team-a:v2:latest_root:docs",
+        "team-a:v2:build_status:b-1",
     ] {
         assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
     }
@@ -261,7 +307,7 @@ async fn keys_follow_the_layout_and_clear_leaves_other_deployments_alone() {
         .await
         .expect("Clear")
         .into_inner();
-    assert_eq!(cleared.deleted, 3, "two of v1 and the old v0 key");
+    assert_eq!(cleared.deleted, 3, "two of v2 and the old v0 key");
     assert_eq!(
         redis_keys(&mut raw).await,
         vec![
@@ -285,6 +331,7 @@ async fn invalidate_pattern_deletes_10000_keys_with_scan_never_keys() {
             })
             .collect();
         let stored = c
+            .owner(Namespace::BuildStatus)
             .set_many(SetManyRequest {
                 namespace: Namespace::BuildStatus as i32,
                 entries,
@@ -430,7 +477,7 @@ async fn values_over_the_threshold_are_stored_compressed_and_read_back_whole() {
         let value = text(len);
         assert!(set(&mut c, Namespace::TreeMeta, &key, &value).await);
         let stored: Vec<u8> = redis::cmd("GET")
-            .arg(format!("merkle:v1:tree_meta:{key}"))
+            .arg(format!("merkle:v2:tree_meta:{key}"))
             .query_async(&mut raw)
             .await
             .expect("GET");
@@ -509,7 +556,11 @@ async fn bad_input_is_rejected_naming_the_field_and_nothing_is_written() {
         ),
     ];
     for (request, expected) in cases {
-        let status = c.set(request).await.expect_err("rejected");
+        let status = c
+            .owner(Namespace::TreeMeta)
+            .set(request)
+            .await
+            .expect_err("rejected");
         assert_eq!(status.code(), Code::InvalidArgument, "{expected}");
         assert!(
             status.message().starts_with(expected),
@@ -541,6 +592,7 @@ async fn bad_input_is_rejected_naming_the_field_and_nothing_is_written() {
         value: vec![1],
     });
     let status = c
+        .owner(Namespace::TreeMeta)
         .set_many(SetManyRequest {
             namespace: ns,
             entries,
@@ -688,6 +740,7 @@ async fn a_killed_redis_degrades_every_call_and_a_restarted_one_serves_again() {
         assert!(!set(&mut c, Namespace::DiscoveryNode, "n2", b"x").await);
     }
     let stored = c
+        .owner(Namespace::DiscoveryNode)
         .set_many(SetManyRequest {
             namespace: Namespace::DiscoveryNode as i32,
             entries: vec![Entry {
@@ -796,19 +849,21 @@ async fn warmup_names_what_is_missing_and_never_blocks_serving() {
     assert!(status.message().contains("DbSync"), "{}", status.message());
 }
 
+/// The services' own cache client, acting as DbSync (the owner of the namespaces these tests
+/// write), with a seal key of its own.
 fn cache_client(addr: String) -> CacheClient {
-    CacheClient::new(
-        &CacheArgs {
-            cache_addr: Some(addr),
-            cache_timeout: Duration::from_millis(500),
-        },
-        &ClientArgs {
-            client_connect_timeout: Duration::from_secs(1),
-            client_request_timeout: Duration::from_secs(5),
-            client_max_attempts: 1,
-        },
-    )
-    .expect("client")
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let auth = ClientAuthLayer::with_token(&token_of("db-sync")).expect("token");
+    let cache = CacheClient::over(
+        ClientTraceLayer.layer(auth.layer(channel)),
+        Duration::from_millis(500),
+    );
+    cache.install_seal(Seal::derived(b"the shared client's test secret", "cache"));
+    cache
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -981,7 +1036,7 @@ async fn merklectl_cache_commands_talk_to_the_running_service() {
     let (code, out, _) = run_merklectl(&["cache", "status", "--addr", &addr]);
     assert_eq!(code, Some(0));
     assert!(out.contains("circuit breaker  CLOSED"), "{out}");
-    assert!(out.contains("merkle:v1:<namespace>:<key>"), "{out}");
+    assert!(out.contains("merkle:v2:<namespace>:<key>"), "{out}");
     let (_, out, _) = run_merklectl(&["cache", "status", "--json", "--addr", &addr]);
     let json: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(json["redis_reachable"], true);

@@ -5,9 +5,22 @@ use std::process::Command;
 
 use integration_tests::{SERVICES, binary};
 
+/// Runs a service binary with `env`, authenticated by the harness's identities (so that the
+/// setting under test is the one at fault); returns (exit code, stderr).
 fn run(binary_name: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let identities = integration_tests::credentials().identities_file();
+    let identities = identities.to_str().expect("utf-8").to_owned();
+    let mut all = vec![("AUTH_IDENTITIES_FILE", identities.as_str())];
+    all.extend_from_slice(env);
+    run_without_auth(binary_name, &all)
+}
+
+fn run_without_auth(binary_name: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut command = Command::new(binary(binary_name));
-    command.env_remove("DATABASE_URL").env_remove("REDIS_URL");
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("AUTH_IDENTITIES_FILE");
     for (key, value) in env {
         command.env(key, value);
     }
@@ -44,6 +57,47 @@ fn bad_listen_address_is_named_by_every_service() {
         assert_one_line_naming(&stderr, "LISTEN_ADDR");
         assert!(stderr.contains("not-an-address"), "{stderr}");
     }
+}
+
+#[test]
+fn authentication_is_required_unless_disabled_on_purpose() {
+    for spec in &SERVICES {
+        let (code, stderr) = run_without_auth(
+            spec.binary,
+            &[
+                ("DATABASE_URL", "postgres://merkle@127.0.0.1:1/merkle"),
+                ("REDIS_URL", "redis://127.0.0.1:1/0"),
+                ("ALLOWED_ROOTS", "/tmp"),
+            ],
+        );
+        assert_eq!(code, Some(2), "{}: {stderr}", spec.binary);
+        assert_one_line_naming(&stderr, "AUTH_IDENTITIES_FILE");
+        assert!(stderr.contains("AUTH_DISABLED=true"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_bad_identities_file_stops_the_service_naming_the_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("identities.yaml");
+    std::fs::write(
+        &file,
+        "identities:\n  - name: alice\n    role: superuser\n    san: alice\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "merkle-discovery",
+        &[("AUTH_IDENTITIES_FILE", file.to_str().expect("utf-8"))],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("AUTH_IDENTITIES_FILE"), "{stderr}");
+    assert!(stderr.contains("identities[0].role"), "{stderr}");
+    let (code, stderr) = run(
+        "merkle-discovery",
+        &[("AUTH_IDENTITIES_FILE", "/no/such/file")],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("/no/such/file"), "{stderr}");
 }
 
 #[test]
@@ -140,10 +194,16 @@ fn the_effective_config_is_logged_with_the_password_redacted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("db-sync.log");
     let mut command = Command::new(binary("merkle-db-sync"));
-    command.env("LISTEN_ADDR", "127.0.0.1:0").env(
-        "DATABASE_URL",
-        "postgres://merkle:hunter2secret@127.0.0.1:1/merkle",
-    );
+    command
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env(
+            "DATABASE_URL",
+            "postgres://merkle:hunter2secret@127.0.0.1:1/merkle",
+        )
+        .env(
+            "AUTH_IDENTITIES_FILE",
+            integration_tests::credentials().identities_file(),
+        );
     let mut process = integration_tests::ManagedProcess::spawn(
         "db-sync",
         command,

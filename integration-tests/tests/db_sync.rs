@@ -188,6 +188,7 @@ async fn a_tree_is_written_only_when_its_root_changed_and_one_file_costs_depth_r
     let latest = c
         .get_latest_root(GetLatestRootRequest {
             source: "docs".into(),
+            ..Default::default()
         })
         .await
         .expect("latest")
@@ -674,6 +675,7 @@ async fn latest_roots_are_read_cache_first_with_an_x_cache_header() {
     let hit = c
         .get_latest_root(GetLatestRootRequest {
             source: "docs".into(),
+            ..Default::default()
         })
         .await
         .expect("read");
@@ -685,6 +687,7 @@ async fn latest_roots_are_read_cache_first_with_an_x_cache_header() {
     let miss = c
         .get_latest_root(GetLatestRootRequest {
             source: "docs".into(),
+            ..Default::default()
         })
         .await
         .expect("read");
@@ -692,6 +695,7 @@ async fn latest_roots_are_read_cache_first_with_an_x_cache_header() {
     let hit = c
         .get_latest_root(GetLatestRootRequest {
             source: "docs".into(),
+            ..Default::default()
         })
         .await
         .expect("read");
@@ -711,6 +715,7 @@ async fn latest_roots_are_read_cache_first_with_an_x_cache_header() {
     let err = c
         .get_latest_root(GetLatestRootRequest {
             source: "nope".into(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -731,6 +736,7 @@ async fn every_call_is_correct(c: &mut Client, label: &str) {
     let latest = c
         .get_latest_root(GetLatestRootRequest {
             source: "down".into(),
+            ..Default::default()
         })
         .await
         .expect(label);
@@ -1018,6 +1024,7 @@ async fn bad_input_is_rejected_naming_the_field() {
     expect(
         c.get_latest_root(GetLatestRootRequest {
             source: "Bad Name".into(),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -1026,6 +1033,7 @@ async fn bad_input_is_rejected_naming_the_field() {
     expect(
         c.get_latest_root(GetLatestRootRequest {
             source: String::new(),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -1034,6 +1042,7 @@ async fn bad_input_is_rejected_naming_the_field() {
     expect(
         c.get_latest_root(GetLatestRootRequest {
             source: "web".into(),
+            ..Default::default()
         })
         .await,
         Code::NotFound,
@@ -1109,6 +1118,7 @@ async fn bad_input_is_rejected_naming_the_field() {
     let root = c
         .get_latest_root(GetLatestRootRequest {
             source: "docs".into(),
+            ..Default::default()
         })
         .await
         .expect("latest")
@@ -1265,6 +1275,7 @@ async fn cache_warmup_loads_the_latest_roots_through_db_sync() {
     let hit = c
         .get_latest_root(GetLatestRootRequest {
             source: "web".into(),
+            ..Default::default()
         })
         .await
         .expect("read");

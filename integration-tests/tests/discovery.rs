@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use integration_tests::{RunningService, ServingStatus, TestStack, tail};
+use integration_tests::{ClientAuth, RunningService, ServingStatus, TestStack, tail};
 use merkle_proto::discovery::v1::{
     CacheState, Client as NodeClient, ClientEventType, GetClientRequest, ListClientsRequest,
     ListClientsResponse, WatchClientsRequest, WatchClientsResponse,
@@ -19,7 +19,7 @@ use merkle_stand_ins::{
 };
 use tonic::{Code, Streaming, transport::Channel};
 
-type Client = DiscoveryServiceClient<Channel>;
+type Client = DiscoveryServiceClient<ClientAuth<Channel>>;
 
 /// Redis and the Cache service, for Discovery to cache through.
 async fn with_cache(stack: &mut TestStack) -> String {

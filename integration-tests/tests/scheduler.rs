@@ -47,22 +47,7 @@ fn slow_dir(stack: &TestStack, name: &str, gib: u64) -> PathBuf {
 
 /// Everything a build needs, and one Scheduler with `env`.
 async fn system(stack: &mut TestStack, env: &[(&str, String)]) -> Client {
-    stack.start_postgres().await;
-    stack.start_redis().await;
-    let cache = stack.start_serving("cache").await.uri();
-    let db_sync = stack.start_service("db-sync", &[("CACHE_ADDR", cache.clone())]);
-    db_sync.wait_for(ServingStatus::Serving).await;
-    let db_sync = db_sync.uri();
-    let tree_builder = stack.start_serving("tree-builder").await.uri();
-    let mut all = vec![
-        ("CACHE_ADDR", cache),
-        ("DB_SYNC_ADDR", db_sync),
-        ("TREE_BUILDER_ADDR", tree_builder),
-        ("MIN_INTERVAL", "1s".to_owned()),
-        ("LEASE_DURATION", "2s".to_owned()),
-    ];
-    all.extend(env.iter().cloned());
-    start_scheduler(stack, &all).await
+    client(&stack.start_system(env).await)
 }
 
 async fn start_scheduler(stack: &mut TestStack, env: &[(&str, String)]) -> Client {
@@ -951,6 +936,7 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
         let latest = db_sync
             .get_latest_root(GetLatestRootRequest {
                 source: format!("site@{node}"),
+                ..Default::default()
             })
             .await
             .expect("latest root")
@@ -962,6 +948,7 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
     let missing = db_sync
         .get_latest_root(GetLatestRootRequest {
             source: "site@node-d".into(),
+            ..Default::default()
         })
         .await
         .expect_err("node-d is not ready");

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{RunningService, ServingStatus, TestStack, tail};
+use integration_tests::{ClientAuth, RunningService, ServingStatus, TestStack, tail};
 use merkle_core::{BuildOptions, Builder, Digest, DirNode, Profile};
 use merkle_proto::{
     common::v1::{BuildPhase, ChangeType, Profile as PbProfile, TreeNode},
@@ -27,7 +27,7 @@ fn write(path: &Path, content: &[u8]) {
     fs::write(path, content).expect("write");
 }
 
-fn client(service: &RunningService) -> TreeBuilderServiceClient<Channel> {
+fn client(service: &RunningService) -> TreeBuilderServiceClient<ClientAuth<Channel>> {
     // The default 4 MiB decoding limit: a larger message from the server fails the call.
     TreeBuilderServiceClient::new(service.channel())
 }
@@ -42,7 +42,7 @@ struct Streamed {
 }
 
 async fn build_tree(
-    client: &mut TreeBuilderServiceClient<Channel>,
+    client: &mut TreeBuilderServiceClient<ClientAuth<Channel>>,
     request: BuildTreeRequest,
 ) -> Result<Streamed, tonic::Status> {
     let mut stream = client.build_tree(request).await?.into_inner();
@@ -505,6 +505,10 @@ async fn an_independent_python_grpcio_client_gets_the_same_root() {
         .arg(service.addr.to_string())
         .arg(&tree)
         .arg(expected.to_hex())
+        .env(
+            "MERKLE_TOKEN_FILE",
+            integration_tests::credentials().token_file("operator"),
+        )
         .output()
         .await
         .unwrap_or_else(|e| {
@@ -603,7 +607,7 @@ async fn builds_beyond_the_limit_wait_in_the_queued_phase() {
 
 /// Builds `tree` and returns the result and its nodes.
 async fn built(
-    client: &mut TreeBuilderServiceClient<Channel>,
+    client: &mut TreeBuilderServiceClient<ClientAuth<Channel>>,
     request: BuildTreeRequest,
 ) -> (BuildResult, HashMap<Digest, DirNode>) {
     let streamed = build_tree(client, request).await.expect("build");

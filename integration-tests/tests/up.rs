@@ -9,7 +9,7 @@ use std::{
 };
 
 use integration_tests::{
-    SERVICES, ServingStatus, binary, free_port, process_exists, run_merklectl, stack,
+    SERVICES, ServingStatus, binary, free_port, process_exists, run_merklectl_with_token, stack,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -95,6 +95,9 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
         .spawn()
         .expect("start merklectl up");
     let pid = child.id();
+    // The stack's own credentials, which merklectl up made.
+    let admin = data_dir.join("auth/admin.token");
+    let run_merklectl = |args: &[&str]| run_merklectl_with_token(&admin, args);
 
     // Read the table; it is printed once every service reports SERVING.
     let stdout = child.stdout.take().expect("stdout");
@@ -272,6 +275,8 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
         .expect("start merklectl up");
     let stdout = child.stdout.take().expect("stdout");
     let child = StopOnDrop(child);
+    let admin = data.path().join("stack/auth/admin.token");
+    let run_merklectl = |args: &[&str]| run_merklectl_with_token(&admin, args);
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {

@@ -18,6 +18,8 @@ use crate::{Digest, Profile, TreeStats};
 pub const RECORD_DOMAIN: &[u8] = b"merkle-record-v1";
 /// The checkpoint encoding's domain tag and version.
 pub const CHECKPOINT_DOMAIN: &[u8] = b"merkle-checkpoint-v1";
+/// The domain tag of a checkpoint that names who caused it (version 2).
+pub const CHECKPOINT_DOMAIN_V2: &[u8] = b"merkle-checkpoint-v2";
 /// A checkpoint naming a source's latest record.
 pub const HEAD: &str = "head";
 /// A checkpoint naming the last record retention pruned; the kept records follow it.
@@ -87,17 +89,29 @@ pub struct Checkpoint {
     pub source: String,
     pub sequence: u64,
     pub record_hash: Digest,
+    /// Who caused it (a pruning checkpoint: the identity that set the retention policy);
+    /// empty when not recorded. Covered by the hash (encoding version 2) when set.
+    pub actor: String,
 }
 
 impl Checkpoint {
-    /// The checkpoint hash (spec section 10.2), which is what is signed.
+    /// The checkpoint hash (spec section 10.2), which is what is signed: version 1 without
+    /// an actor, version 2 (the actor appended) with one.
     pub fn hash(&self) -> Digest {
-        let mut out = Vec::with_capacity(80 + self.source.len());
-        out.extend_from_slice(CHECKPOINT_DOMAIN);
+        let mut out = Vec::with_capacity(80 + self.source.len() + self.actor.len());
+        let v2 = !self.actor.is_empty();
+        out.extend_from_slice(if v2 {
+            CHECKPOINT_DOMAIN_V2
+        } else {
+            CHECKPOINT_DOMAIN
+        });
         put_str(&mut out, &self.kind);
         put_str(&mut out, &self.source);
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.record_hash.0);
+        if v2 {
+            put_str(&mut out, &self.actor);
+        }
         Digest(Sha256::digest(out).into())
     }
 }
@@ -437,6 +451,7 @@ mod tests {
             source: "docs".into(),
             sequence: last.record.sequence,
             record_hash: last.record_hash,
+            actor: String::new(),
         };
         StoredCheckpoint {
             seal: Some(seal(key, &checkpoint.hash())),
@@ -555,6 +570,7 @@ mod tests {
             source: "docs".into(),
             sequence: 2,
             record_hash: records[1].record_hash,
+            actor: "alice (admin)".into(),
         };
         let pruned = StoredCheckpoint {
             seal: Some(seal(&new, &checkpoint.hash())),

@@ -126,7 +126,7 @@ fn intermediate_values_match_the_document() {
 fn history_vectors_match_the_document() {
     use merkle_core::{
         TreeStats,
-        history::{Checkpoint, HEAD, Record, key_id, seal},
+        history::{Checkpoint, HEAD, PRUNED, Record, key_id, seal},
     };
     let root = DirNode {
         entries: vec![Entry {
@@ -168,6 +168,14 @@ fn history_vectors_match_the_document() {
         source: "docs".into(),
         sequence: 2,
         record_hash: second.hash(),
+        actor: String::new(),
+    };
+    let pruned = Checkpoint {
+        kind: PRUNED.into(),
+        source: "docs".into(),
+        sequence: 1,
+        record_hash: first.hash(),
+        actor: "alice (admin)".into(),
     };
     let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
     let signed = seal(&key, &second.hash());
@@ -186,6 +194,7 @@ fn history_vectors_match_the_document() {
     assert_eq!(spec_value("record 1"), first.hash().to_hex());
     assert_eq!(spec_value("record 2"), second.hash().to_hex());
     assert_eq!(spec_value("head checkpoint"), head.hash().to_hex());
+    assert_eq!(spec_value("pruned checkpoint"), pruned.hash().to_hex());
     assert_eq!(spec_value("key id"), key_id(&key.verifying_key()));
     assert_eq!(spec_value("signature of record 2"), signature);
 }

@@ -268,6 +268,7 @@ fn checkpoint_json(c: &Option<HistoryCheckpoint>) -> serde_json::Value {
             "record_hash": c.record_hash,
             "signature": c.signature,
             "key_id": c.key_id,
+            "actor": c.actor,
         }),
     }
 }
@@ -287,6 +288,7 @@ fn checkpoint_from_json(value: &serde_json::Value) -> anyhow::Result<Option<Hist
         signature: text("signature"),
         key_id: text("key_id"),
         create_time: None,
+        actor: text("actor"),
     }))
 }
 

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod check;
 pub mod clients;
+pub mod credentials;
 pub mod history;
 pub mod local;
 pub mod remote;

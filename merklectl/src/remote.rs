@@ -10,14 +10,17 @@ use merkle_shared::{
 
 /// A channel to the service at `addr` (`http://host:port`, or `https://host:port` with the
 /// services' TLS variables, `TLS_CA_FILE` and for mutual TLS `TLS_CERT_FILE`/`TLS_KEY_FILE`).
+/// Calls present the command's bearer token (`crate::credentials::install_for_commands`).
 pub fn connect(addr: &str) -> anyhow::Result<Channel> {
-    static TLS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    TLS.get_or_init(|| {
-        merkle_shared::tls::init(&merkle_shared::tls::TlsArgs::from_env())
-            .map_err(|e| e.to_string())
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)?;
+    static SETUP: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    SETUP
+        .get_or_init(|| {
+            merkle_shared::tls::init(&merkle_shared::tls::TlsArgs::from_env())
+                .map_err(|e| e.to_string())?;
+            crate::credentials::install_for_commands().map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
     let args = ClientArgs {
         client_connect_timeout: Duration::from_secs(3),
         client_request_timeout: Duration::from_secs(60),
@@ -34,8 +37,16 @@ pub fn call_failed(
     let addr = addr.to_owned();
     move |status| {
         let code = format!("{:?}", status.code());
+        let hint = if status.code() == tonic::Code::Unauthenticated {
+            format!(
+                " (set {}=<token file>, e.g. .data/auth/admin.token of the stack)",
+                crate::credentials::TOKEN_FILE_VARIABLE
+            )
+        } else {
+            String::new()
+        };
         anyhow::anyhow!(
-            "{service} at {addr}: {}: {}",
+            "{service} at {addr}: {}: {}{hint}",
             screaming_snake(&code),
             status.message()
         )

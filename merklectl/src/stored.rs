@@ -61,9 +61,11 @@ pub async fn upload(
     tree: &MemTree,
     stats: &TreeStats,
 ) -> Result<SyncTreeResponse, tonic::Status> {
+    // Whether the tree is stored already is PostgreSQL's answer, never the cache's.
     let latest = client
         .get_latest_root(GetLatestRootRequest {
             source: source.to_owned(),
+            consistent: true,
         })
         .await;
     let unchanged = match latest {
@@ -363,6 +365,7 @@ async fn snapshot(
             client
                 .get_latest_root(GetLatestRootRequest {
                     source: source.to_owned(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(db_sync.failed())?

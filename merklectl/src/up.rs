@@ -184,11 +184,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // DbSync signs the history with the stack's own key; `verify-history` trusts its public
     // half by default.
     let signing_key = crate::history::ensure_signing_key(&data_dir)?;
+    // Every call is authenticated: the stack's services and this process use the tokens made
+    // here (other commands find the admin token in the data folder).
+    let credentials = crate::credentials::Credentials::ensure(&data_dir)?;
+    merkle_shared::auth::token::install(&credentials.token("admin")?)
+        .map_err(anyhow::Error::msg)?;
     let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
     for spec in SERVICES {
         let port = args.port_of(&spec);
         let mut env = service_env(&spec, &args, &database_url, &redis_url);
         env.extend(telemetry_env.iter().cloned());
+        env.extend(credentials.service_env(spec.name));
         if spec.name == "tree-builder" {
             let roots: Vec<String> = allowed_roots
                 .iter()
@@ -228,6 +234,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let port = args.node_port(n);
         let mut env = service_env(&tree_builder_spec, &args, &database_url, &redis_url);
         env.extend(telemetry_env.iter().cloned());
+        env.extend(credentials.service_env(tree_builder_spec.name));
         let roots: Vec<String> = allowed_roots
             .iter()
             .map(|p| p.display().to_string())
@@ -303,10 +310,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .map(|p| p.display().to_string())
         .collect();
     println!("\nTreeBuilder may hash under: {}", roots.join(", "));
+    let operator_token = credentials.token_file("operator");
     println!(
-        "try: grpcurl -plaintext -d '{{\"path\":\"{}\"}}' 127.0.0.1:{tree_builder} \
-         merkle.treebuilder.v1.TreeBuilderService/BuildTree",
+        "try: grpcurl -plaintext -H \"authorization: Bearer $(cat {})\" -d '{{\"path\":\"{}\"}}' \
+         127.0.0.1:{tree_builder} merkle.treebuilder.v1.TreeBuilderService/BuildTree",
+        operator_token.display(),
         roots[0]
+    );
+    println!(
+        "credentials: {} (tokens for admin, operator, reader and each service; merklectl \
+         commands run here use admin.token, elsewhere set {}=<token file>)",
+        data_dir.join(crate::credentials::DIR).display(),
+        crate::credentials::TOKEN_FILE_VARIABLE
     );
     match traces {
         Some(addr) => println!(

@@ -10,13 +10,14 @@ use tonic::{Code, Status, transport::Endpoint};
 use tower::Layer as _;
 
 use crate::{
+    auth::token::{ClientAuth, ClientAuthLayer},
     config::{ClientArgs, ConfigError},
     propagation::{ClientTrace, ClientTraceLayer},
 };
 
-/// A channel to another service, with trace-context propagation. Generated clients take it:
-/// `DbSyncServiceClient::new(channel)`.
-pub type Channel = ClientTrace<tonic::transport::Channel>;
+/// A channel to another service, with trace-context propagation and this process's bearer
+/// token (`crate::auth::token`). Generated clients take it: `DbSyncServiceClient::new(channel)`.
+pub type Channel = ClientTrace<ClientAuth<tonic::transport::Channel>>;
 
 /// A lazily connecting channel to `uri` (e.g. `http://127.0.0.1:50053`). `variable` names the
 /// setting the URI came from, for the error.
@@ -51,7 +52,7 @@ pub fn channel(variable: &str, uri: &str, args: &ClientArgs) -> Result<Channel, 
     } else {
         endpoint.connect_lazy()
     };
-    Ok(ClientTraceLayer.layer(channel))
+    Ok(ClientTraceLayer.layer(ClientAuthLayer::process().layer(channel)))
 }
 
 /// Runs an idempotent call, retrying it with exponential backoff and jitter while it fails

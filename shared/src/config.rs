@@ -150,6 +150,8 @@ pub struct ServerArgs {
     pub metrics_listen_addr: Option<String>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 impl ServerArgs {

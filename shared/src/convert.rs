@@ -183,6 +183,7 @@ pub fn checkpoint_from_proto(c: &dbsync::HistoryCheckpoint) -> Result<StoredChec
             sequence: c.sequence,
             record_hash: optional_digest("record_hash", &c.record_hash)?
                 .ok_or("record_hash: the checkpoint names no record hash")?,
+            actor: c.actor.clone(),
         },
         seal: seal_from_proto(&c.signature, &c.key_id)?,
     })

@@ -1,6 +1,7 @@
 //! The runtime every Merkle Mesh service uses, one way for each thing:
 //!
 //! - [`config`]: flags and environment (clap), validated at start, one-line errors;
+//! - [`auth`]: who is calling and what they may do (identities, the policy table, the layer);
 //! - [`telemetry`]: JSON logs, OpenTelemetry export, W3C trace-context propagation;
 //! - [`server`]: the gRPC server (health, reflection, limits, graceful shutdown);
 //! - [`client`]: lazy gRPC channels with timeouts, trace propagation and retries;
@@ -16,12 +17,14 @@
 //!
 //! A service crate holds only its own domain logic and wires these together in `main.rs`.
 
+pub mod auth;
 pub mod breaker;
 pub mod cache;
 pub mod client;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod file_watch;
 pub mod health;
 pub mod metrics;
 pub mod names;

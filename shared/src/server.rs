@@ -1,6 +1,6 @@
 //! The one gRPC server builder. Every service serves through [`serve`], which adds what every
 //! server needs: `grpc.health.v1.Health`, reflection (v1 and v1alpha, for grpcurl), trace-context
-//! propagation, a per-call timeout, a global concurrency limit, HTTP/2 keepalive, and graceful
+//! propagation, authentication and authorization (`crate::auth`), a per-call timeout, a global concurrency limit, HTTP/2 keepalive, and graceful
 //! shutdown on SIGTERM/SIGINT that drains in-flight calls for up to `SHUTDOWN_GRACE`.
 //!
 //! Message size limits are set on each generated server with [`limit_messages!`], since they
@@ -107,6 +107,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(ServerTraceLayer)
+        // Before the concurrency limit: a refused call takes no slot.
+        .layer(crate::auth::layer::AuthLayer)
         .layer(GlobalConcurrencyLimitLayer::new(
             args.concurrency_limit as usize,
         ))
@@ -193,6 +195,7 @@ mod tests {
             health_check_interval: Duration::from_secs(1),
             metrics_listen_addr: Some("off".into()),
             tls: Default::default(),
+            auth: Default::default(),
         }
     }
 

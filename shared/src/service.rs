@@ -36,6 +36,11 @@ where
     Fut: Future<Output = Result<(), RunError>>,
 {
     let config: C = crate::config::load();
+    // Checked with the other settings, before anything starts: one line, exit 2.
+    if let Err(err) = config.server().auth.validate() {
+        eprintln!("{err}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +61,10 @@ where
         };
         tracing::info!(service = service_name, version = env!("CARGO_PKG_VERSION"), config = ?config, "starting");
         if let Err(err) = crate::tls::init(&config.server().tls) {
+            tracing::error!("{err}");
+            return ExitCode::from(2);
+        }
+        if let Err(err) = crate::auth::init(&config.server().auth) {
             tracing::error!("{err}");
             return ExitCode::from(2);
         }

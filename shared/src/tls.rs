@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{Arc, OnceLock, RwLock},
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use clap::Args;
@@ -25,8 +25,6 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::ConfigError;
 
-/// How often the files are looked at for a change.
-const RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -178,18 +176,6 @@ struct Installed {
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
-/// The files' modification times and sizes: a change in any means a reload.
-fn stamp(args: &TlsArgs) -> Vec<Option<(SystemTime, u64)>> {
-    args.files()
-        .into_iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
-}
-
 /// Reads the files and installs the configurations for [`crate::server::serve`] and
 /// [`crate::client::channel`]; an error names the setting. Call once; inside a runtime the
 /// files are then watched and read again when they change.
@@ -205,34 +191,25 @@ pub fn init(args: &TlsArgs) -> Result<(), ConfigError> {
     if INSTALLED.set(installed).is_err() || !watched {
         return Ok(());
     }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return Ok(());
-    };
-    runtime.spawn(async {
+    let files = args.files().into_iter().cloned().collect();
+    crate::file_watch::on_change(files, || {
         let Some(installed) = INSTALLED.get() else {
-            return;
+            return true;
         };
-        let mut seen = stamp(&installed.args);
-        loop {
-            tokio::time::sleep(RELOAD_EVERY).await;
-            let now = stamp(&installed.args);
-            if now == seen {
-                continue;
+        // A half-written update fails to parse: keep the old material and look again.
+        match (
+            server_config(&installed.args),
+            client_config(&installed.args),
+        ) {
+            (Ok(server), Ok(client)) => {
+                *installed.server.write().unwrap_or_else(|e| e.into_inner()) = server;
+                *installed.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+                tracing::info!("TLS certificates reloaded");
+                true
             }
-            // A half-written update fails to parse: keep the old material and look again.
-            match (
-                server_config(&installed.args),
-                client_config(&installed.args),
-            ) {
-                (Ok(server), Ok(client)) => {
-                    *installed.server.write().unwrap_or_else(|e| e.into_inner()) = server;
-                    *installed.client.write().unwrap_or_else(|e| e.into_inner()) = client;
-                    seen = now;
-                    tracing::info!("TLS certificates reloaded");
-                }
-                (Err(err), _) | (_, Err(err)) => {
-                    tracing::warn!(%err, "TLS files changed but cannot be used yet; keeping the previous ones");
-                }
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(%err, "TLS files changed but cannot be used yet; keeping the previous ones");
+                false
             }
         }
     });
@@ -259,14 +236,57 @@ pub fn client() -> Option<Arc<ClientConfig>> {
         .clone()
 }
 
+/// What a request knows of the TLS connection it came on: the peer's address, and the DNS and
+/// URI names of its client certificate (verified against `TLS_CLIENT_CA_FILE` in the
+/// handshake; empty without mutual TLS). Authentication reads the names (`crate::auth`).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub tcp: TcpConnectInfo,
+    pub names: Arc<[String]>,
+}
+
 /// One accepted TLS connection, as tonic serves it.
-pub struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    names: Arc<[String]>,
+}
+
+impl TlsConn {
+    fn new(stream: tokio_rustls::server::TlsStream<TcpStream>) -> TlsConn {
+        let names = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(certificate_names)
+            .unwrap_or_default();
+        TlsConn {
+            stream,
+            names: names.into(),
+        }
+    }
+}
+
+/// The subject alternative names (DNS and URI) of a certificate.
+fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    match webpki::EndEntityCert::try_from(cert) {
+        Ok(parsed) => parsed
+            .valid_dns_names()
+            .chain(parsed.valid_uri_names())
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
 
 impl Connected for TlsConn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
+        PeerInfo {
+            tcp: self.stream.get_ref().0.connect_info(),
+            names: self.names.clone(),
+        }
     }
 }
 
@@ -276,7 +296,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -286,15 +306,15 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -302,11 +322,11 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 }
 
@@ -331,7 +351,7 @@ pub fn incoming(
                 let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(TlsConn(stream))).await;
+                        let _ = tx.send(Ok(TlsConn::new(stream))).await;
                     }
                     Ok(Err(err)) => {
                         tracing::info!(%peer, %err, "TLS handshake refused");

@@ -10,7 +10,10 @@ use merkle_proto::cache::v1::{
     SetManyRequest, SetManyResponse, SetRequest, SetResponse, WarmupRequest, WarmupResponse,
     cache_service_server::CacheService,
 };
-use merkle_shared::breaker::BreakerState;
+use merkle_shared::{
+    auth::{self, Role},
+    breaker::BreakerState,
+};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -60,8 +63,10 @@ impl CacheService for CacheApi {
     }
 
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         let ns = Namespace::from_proto("namespace", request.namespace)?;
+        auth::require_namespace_writer(&caller, ns.to_proto(), false)?;
         let key = check_key("key", &request.key)?;
         check_value("value", &request.value)?;
         let ttl = check_ttl("ttl", request.ttl.as_ref())?;
@@ -73,8 +78,10 @@ impl CacheService for CacheApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         let ns = Namespace::from_proto("namespace", request.namespace)?;
+        auth::require_namespace_writer(&caller, ns.to_proto(), true)?;
         let key = check_key("key", &request.key)?;
         let deleted = self.store.delete(ns, key).await.map_err(unavailable)?;
         Ok(Response::new(DeleteResponse { deleted }))
@@ -108,8 +115,10 @@ impl CacheService for CacheApi {
         &self,
         request: Request<SetManyRequest>,
     ) -> Result<Response<SetManyResponse>, Status> {
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         let ns = Namespace::from_proto("namespace", request.namespace)?;
+        auth::require_namespace_writer(&caller, ns.to_proto(), false)?;
         check_batch("entries", request.entries.len())?;
         for (i, entry) in request.entries.iter().enumerate() {
             check_key(&format!("entries[{i}].key"), &entry.key)?;
@@ -129,8 +138,10 @@ impl CacheService for CacheApi {
         &self,
         request: Request<InvalidatePatternRequest>,
     ) -> Result<Response<InvalidatePatternResponse>, Status> {
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         let ns = Namespace::from_proto("namespace", request.namespace)?;
+        auth::require_namespace_writer(&caller, ns.to_proto(), true)?;
         let pattern = check_pattern("pattern", &request.pattern)?;
         let deleted = self
             .store
@@ -144,15 +155,21 @@ impl CacheService for CacheApi {
         &self,
         request: Request<ClearRequest>,
     ) -> Result<Response<ClearResponse>, Status> {
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         let ns = match request.namespace {
             0 => None,
             n => Some(Namespace::from_proto("namespace", n)?),
         };
+        match ns {
+            Some(ns) => auth::require_namespace_writer(&caller, ns.to_proto(), true)?,
+            None => auth::require_role(&caller, Role::Admin, "clearing every namespace")?,
+        }
         let deleted = self.store.clear(ns).await.map_err(unavailable)?;
         tracing::info!(
             namespace = ns.map_or("all", Namespace::segment),
             deleted,
+            caller = %caller.describe(),
             "cache cleared"
         );
         Ok(Response::new(ClearResponse { deleted }))

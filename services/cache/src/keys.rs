@@ -10,8 +10,10 @@ use merkle_proto::cache::v1 as pb;
 
 use crate::error::Error;
 
-/// The version of the key layout and value format; part of every key.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The version of the key layout and value format; part of every key. Version 2: every value
+/// is sealed by the service that wrote it (`merkle_shared::cache::seal`), so the unsealed
+/// values of version 1 are never read (they would only be refused as forged).
+pub const SCHEMA_VERSION: u32 = 2;
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
 /// Largest value, in bytes (before compression).
@@ -286,15 +288,15 @@ mod tests {
         let keys = KeySpace::new("merkle");
         assert_eq!(
             keys.key(Namespace::LatestRoot, "docs"),
-            "merkle:v1:latest_root:docs"
+            "merkle:v2:latest_root:docs"
         );
         assert_eq!(
             keys.key(Namespace::TreeMeta, "a:b*[c]?"),
-            "merkle:v1:tree_meta:a:b*[c]?"
+            "merkle:v2:tree_meta:a:b*[c]?"
         );
         assert_eq!(keys.deployment_pattern(), "merkle:*");
         assert_eq!(
-            keys.namespace_of(b"merkle:v1:discovery_node:n1:x"),
+            keys.namespace_of(b"merkle:v2:discovery_node:n1:x"),
             Some(Namespace::DiscoveryNode)
         );
         assert_eq!(keys.namespace_of(b"merkle:v0:tree_meta:x"), None);

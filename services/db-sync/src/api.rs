@@ -16,6 +16,7 @@ use merkle_proto::dbsync::v1::{
     db_sync_service_server::DbSyncService, sync_tree_request::Content,
 };
 use merkle_shared::{
+    cache::CacheSource,
     convert::{
         change_to_proto, entry_to_proto, name_from_proto, profile_from_proto, proof_to_proto,
     },
@@ -201,15 +202,25 @@ impl DbSyncService for DbSyncApi {
         &self,
         request: Request<GetLatestRootRequest>,
     ) -> Result<Response<GetLatestRootResponse>, Status> {
-        let name = source("source", &request.into_inner().source)?;
-        let loaded = self.archive.latest(&name).await?;
+        let request = request.into_inner();
+        let name = source("source", &request.source)?;
+        let (snapshot, from) = if request.consistent {
+            let latest = self
+                .archive
+                .latest_confirmed(&name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("source: {name} has no snapshots")))?;
+            (latest, CacheSource::Miss)
+        } else {
+            let loaded = self.archive.latest(&name).await?;
+            (loaded.value, loaded.source)
+        };
         let mut response = Response::new(GetLatestRootResponse {
-            snapshot: Some(loaded.value),
+            snapshot: Some(snapshot),
         });
-        response.metadata_mut().insert(
-            "x-cache",
-            MetadataValue::from_static(loaded.source.as_str()),
-        );
+        response
+            .metadata_mut()
+            .insert("x-cache", MetadataValue::from_static(from.as_str()));
         Ok(response)
     }
 
@@ -503,11 +514,12 @@ impl DbSyncService for DbSyncApi {
     ) -> Result<Response<GetRetentionPolicyResponse>, Status> {
         let name = source("source", &request.into_inner().source)?;
         let conn = self.archive.pool.get().await.map_err(Error::from)?;
-        let (policy, _) = store::source(&*conn, name.as_str())
+        let row = store::source(&*conn, name.as_str())
             .await?
             .ok_or_else(|| Error::NotFound(format!("source: {name} has no snapshots")))?;
         Ok(Response::new(GetRetentionPolicyResponse {
-            policy: Some(policy.to_proto()),
+            policy: Some(row.retention.to_proto()),
+            set_by: row.retention_set_by,
         }))
     }
 
@@ -515,6 +527,7 @@ impl DbSyncService for DbSyncApi {
         &self,
         request: Request<SetRetentionPolicyRequest>,
     ) -> Result<Response<SetRetentionPolicyResponse>, Status> {
+        let actor = merkle_shared::auth::actor(&request);
         let request = request.into_inner();
         let name = source("source", &request.source)?;
         let policy = request.policy.unwrap_or_default();
@@ -548,9 +561,10 @@ impl DbSyncService for DbSyncApi {
             &self.archive.signer,
             name.as_str(),
             retention,
+            &actor,
         )
         .await?;
-        tracing::info!(source = %name, ?retention, deleted, "retention policy set");
+        tracing::info!(source = %name, ?retention, deleted, %actor, "retention policy set");
         if deleted > 0 {
             self.archive.collect.notify_one();
         }

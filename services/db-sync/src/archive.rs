@@ -1,6 +1,11 @@
 //! The archive of snapshots: PostgreSQL behind the cache. It decides what is read from where
 //! and what is written through: the latest snapshot of each source (mutable, written through on
 //! every change, `NAMESPACE_LATEST_ROOT`) and directory nodes (immutable, `nodes.rs`).
+//!
+//! The cache serves readers; it never decides whether a tree changed. Whether a sync stores is
+//! decided from PostgreSQL ([`Archive::answer_early`], then `sync::store` under the source's
+//! lock), and the read a client makes before deciding ([`Archive::latest_confirmed`]) goes to
+//! PostgreSQL too, with the cached copy checked beside it.
 
 use merkle_shared::postgres::Traced as _;
 use std::{collections::HashMap, sync::Arc};
@@ -14,7 +19,7 @@ use merkle_shared::{
     postgres::PgPool,
 };
 use tokio::sync::OnceCell;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::{
     error::Error,
@@ -44,6 +49,18 @@ pub struct Archive {
     tokens: OnceCell<PageTokens>,
     /// Wakes the garbage collector (after retention deleted snapshots).
     pub collect: tokio::sync::Notify,
+}
+
+/// `merkle.cache.stale`: cached latest snapshots found to differ from PostgreSQL's.
+fn stale_counter() -> &'static opentelemetry::metrics::Counter<u64> {
+    static COUNTER: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| {
+        merkle_shared::metrics::counter(
+            "merkle.cache.stale",
+            "Cached latest snapshots that differed from PostgreSQL's when checked (replaced)",
+        )
+    })
 }
 
 impl Archive {
@@ -96,15 +113,64 @@ impl Archive {
             .await
     }
 
-    /// The latest snapshot, or `None` for a source without snapshots.
-    async fn latest_if_any(
+    /// The latest snapshot as PostgreSQL has it (one indexed read), never the cache's copy: the
+    /// answer a decision to store relies on. The cached copy is compared with it afterwards, off
+    /// the caller's path; one that differs is reported and replaced.
+    pub async fn latest_confirmed(
         self: &Arc<Self>,
         source: &SourceName,
-    ) -> Result<Option<pb::Snapshot>, Status> {
-        match self.latest(source).await {
-            Ok(loaded) => Ok(Some(loaded.value)),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(status),
+    ) -> Result<Option<pb::Snapshot>, Error> {
+        let latest = {
+            let conn = self.pool.get().await?;
+            store::latest(&*conn, source.as_str())
+                .await?
+                .map(|s| s.to_proto())
+        };
+        let archive = self.clone();
+        let name = source.clone();
+        let confirmed = latest.clone();
+        tokio::spawn(async move { archive.check_cached(&name, confirmed).await });
+        Ok(latest)
+    }
+
+    /// Compares the cached latest snapshot of `source` with PostgreSQL's (`latest`). A copy
+    /// older than PostgreSQL's is a lost write-through or a replayed value: it is reported and
+    /// replaced. A copy for a source without snapshots, or one that names another record at
+    /// the same position, cannot come from DbSync's writes at all. A newer copy is a sync that
+    /// committed after the read, and is left alone.
+    async fn check_cached(&self, source: &SourceName, latest: Option<pb::Snapshot>) {
+        let cached: Option<pb::Snapshot> =
+            self.cache.get(Namespace::LatestRoot, source.as_str()).await;
+        let Some(cached) = cached else { return };
+        let verdict = match &latest {
+            None => Some("PostgreSQL has no snapshot of it"),
+            Some(l) if cached.sequence < l.sequence => Some("older than PostgreSQL's"),
+            Some(l) if cached.sequence == l.sequence && cached.record_hash != l.record_hash => {
+                Some("a different record than PostgreSQL's at the same sequence")
+            }
+            Some(_) => None,
+        };
+        let Some(verdict) = verdict else { return };
+        stale_counter().add(1, &[]);
+        tracing::warn!(
+            security_event = "stale_cache_value",
+            source = %source,
+            cached_sequence = cached.sequence,
+            cached_root = %cached.root_hash,
+            stored_sequence = latest.as_ref().map_or(0, |l| l.sequence),
+            "SECURITY: the cached latest snapshot is {verdict} (a lost write-through, or a replayed value); replaced"
+        );
+        match &latest {
+            Some(l) => {
+                self.cache
+                    .set(Namespace::LatestRoot, source.as_str(), l, None)
+                    .await;
+            }
+            None => {
+                self.cache
+                    .delete(Namespace::LatestRoot, source.as_str())
+                    .await;
+            }
         }
     }
 
@@ -128,25 +194,20 @@ impl Archive {
             .collect())
     }
 
-    /// Before any node is received: a retry of a stored build, or an unchanged root, is
-    /// answered here without a write. `None`: the nodes are needed.
-    pub async fn answer_early(
-        self: &Arc<Self>,
-        header: &Header,
-    ) -> Result<Option<Outcome>, Status> {
-        if !header.build_id.is_empty() {
-            let conn = self.pool.get().await.map_err(Error::from)?;
-            if let Some(done) =
-                store::by_build(&*conn, header.source.as_str(), &header.build_id).await?
-            {
-                return Ok(Some(sync::replay(header, done)?));
-            }
+    /// Before any node is received: a retry of a stored build, or a root equal to the latest
+    /// one PostgreSQL stores, is answered here without a write. `None`: the nodes are needed.
+    /// Never from the cache: a cached "same root" must not hide a change.
+    pub async fn answer_early(self: &Arc<Self>, header: &Header) -> Result<Option<Outcome>, Error> {
+        let conn = self.pool.get().await?;
+        if let Some(done) =
+            store::by_build(&*conn, header.source.as_str(), &header.build_id).await?
+        {
+            return Ok(Some(sync::replay(header, done)?));
         }
-        let latest = self.latest_if_any(&header.source).await?;
-        if let Some(latest) = latest.filter(|l| l.root_hash == header.root.to_hex()) {
-            return Ok(Some(Outcome::Unchanged(latest)));
-        }
-        Ok(None)
+        let latest = store::latest(&*conn, header.source.as_str()).await?;
+        Ok(latest
+            .filter(|l| l.root == header.root)
+            .map(|l| Outcome::Unchanged(l.to_proto())))
     }
 
     /// Stores a snapshot with the nodes received, then writes the cache through.
@@ -208,7 +269,7 @@ impl Archive {
             let mut conn = self.pool.get().await?;
             // Most sources keep everything: look before taking a lock (which writes).
             match store::source(&*conn, source).await? {
-                Some((policy, _)) if policy != Retention::default() => {}
+                Some(row) if row.retention != Retention::default() => {}
                 _ => return Ok(0),
             }
             let tx = conn.transaction().await?;

@@ -213,12 +213,14 @@ async fn checkpoint(
     source: &str,
     sequence: i64,
     record_hash: Digest,
+    actor: &str,
 ) -> Result<(), Error> {
     let statement = Checkpoint {
         kind: kind.to_owned(),
         source: source.to_owned(),
         sequence: sequence as u64,
         record_hash,
+        actor: actor.to_owned(),
     };
     let sealed = signer.seal(&statement.hash());
     tx.execute_traced(
@@ -230,6 +232,7 @@ async fn checkpoint(
             &record_hash.0.as_slice(),
             &sealed.as_ref().map(|s| s.signature.to_vec()),
             &sealed.as_ref().map(|s| s.key_id.clone()),
+            &actor,
         ],
     )
     .await?;
@@ -244,17 +247,26 @@ pub async fn set_head(
     sequence: i64,
     hash: Digest,
 ) -> Result<(), Error> {
-    checkpoint(tx, signer, HEAD, source, sequence, hash).await
+    checkpoint(tx, signer, HEAD, source, sequence, hash, "").await
 }
 
 /// Applies `source`'s retention, leaving a `pruned` checkpoint of the last removed record;
 /// returns how many records were removed.
 pub async fn prune(tx: &Transaction<'_>, signer: &Signer, source: &str) -> Result<u64, Error> {
-    let (deleted, last) = store::prune(tx, source).await?;
-    if let Some((sequence, Some(hash))) = last {
-        checkpoint(tx, signer, PRUNED, source, sequence, digest_of(&hash)?).await?;
+    let pruned = store::prune(tx, source).await?;
+    if let Some((sequence, Some(hash))) = pruned.last {
+        checkpoint(
+            tx,
+            signer,
+            PRUNED,
+            source,
+            sequence,
+            digest_of(&hash)?,
+            &pruned.actor,
+        )
+        .await?;
     }
-    Ok(deleted)
+    Ok(pruned.deleted)
 }
 
 /// Chains (and signs) `source`'s records stored before the history existed, oldest first,
@@ -353,6 +365,7 @@ fn checkpoint_from_row(row: &tokio_postgres::Row) -> pb::HistoryCheckpoint {
         signature: hex(row.get(4)),
         key_id: row.get::<_, Option<String>>(5).unwrap_or_default(),
         create_time: Some(prost_types::Timestamp::from(created)),
+        actor: row.get(7),
     }
 }
 

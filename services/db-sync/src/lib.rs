@@ -34,7 +34,11 @@ use std::sync::{
 pub use config::Config;
 use merkle_proto::dbsync::v1::db_sync_service_server::DbSyncServiceServer;
 use merkle_shared::{
-    cache::CacheClient, health::Health, postgres, server, service::RunError, shutdown::Shutdown,
+    cache::{CacheClient, seal::Seal},
+    health::Health,
+    postgres, server,
+    service::RunError,
+    shutdown::Shutdown,
 };
 
 /// The fully qualified gRPC service name.
@@ -64,6 +68,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let probe_timeout = config.postgres.database_connect_timeout;
     let probe_pool = pool.clone();
     let probe_signer = signer.clone();
+    let probe_cache = cache.clone();
+    let seal_file = config.cache.seal_from_file()?;
     health.watch(
         config.server.health_check_interval,
         shutdown.clone(),
@@ -71,9 +77,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             let pool = probe_pool.clone();
             let migrated = migrated.clone();
             let signer = probe_signer.clone();
+            let cache = probe_cache.clone();
+            let seal_file = seal_file.clone();
             async move {
                 if !migrated.load(Ordering::Acquire) {
                     store::migrate(&pool).await.map_err(|e| e.to_string())?;
+                    // Cache values are sealed with a key every replica derives from one secret.
+                    let seal = match seal_file {
+                        Some(seal) => seal,
+                        None => Seal::derived(
+                            &store::page_token_key(&pool)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                            "cache",
+                        ),
+                    };
+                    cache.install_seal(seal);
                     // Records stored before the history existed join their chains.
                     let chained = history::chain_legacy(&pool, &signer)
                         .await

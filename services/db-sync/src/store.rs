@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "history",
         sql: include_str!("../migrations/0002_history.sql"),
     },
+    Migration {
+        version: 3,
+        name: "actors",
+        sql: include_str!("../migrations/0003_actors.sql"),
+    },
 ];
 
 /// Brings the schema up to date; returns how many migrations were applied.
@@ -85,7 +90,7 @@ pub mod queries {
          WHERE m.source = s.name ORDER BY m.sequence DESC LIMIT 1) r \
          WHERE s.name > $1 ORDER BY s.name LIMIT $2"
     );
-    pub const SOURCE: &str = "SELECT name, keep_last, keep_within_secs, snapshot_count FROM merkle_sources WHERE name = $1";
+    pub const SOURCE: &str = "SELECT name, keep_last, keep_within_secs, snapshot_count, retention_set_by FROM merkle_sources WHERE name = $1";
     /// Which of the hashes are stored; those found and not used for `$2` seconds (half of
     /// GC_GRACE) are marked used, so garbage collection spares them while the sync that asked
     /// relies on them. Rows used more recently are protected long enough already and are not
@@ -131,12 +136,13 @@ pub mod queries {
     pub const SEQUENCE_RANGE: &str =
         "SELECT min(sequence), max(sequence) FROM merkle_roots WHERE source = $1";
     pub const CHECKPOINTS: &str = "SELECT kind, source, sequence, record_hash, signature, key_id, \
-         created_at FROM merkle_history_checkpoints WHERE source = $1";
+         created_at, actor FROM merkle_history_checkpoints WHERE source = $1";
     pub const UPSERT_CHECKPOINT: &str = "INSERT INTO merkle_history_checkpoints \
-         (source, kind, sequence, record_hash, signature, key_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (source, kind) DO UPDATE SET \
+         (source, kind, sequence, record_hash, signature, key_id, created_at, actor) \
+         VALUES ($1, $2, $3, $4, $5, $6, now(), $7) ON CONFLICT (source, kind) DO UPDATE SET \
          sequence = EXCLUDED.sequence, record_hash = EXCLUDED.record_hash, \
-         signature = EXCLUDED.signature, key_id = EXCLUDED.key_id, created_at = now()";
+         signature = EXCLUDED.signature, key_id = EXCLUDED.key_id, created_at = now(), \
+         actor = EXCLUDED.actor";
     pub const NODE: &str = "SELECT hash, encoded, sizes FROM merkle_tree_data WHERE hash = ANY($1)";
     /// Every hot-path query with sample arguments' types, for the EXPLAIN test:
     /// (name, SQL).
@@ -360,14 +366,27 @@ pub async fn sources(
 }
 
 /// A source's retention policy and snapshot count, or `None` when it has no snapshots.
+/// A source as DbSync keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRow {
+    pub retention: Retention,
+    pub snapshot_count: u64,
+    /// Who last changed the retention policy (empty: never set).
+    pub retention_set_by: String,
+}
+
 pub async fn source(
     client: &(impl GenericClient + Sync),
     name: &str,
-) -> Result<Option<(Retention, u64)>, Error> {
+) -> Result<Option<SourceRow>, Error> {
     Ok(client
         .query_opt_traced(queries::SOURCE, &[&name])
         .await?
-        .map(|row| (Retention::from_row(&row, 1), row.get::<_, i64>(3) as u64)))
+        .map(|row| SourceRow {
+            retention: Retention::from_row(&row, 1),
+            snapshot_count: row.get::<_, i64>(3) as u64,
+            retention_set_by: row.get(4),
+        }))
 }
 
 /// Saves a source's policy and deletes the snapshots it no longer keeps (never the latest),
@@ -377,14 +396,20 @@ pub async fn set_retention(
     signer: &crate::history::Signer,
     name: &str,
     policy: Retention,
+    actor: &str,
 ) -> Result<u64, Error> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let keep_last = policy.keep_last.map(|n| n as i32);
     let keep_within = policy.keep_within.map(|d| d.as_secs() as i64);
+    // The identity is recorded when the policy changes: passing on the same policy again (as
+    // the Scheduler does after each build) keeps the name of whoever set it.
     tx.execute_traced(
-        "UPDATE merkle_sources SET keep_last = $2, keep_within_secs = $3 WHERE name = $1",
-        &[&name, &keep_last, &keep_within],
+        "UPDATE merkle_sources SET keep_last = $2, keep_within_secs = $3, \
+         retention_set_by = CASE WHEN keep_last IS DISTINCT FROM $2 \
+           OR keep_within_secs IS DISTINCT FROM $3 THEN $4 ELSE retention_set_by END \
+         WHERE name = $1",
+        &[&name, &keep_last, &keep_within, &actor],
     )
     .await?;
     let deleted = crate::history::prune(&tx, signer, name).await?;
@@ -392,27 +417,38 @@ pub async fn set_retention(
     Ok(deleted)
 }
 
+/// What [`prune`] removed: how many snapshots, the last one (sequence, record hash) for the
+/// pruning checkpoint, and who set the policy that removed them.
+pub struct Pruned {
+    pub deleted: u64,
+    pub last: Option<(i64, Option<Vec<u8>>)>,
+    pub actor: String,
+}
+
 /// Deletes the snapshots of `name` its retention policy no longer keeps (always a prefix of
-/// the history: the rules keep the newest); returns how many, and the last one deleted
-/// (sequence, record hash) for the pruning checkpoint.
-pub async fn prune(
-    tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-) -> Result<(u64, Option<(i64, Option<Vec<u8>>)>), Error> {
+/// the history: the rules keep the newest).
+pub async fn prune(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<Pruned, Error> {
+    let nothing = Pruned {
+        deleted: 0,
+        last: None,
+        actor: String::new(),
+    };
     // Lock the source first: a sync of it waits, so the latest is the latest.
     let Some(row) = tx
         .query_opt_traced(
-            "SELECT keep_last, keep_within_secs FROM merkle_sources WHERE name = $1 FOR UPDATE",
+            "SELECT keep_last, keep_within_secs, retention_set_by FROM merkle_sources \
+             WHERE name = $1 FOR UPDATE",
             &[&name],
         )
         .await?
     else {
-        return Ok((0, None));
+        return Ok(nothing);
     };
     let keep_last: Option<i32> = row.get(0);
     let keep_within: Option<i64> = row.get(1);
+    let actor: String = row.get(2);
     if keep_last.is_none() && keep_within.is_none() {
-        return Ok((0, None));
+        return Ok(nothing);
     }
     let rows = tx
         .query_traced(
@@ -436,7 +472,11 @@ pub async fn prune(
         )
         .await?;
     }
-    Ok((deleted, last))
+    Ok(Pruned {
+        deleted,
+        last,
+        actor,
+    })
 }
 
 /// Sources that have a retention policy.

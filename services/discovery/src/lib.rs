@@ -32,6 +32,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     // asks first must find it installed. Err means it already was.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cache = CacheClient::new(&config.cache, &config.client)?;
+    // Discovery has no database to share a key through: replicas share one only when given a
+    // key file.
+    cache.install_seal(match config.cache.seal_from_file()? {
+        Some(seal) => seal,
+        None => merkle_shared::cache::seal::Seal::random(),
+    });
     let (health, health_service) = Health::new(SERVICE_NAME).await;
     let server_args = config.server.clone();
     let fleet = fleet::Fleet::new(config, cache, shutdown.clone());

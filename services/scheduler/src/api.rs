@@ -7,6 +7,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use merkle_proto::{
     cache::v1::Namespace,
+    common::v1::RetentionPolicy,
     scheduler::v1::{
         Build, BuildState, BuildTrigger, CancelBuildRequest, CancelBuildResponse,
         CreateSourceRequest, CreateSourceResponse, DeleteSourceRequest, DeleteSourceResponse,
@@ -17,7 +18,10 @@ use merkle_proto::{
     },
     treebuilder::v1::CheckPathRequest,
 };
-use merkle_shared::page_token::PageTokens;
+use merkle_shared::{
+    auth::{self, Role},
+    page_token::PageTokens,
+};
 use tokio::sync::OnceCell;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -136,15 +140,31 @@ impl SchedulerService for SchedulerApi {
         &self,
         request: Request<CreateSourceRequest>,
     ) -> Result<Response<CreateSourceResponse>, Status> {
+        let caller = auth::caller(&request);
         let source = request
             .into_inner()
             .source
             .ok_or_else(|| Error::bad_request("source", "must be set"))?;
         let spec = SourceSpec::from_proto(&source, self.min_interval)?;
+        // Retention deletes history: it is an admin's decision, even on a new source.
+        if spec
+            .retention
+            .is_some_and(|r| r != RetentionPolicy::default())
+        {
+            auth::require_role(
+                &caller,
+                Role::Admin,
+                "source.retention (a retention policy)",
+            )?;
+        }
         self.check_source(&spec).await?;
         let next = next_run(&spec, first_tick(&spec, Utc::now()));
         let stored = store::insert_source(&self.ctx.pool, &spec.message, next).await?;
-        tracing::info!(source = %spec.name, path = %spec.path, "source created");
+        if spec.retention.is_some() {
+            store::set_retention_set_by(&self.ctx.pool, spec.name.as_str(), &caller.describe())
+                .await?;
+        }
+        tracing::info!(source = %spec.name, path = %spec.path, caller = %caller.describe(), "source created");
         Ok(Response::new(CreateSourceResponse {
             source: Some(stored.source),
         }))
@@ -197,6 +217,7 @@ impl SchedulerService for SchedulerApi {
         &self,
         request: Request<UpdateSourceRequest>,
     ) -> Result<Response<UpdateSourceResponse>, Status> {
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         let update = request
             .source
@@ -240,6 +261,15 @@ impl SchedulerService for SchedulerApi {
             }
         }
         let spec = SourceSpec::from_proto(&merged, self.min_interval)?;
+        let retention_changed =
+            merged.retention.unwrap_or_default() != current.source.retention.unwrap_or_default();
+        if retention_changed {
+            auth::require_role(
+                &caller,
+                Role::Admin,
+                "changing source.retention (the retention policy)",
+            )?;
+        }
         if spec.path != current.source.path || spec.message.fleet_mode != current.source.fleet_mode
         {
             self.check_source(&spec).await?;
@@ -258,7 +288,10 @@ impl SchedulerService for SchedulerApi {
         let stored = store::update_source(&self.ctx.pool, &spec.message, next)
             .await?
             .ok_or_else(|| Error::NotFound(format!("source.name: no source named {name}")))?;
-        tracing::info!(source = %name, fields = ?paths, "source updated");
+        if retention_changed {
+            store::set_retention_set_by(&self.ctx.pool, name.as_str(), &caller.describe()).await?;
+        }
+        tracing::info!(source = %name, fields = ?paths, caller = %caller.describe(), "source updated");
         Ok(Response::new(UpdateSourceResponse {
             source: Some(stored.source),
         }))
@@ -268,6 +301,7 @@ impl SchedulerService for SchedulerApi {
         &self,
         request: Request<DeleteSourceRequest>,
     ) -> Result<Response<DeleteSourceResponse>, Status> {
+        let caller = auth::caller(&request);
         let name = source_name("name", &request.into_inner().name)?;
         let conn = self.ctx.pool.get().await.map_err(Error::from)?;
         let active = store::list_builds(&*conn, Some(name.as_str()), None, 5).await?;
@@ -286,7 +320,7 @@ impl SchedulerService for SchedulerApi {
             .await?;
             self.ctx.registry.cancel(&build.build_id, reason);
         }
-        tracing::info!(source = %name, "source deleted; its snapshots stay in DbSync");
+        tracing::info!(source = %name, caller = %caller.describe(), "source deleted; its snapshots stay in DbSync");
         Ok(Response::new(DeleteSourceResponse {}))
     }
 

@@ -32,7 +32,11 @@ use std::sync::{
 pub use config::Config;
 use merkle_proto::scheduler::v1::{BuildState, scheduler_service_server::SchedulerServiceServer};
 use merkle_shared::{
-    cache::CacheClient, config::ConfigError, health::Health, postgres, server, service::RunError,
+    cache::{CacheClient, seal::Seal},
+    config::ConfigError,
+    health::Health,
+    postgres, server,
+    service::RunError,
     shutdown::Shutdown,
 };
 
@@ -67,14 +71,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let probe_timeout = config.postgres.database_connect_timeout;
     let sources_file = config.sources_file.clone();
     let min_interval = config.min_interval;
+    let seal_file = config.cache.seal_from_file()?;
     let probe_ctx = ctx.clone();
     health.watch(config.server.health_check_interval, shutdown.clone(), move || {
         let ctx = probe_ctx.clone();
         let ready = ready.clone();
         let sources_file = sources_file.clone();
+        let seal_file = seal_file.clone();
         async move {
             if !ready.load(Ordering::Acquire) {
                 store::migrate(&ctx.pool).await.map_err(|e| e.to_string())?;
+                if let Some(seal) = seal_file.clone() {
+                    ctx.cache.install_seal(seal);
+                } else {
+                    let secret = store::page_token_key(&ctx.pool).await.map_err(|e| e.to_string())?;
+                    ctx.cache.install_seal(Seal::derived(&secret, "cache"));
+                }
                 let left = store::orphaned_builds(&ctx.pool, Some(&ctx.replica), std::time::Duration::ZERO)
                     .await
                     .map_err(|e| e.to_string())?;

@@ -17,7 +17,7 @@ use std::{
 use chrono::Utc;
 use merkle_proto::{
     cache::v1::Namespace,
-    common::v1::{BuildPhase, BuildProgress, RetentionPolicy},
+    common::v1::{BuildPhase, BuildProgress},
     dbsync::v1::{
         FindMissingNodesRequest, GetLatestRootRequest, SetRetentionPolicyRequest, SyncTreeHeader,
         SyncTreeRequest, db_sync_service_client::DbSyncServiceClient, sync_tree_request::Content,
@@ -533,9 +533,12 @@ pub(crate) async fn execute(
     let phase = std::time::Instant::now();
     let first = build_tree(target, spec, build, reporter, None).await?;
     let hashed = phase.elapsed();
+    // PostgreSQL's answer, never the cache's: a cached root must not decide that nothing
+    // changed.
     let previous = match db_sync
         .get_latest_root(GetLatestRootRequest {
             source: target.store_as.clone(),
+            consistent: true,
         })
         .await
     {
@@ -559,7 +562,7 @@ pub(crate) async fn execute(
         match sync(target, spec, build, reporter, &result, db_sync.clone()).await? {
             Synced::Stored(snapshot_id) => {
                 build.snapshot_id = snapshot_id;
-                apply_retention(&mut db_sync, &target.store_as, spec.retention).await;
+                apply_retention(ctx, &mut db_sync, spec, &target.store_as).await;
                 return Ok(BuildState::SucceededChanged);
             }
             Synced::Unchanged => return Ok(BuildState::SucceededUnchanged),
@@ -666,21 +669,31 @@ async fn sync(
     })
 }
 
-/// Passes the source's retention policy on to DbSync after a new snapshot (a failure is only
-/// logged: the snapshot is stored either way).
+/// Passes the source's retention policy on to DbSync after a new snapshot, on behalf of whoever
+/// set it (a failure is only logged: the snapshot is stored either way).
 async fn apply_retention(
+    ctx: &Context,
     db_sync: &mut DbSyncServiceClient<Channel>,
+    spec: &SourceSpec,
     source: &str,
-    policy: Option<RetentionPolicy>,
 ) {
-    let Some(policy) = policy else { return };
-    if let Err(status) = db_sync
-        .set_retention_policy(SetRetentionPolicyRequest {
-            source: source.to_owned(),
-            policy: Some(policy),
-        })
-        .await
-    {
+    let Some(policy) = spec.retention else { return };
+    let mut request = tonic::Request::new(SetRetentionPolicyRequest {
+        source: source.to_owned(),
+        policy: Some(policy),
+    });
+    match store::retention_set_by(&ctx.pool, spec.name.as_str()).await {
+        Ok(actor) if !actor.is_empty() => {
+            if let Ok(value) = actor.parse() {
+                request
+                    .metadata_mut()
+                    .insert(merkle_shared::auth::ON_BEHALF_OF, value);
+            }
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "reading who set the retention policy failed"),
+    }
+    if let Err(status) = db_sync.set_retention_policy(request).await {
         tracing::warn!(source, code = ?status.code(), message = status.message(), "passing the retention policy to DbSync failed");
     }
 }

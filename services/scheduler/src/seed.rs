@@ -154,6 +154,10 @@ pub async fn seed(pool: &PgPool, file: &Path, min_interval: Duration) -> Result<
                 }
             }
         }
+        if spec.retention.is_some() {
+            let actor = format!("SOURCES_FILE {}", file.display());
+            store::set_retention_set_by(pool, spec.name.as_str(), &actor).await?;
+        }
     }
     Ok(changed)
 }

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fleet",
         sql: include_str!("../migrations/0002_fleet.sql"),
     },
+    Migration {
+        version: 3,
+        name: "actors",
+        sql: include_str!("../migrations/0003_actors.sql"),
+    },
 ];
 
 pub async fn migrate(pool: &PgPool) -> Result<usize, PgError> {
@@ -216,6 +221,32 @@ pub async fn update_source(
         }
     };
     row.as_ref().map(source_from_row).transpose()
+}
+
+/// Records who set `name`'s retention policy (they are named when DbSync prunes by it).
+pub async fn set_retention_set_by(pool: &PgPool, name: &str, actor: &str) -> Result<(), Error> {
+    pool.get()
+        .await?
+        .execute_traced(
+            "UPDATE scheduler_sources SET retention_set_by = $2 WHERE name = $1",
+            &[&name, &actor],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Who set `name`'s retention policy; empty when unknown.
+pub async fn retention_set_by(pool: &PgPool, name: &str) -> Result<String, Error> {
+    Ok(pool
+        .get()
+        .await?
+        .query_opt_traced(
+            "SELECT retention_set_by FROM scheduler_sources WHERE name = $1",
+            &[&name],
+        )
+        .await?
+        .map(|row| row.get(0))
+        .unwrap_or_default())
 }
 
 pub async fn get_source(

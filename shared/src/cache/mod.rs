@@ -13,12 +13,19 @@
 //!   database) until a later write of it succeeds, so this process never reads back a value
 //!   it failed to replace. Past [`MAX_PENDING`] such keys, the whole namespace is read as a miss
 //!   until it has been cleared in the cache.
+//! - Every value is sealed ([`seal`]) with a key of the writing service's own, and checked when
+//!   read back: a value the service did not write (set in Redis directly, or through the Cache
+//!   service with another caller's credentials) is dropped, counted (`merkle.cache.forged`) and
+//!   logged as a security event, never returned. Until [`CacheClient::install_seal`] gives the
+//!   client its key, every read is a miss and every write is skipped.
+
+pub mod seal;
 
 use std::{
     collections::HashSet,
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -38,6 +45,7 @@ use crate::{
     config::{ClientArgs, ConfigError, parse_duration, require_service_uri},
     single_flight::SingleFlight,
 };
+use seal::{Refused, Seal};
 
 /// Keys remembered as not written through, before a whole namespace is distrusted instead.
 pub const MAX_PENDING: usize = 10_000;
@@ -55,14 +63,42 @@ pub struct CacheArgs {
     /// Deadline of one cache call; past it a read is a miss and a write is dropped.
     #[arg(long, env = "CACHE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub cache_timeout: Duration,
+    /// A file holding a secret (at least 32 bytes) that keys the seal of this service's cache
+    /// values; every replica of the service needs the same one. Unset: DbSync and the Scheduler
+    /// derive their key from a secret in their PostgreSQL, Discovery uses a key of its own
+    /// process (its replicas then do not share cached lists).
+    #[arg(long, env = "CACHE_SEAL_KEY_FILE")]
+    pub cache_seal_key_file: Option<std::path::PathBuf>,
 }
 
 impl CacheArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        match &self.cache_addr {
-            Some(addr) => require_service_uri("CACHE_ADDR (--cache-addr)", addr),
-            None => Ok(()),
+        if let Some(addr) = &self.cache_addr {
+            require_service_uri("CACHE_ADDR (--cache-addr)", addr)?;
         }
+        self.seal_from_file().map(|_| ())
+    }
+
+    /// The seal keyed by `CACHE_SEAL_KEY_FILE`, when it is set.
+    pub fn seal_from_file(&self) -> Result<Option<Seal>, ConfigError> {
+        const VARIABLE: &str = "CACHE_SEAL_KEY_FILE (--cache-seal-key-file)";
+        let Some(path) = &self.cache_seal_key_file else {
+            return Ok(None);
+        };
+        let secret = std::fs::read(path)
+            .map_err(|e| ConfigError::new(VARIABLE, format!("{}: {e}", path.display())))?;
+        let secret = secret.trim_ascii();
+        if secret.len() < 32 {
+            return Err(ConfigError::new(
+                VARIABLE,
+                format!(
+                    "{} holds {} bytes; a seal key needs at least 32 (e.g. openssl rand -hex 32)",
+                    path.display(),
+                    secret.len()
+                ),
+            ));
+        }
+        Ok(Some(Seal::derived(secret, "cache")))
     }
 }
 
@@ -103,6 +139,8 @@ pub struct Counters {
     pub dropped_writes: u64,
     /// Cached values that did not decode as the expected message (read as misses).
     pub decode_errors: u64,
+    /// Cached values not sealed by this service's key: forged or altered (read as misses).
+    pub forged: u64,
     /// Loads run by [`CacheClient::get_or_load`].
     pub loads: u64,
 }
@@ -114,6 +152,7 @@ struct AtomicCounters {
     failed_reads: AtomicU64,
     dropped_writes: AtomicU64,
     decode_errors: AtomicU64,
+    forged: AtomicU64,
     loads: AtomicU64,
 }
 
@@ -134,6 +173,7 @@ struct Inner {
     flights: SingleFlight<(i32, String), Flight>,
     pending: Mutex<Pending>,
     counters: AtomicCounters,
+    seal: OnceLock<Seal>,
 }
 
 /// The Cache service's typed client; cheap to clone.
@@ -156,6 +196,12 @@ impl CacheClient {
         Ok(Self::with(client, args.cache_timeout))
     }
 
+    /// A client over a channel made by the caller: one that presents another identity than
+    /// this process's token (as the tests of this client do).
+    pub fn over(channel: Channel, timeout: Duration) -> Self {
+        Self::with(Some(CacheServiceClient::new(channel)), timeout)
+    }
+
     /// A client that never calls anything: every read is a miss, every write is dropped.
     pub fn disabled() -> Self {
         Self::with(None, Duration::ZERO)
@@ -170,12 +216,21 @@ impl CacheClient {
                 flights: SingleFlight::default(),
                 pending: Mutex::new(Pending::default()),
                 counters: AtomicCounters::default(),
+                seal: OnceLock::new(),
             }),
         }
     }
 
     pub fn is_enabled(&self) -> bool {
         self.inner.client.is_some()
+    }
+
+    /// Gives the client the key it seals and checks values with (once; later calls are
+    /// ignored). Before it, reads are misses and writes are skipped.
+    pub fn install_seal(&self, seal: Seal) {
+        if self.inner.seal.set(seal).is_ok() {
+            tracing::debug!("cache values are sealed from now on");
+        }
     }
 
     pub fn counters(&self) -> Counters {
@@ -186,6 +241,7 @@ impl CacheClient {
             failed_reads: c.failed_reads.load(Relaxed),
             dropped_writes: c.dropped_writes.load(Relaxed),
             decode_errors: c.decode_errors.load(Relaxed),
+            forged: c.forged.load(Relaxed),
             loads: c.loads.load(Relaxed),
         }
     }
@@ -206,7 +262,7 @@ impl CacheClient {
         let asked: Vec<usize> = (0..keys.len())
             .filter(|&i| !self.is_pending(ns, &keys[i]))
             .collect();
-        if asked.is_empty() {
+        if asked.is_empty() || self.inner.seal.get().is_none() {
             self.count_misses(keys.len() as u64);
             return values;
         }
@@ -220,8 +276,10 @@ impl CacheClient {
         match answer {
             Some(answer) if answer.entries.len() == asked.len() => {
                 for (&i, entry) in asked.iter().zip(answer.entries) {
-                    if entry.found {
-                        values[i] = self.decode(ns, &keys[i], &entry.value);
+                    if entry.found
+                        && let Some(message) = self.unseal(ns, &keys[i], &entry.value)
+                    {
+                        values[i] = self.decode(ns, &keys[i], message);
                     }
                 }
             }
@@ -261,6 +319,12 @@ impl CacheClient {
         if entries.is_empty() {
             return 0;
         }
+        let Some(seal) = self.inner.seal.get() else {
+            for (key, _) in entries {
+                self.settle(ns, key, false);
+            }
+            return 0;
+        };
         let request = SetManyRequest {
             namespace: ns as i32,
             entries: entries
@@ -268,7 +332,7 @@ impl CacheClient {
                 .map(|(key, value)| Entry {
                     key: key.clone(),
                     found: true,
-                    value: value.encode_to_vec(),
+                    value: seal.seal(ns as i32, key, &value.encode_to_vec()),
                 })
                 .collect(),
             ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
@@ -349,7 +413,7 @@ impl CacheClient {
     }
 
     async fn get_bytes(&self, ns: Namespace, key: &str) -> Option<Bytes> {
-        if self.is_pending(ns, key) {
+        if self.is_pending(ns, key) || self.inner.seal.get().is_none() {
             self.count_misses(1);
             return None;
         }
@@ -361,10 +425,16 @@ impl CacheClient {
             .call("Get", |mut c| async move { c.get(request).await })
             .await
         {
-            Some(answer) if answer.found => {
-                self.inner.counters.hits.fetch_add(1, Relaxed);
-                Some(Bytes::from(answer.value))
-            }
+            Some(answer) if answer.found => match self.unseal(ns, key, &answer.value) {
+                Some(message) => {
+                    self.inner.counters.hits.fetch_add(1, Relaxed);
+                    Some(Bytes::copy_from_slice(message))
+                }
+                None => {
+                    self.count_misses(1);
+                    None
+                }
+            },
             Some(_) => {
                 self.count_misses(1);
                 None
@@ -384,10 +454,14 @@ impl CacheClient {
         value: Bytes,
         ttl: Option<Duration>,
     ) -> bool {
+        let Some(seal) = self.inner.seal.get() else {
+            self.settle(ns, key, false);
+            return false;
+        };
         let request = SetRequest {
             namespace: ns as i32,
             key: key.to_owned(),
-            value: value.to_vec(),
+            value: seal.seal(ns as i32, key, &value),
             ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
         };
         let stored = self
@@ -396,6 +470,37 @@ impl CacheClient {
             .is_some_and(|r| r.stored);
         self.settle(ns, key, stored);
         stored
+    }
+
+    /// The message inside a cached value this service sealed; `None` (counted, and logged as a
+    /// security event when forged) for any other value.
+    fn unseal<'a>(&self, ns: Namespace, key: &str, value: &'a [u8]) -> Option<&'a [u8]> {
+        let seal = self.inner.seal.get()?;
+        match seal.open(ns as i32, key, value) {
+            Ok(message) => Some(message),
+            Err(Refused::ForeignKey) => {
+                tracing::debug!(
+                    namespace = ns.as_str_name(),
+                    key,
+                    "cached value sealed by another replica's key; read as a miss"
+                );
+                None
+            }
+            Err(Refused::Forged) => {
+                self.inner.counters.forged.fetch_add(1, Relaxed);
+                forged_counter().add(
+                    1,
+                    &[opentelemetry::KeyValue::new("namespace", ns.as_str_name())],
+                );
+                tracing::error!(
+                    security_event = "forged_cache_value",
+                    namespace = ns.as_str_name(),
+                    key,
+                    "SECURITY: a cached value was not written by this service (not sealed by its key): dropped, never served"
+                );
+                None
+            }
+        }
     }
 
     fn decode<M: Message + Default>(&self, ns: Namespace, key: &str, bytes: &[u8]) -> Option<M> {
@@ -483,13 +588,25 @@ impl CacheClient {
                 Some(response.into_inner())
             }
             Ok(Err(status)) => {
-                // A refused request is this caller's bug, not the cache being away.
-                let cache_down = !matches!(
+                // A refused request is this caller's bug (or its credentials'), not the cache
+                // being away.
+                let refused = matches!(
                     status.code(),
-                    Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+                    Code::InvalidArgument
+                        | Code::NotFound
+                        | Code::FailedPrecondition
+                        | Code::PermissionDenied
+                        | Code::Unauthenticated
                 );
-                permit.record(!cache_down);
-                tracing::warn!(rpc, code = ?status.code(), message = status.message(), "cache call failed; carrying on without the cache");
+                permit.record(refused);
+                if matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::Unauthenticated
+                ) {
+                    tracing::error!(rpc, code = ?status.code(), message = status.message(), "the Cache service refused this service's credentials; carrying on without the cache");
+                } else {
+                    tracing::warn!(rpc, code = ?status.code(), message = status.message(), "cache call failed; carrying on without the cache");
+                }
                 None
             }
             Err(_) => {
@@ -499,6 +616,17 @@ impl CacheClient {
             }
         }
     }
+}
+
+/// `merkle.cache.forged`: cached values refused because this service did not seal them.
+fn forged_counter() -> &'static opentelemetry::metrics::Counter<u64> {
+    static COUNTER: OnceLock<opentelemetry::metrics::Counter<u64>> = OnceLock::new();
+    COUNTER.get_or_init(|| {
+        crate::metrics::counter(
+            "merkle.cache.forged",
+            "Cached values refused because this service did not write them (forged or altered), by namespace",
+        )
+    })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -567,6 +695,7 @@ mod tests {
         let args = CacheArgs {
             cache_addr: Some("127.0.0.1:50054".into()),
             cache_timeout: Duration::from_millis(250),
+            cache_seal_key_file: None,
         };
         let err = args.validate().expect_err("no scheme");
         assert!(err.to_string().contains("CACHE_ADDR"), "{err}");
