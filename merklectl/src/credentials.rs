@@ -30,7 +30,12 @@ impl Credentials {
     /// The credentials under `data_dir/auth`, made where missing (existing tokens are kept, so
     /// a restarted stack keeps its callers). Safe when several processes make them at once.
     pub fn ensure(data_dir: &Path) -> anyhow::Result<Credentials> {
-        let dir = data_dir.join(DIR);
+        Credentials::ensure_in(&data_dir.join(DIR))
+    }
+
+    /// The credentials in `dir` itself (`merklectl credentials DIR`, for a Kubernetes Secret).
+    pub fn ensure_in(dir: &Path) -> anyhow::Result<Credentials> {
+        let dir = dir.to_owned();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let credentials = Credentials { dir };
@@ -112,6 +117,32 @@ impl Credentials {
         }
         env
     }
+}
+
+/// `merklectl credentials DIR`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CredentialsArgs {
+    /// The folder to make them in (made 0700; existing tokens are kept).
+    pub dir: PathBuf,
+}
+
+/// Makes the credentials in a folder and says what they are for.
+pub fn run(args: CredentialsArgs) -> anyhow::Result<()> {
+    let credentials = Credentials::ensure_in(&args.dir)?;
+    println!(
+        "{}: identities.yaml (who may call, as what), a token per role (admin, operator, \
+         reader) and per service, discovery-cache-seal.key",
+        args.dir.display()
+    );
+    println!(
+        "for the chart: kubectl -n merkle-mesh create secret generic merkle-mesh-auth --from-file={}",
+        args.dir.display()
+    );
+    println!(
+        "for merklectl: {TOKEN_FILE_VARIABLE}={}",
+        credentials.token_file("admin").display()
+    );
+    Ok(())
 }
 
 /// 32 random bytes in hex.

@@ -63,6 +63,10 @@ enum Command {
     Check(merklectl::check::CheckArgs),
     /// Exit 0 when the service at --addr reports SERVING (grpc.health.v1), 1 otherwise.
     Health(merklectl::check::HealthArgs),
+    /// Make a deployment's credentials in a folder: the identities file and a bearer token
+    /// per role and per service (what `merklectl up` makes in .data/auth), for a Kubernetes
+    /// Secret (docs/security.md).
+    Credentials(merklectl::credentials::CredentialsArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         // Commands that talk to services need an async runtime; the local ones run on the
         // hashing threads.
         Command::Up(args) => block_on(merklectl::up::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::Credentials(args) => merklectl::credentials::run(args).map(|()| ExitCode::SUCCESS),
         Command::Cache(args) => block_on(merklectl::cache::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Clients(args) => {
             block_on(merklectl::clients::run(args)).map(|()| ExitCode::SUCCESS)

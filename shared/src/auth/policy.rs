@@ -179,6 +179,36 @@ mod tests {
     }
 
     #[test]
+    fn what_destroys_or_hides_history_needs_admin_and_cache_writes_need_a_service() {
+        for (path, role) in [
+            (
+                "/merkle.scheduler.v1.SchedulerService/DeleteSource",
+                Some(Role::Admin),
+            ),
+            (
+                "/merkle.dbsync.v1.DbSyncService/SetRetentionPolicy",
+                Some(Role::Admin),
+            ),
+            ("/merkle.cache.v1.CacheService/Clear", Some(Role::Admin)),
+            ("/merkle.cache.v1.CacheService/Set", None),
+            ("/merkle.cache.v1.CacheService/SetMany", None),
+            (
+                "/merkle.scheduler.v1.SchedulerService/UpdateSource",
+                Some(Role::Operator),
+            ),
+            (
+                "/merkle.dbsync.v1.DbSyncService/GetHistoryProof",
+                Some(Role::Reader),
+            ),
+        ] {
+            let rule = rule_of(path).expect("a rule");
+            assert_eq!(rule.role, role, "{path}");
+        }
+        assert!(rule_of("/merkle.cache.v1.CacheService/Set").is_some_and(|r| r.mutating));
+        assert!(rule_of("/nope/Nope").is_none());
+    }
+
+    #[test]
     fn every_rule_lets_someone_call() {
         for rule in RULES {
             assert!(
