@@ -1237,7 +1237,11 @@ async fn every_hot_path_query_is_served_by_an_index() {
                 .await
             }
             "SOURCES" => db.query(&sql, &[&"", &100i64]).await,
-            "FIND_NODES" | "TOUCH_TREE" => db.query(&sql, &[&hashes, &60.0f64]).await,
+            "FIND_NODES" => db.query(&sql, &[&hashes, &60.0f64]).await,
+            "TOUCH_TREE" => {
+                db.query(&sql, &[&hashes, &60.0f64, &vec![0i32], &256i32])
+                    .await
+            }
             "EXISTING" | "NODE" => db.query(&sql, &[&hashes]).await,
             other => panic!("no sample arguments for {other}"),
         }

@@ -74,7 +74,7 @@ impl Default for BuildOptions {
             exclude: Vec::new(),
             threads: 0,
             max_entries: 10_000_000,
-            max_depth: 256,
+            max_depth: crate::MAX_DEPTH,
             stat_cache: None,
             read_retries: 2,
             racy_margin: crate::statcache::RACY_MARGIN,
@@ -540,10 +540,12 @@ impl Run<'_> {
     /// Lists a directory with `lstat`, applying the limits and the exclude patterns.
     pub fn list_dir(&self, dir: &Path, rel: &[u8], depth: usize) -> Result<Listing, BuildError> {
         self.check_cancel()?;
-        if depth > self.options.max_depth {
+        // Checked before the walk goes one level deeper; never past the spec's limit.
+        let limit = self.options.max_depth.min(crate::MAX_DEPTH);
+        if depth > limit {
             return Err(BuildError::TooDeep {
                 path: dir.to_owned(),
-                limit: self.options.max_depth,
+                limit,
             });
         }
         let mut entries: Vec<(Vec<u8>, Metadata)> = Vec::new();
@@ -597,12 +599,9 @@ impl Run<'_> {
                 let path = dir.join(OsStr::from_bytes(&name));
                 let ft = meta.file_type();
                 let item = if ft.is_dir() {
-                    ScanItem::Dir(Box::new(self.scan_dir(
-                        &path,
-                        &child_rel(rel, &name),
-                        depth + 1,
-                        meta.dev(),
-                    )?))
+                    ScanItem::Dir(Box::new(crate::stack::deeper(|| {
+                        self.scan_dir(&path, &child_rel(rel, &name), depth + 1, meta.dev())
+                    })?))
                 } else if ft.is_symlink() {
                     ScanItem::Symlink(self.read_link(&path)?)
                 } else {
@@ -666,8 +665,9 @@ impl Run<'_> {
                     }
                     ScanItem::Dir(scanned) => {
                         let child = path.join(OsStr::from_bytes(&e.name));
-                        let (hash, mut stats, kept) =
-                            self.hash_dir(*scanned, &child, &child_rel(rel, &e.name))?;
+                        let (hash, mut stats, kept) = crate::stack::deeper(|| {
+                            self.hash_dir(*scanned, &child, &child_rel(rel, &e.name))
+                        })?;
                         stats.dir_count += 1;
                         sub = kept.map(Box::new);
                         (EntryKind::Directory, hash, e.stat, stats)

@@ -35,10 +35,20 @@ pub struct Change {
     pub new: Option<Side>,
 }
 
-/// A directory node a tree refers to is not available.
+/// Why a diff could not be completed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("directory node {0} is not stored")]
-pub struct MissingNode(pub Digest);
+pub enum DiffError {
+    /// A directory node a tree refers to is not available.
+    #[error("directory node {0} is not stored")]
+    MissingNode(Digest),
+    /// A tree nests deeper than the spec allows (`crate::MAX_DEPTH`): it is not walked.
+    #[error(
+        "the tree nests deeper than {} directories below {}, the limit of docs/merkle-spec.md section 4.1",
+        crate::MAX_DEPTH,
+        String::from_utf8_lossy(.0)
+    )]
+    TooDeep(Vec<u8>),
+}
 
 /// Calls `emit` for each changed path, in depth-first order of sorted names, until it returns
 /// false. Returns whether every change was emitted.
@@ -48,7 +58,7 @@ pub fn diff(
     new: &dyn NodeSource,
     new_root: Digest,
     emit: &mut dyn FnMut(Change) -> bool,
-) -> Result<bool, MissingNode> {
+) -> Result<bool, DiffError> {
     if old_root == new_root {
         return Ok(true);
     }
@@ -62,7 +72,7 @@ pub fn diff_all(
     old_root: Digest,
     new: &dyn NodeSource,
     new_root: Digest,
-) -> Result<Vec<Change>, MissingNode> {
+) -> Result<Vec<Change>, DiffError> {
     let mut out = Vec::new();
     diff(old, old_root, new, new_root, &mut |c| {
         out.push(c);
@@ -142,8 +152,25 @@ fn side(e: &Entry) -> Option<Side> {
     })
 }
 
-fn fetch(src: &dyn NodeSource, hash: Digest) -> Result<&DirNode, MissingNode> {
-    src.node(&hash).ok_or(MissingNode(hash))
+fn fetch(src: &dyn NodeSource, hash: Digest) -> Result<&DirNode, DiffError> {
+    src.node(&hash).ok_or(DiffError::MissingNode(hash))
+}
+
+/// The depth of the directory at `path` (`/`-separated below the root, the root empty).
+fn depth_of(path: &[u8]) -> usize {
+    if path.is_empty() {
+        0
+    } else {
+        1 + path.iter().filter(|&&b| b == b'/').count()
+    }
+}
+
+/// Checked before a walk enters the directory at `path`.
+fn check_depth(path: &[u8]) -> Result<(), DiffError> {
+    if depth_of(path) > crate::MAX_DEPTH {
+        return Err(DiffError::TooDeep(path.to_vec()));
+    }
+    Ok(())
 }
 
 impl Walk<'_> {
@@ -153,7 +180,8 @@ impl Walk<'_> {
         new_hash: Digest,
         prefix: &[u8],
         emit: &mut dyn FnMut(Change) -> bool,
-    ) -> Result<bool, MissingNode> {
+    ) -> Result<bool, DiffError> {
+        check_depth(prefix)?;
         let old = fetch(self.old, old_hash)?;
         let new = fetch(self.new, new_hash)?;
         let (mut i, mut j) = (0, 0);
@@ -194,7 +222,7 @@ impl Walk<'_> {
         n: &Entry,
         prefix: &[u8],
         emit: &mut dyn FnMut(Change) -> bool,
-    ) -> Result<bool, MissingNode> {
+    ) -> Result<bool, DiffError> {
         let path = join(prefix, &o.name);
         if o.kind.group() != n.kind.group() {
             let go_on = emit(Change {
@@ -229,7 +257,7 @@ impl Walk<'_> {
                 return Ok(false);
             }
             if o.hash != n.hash {
-                return self.dirs(o.hash, n.hash, &path, emit);
+                return crate::stack::deeper(|| self.dirs(o.hash, n.hash, &path, emit));
             }
             return Ok(true);
         }
@@ -247,7 +275,7 @@ impl Walk<'_> {
         prefix: &[u8],
         change: ChangeType,
         emit: &mut dyn FnMut(Change) -> bool,
-    ) -> Result<bool, MissingNode> {
+    ) -> Result<bool, DiffError> {
         let path = join(prefix, &e.name);
         let (old, new) = match change {
             ChangeType::Removed => (side(e), None),
@@ -262,7 +290,7 @@ impl Walk<'_> {
             return Ok(false);
         }
         if e.kind == EntryKind::Directory {
-            return self.beneath(src, e.hash, &path, change, emit);
+            return crate::stack::deeper(|| self.beneath(src, e.hash, &path, change, emit));
         }
         Ok(true)
     }
@@ -274,7 +302,8 @@ impl Walk<'_> {
         prefix: &[u8],
         change: ChangeType,
         emit: &mut dyn FnMut(Change) -> bool,
-    ) -> Result<bool, MissingNode> {
+    ) -> Result<bool, DiffError> {
+        check_depth(prefix)?;
         for e in &fetch(src, dir)?.entries {
             if !self.whole(src, e, prefix, change, emit)? {
                 return Ok(false);

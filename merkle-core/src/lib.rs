@@ -19,10 +19,16 @@ pub mod digest;
 pub mod history;
 pub mod node;
 pub mod proof;
+pub mod stack;
 pub mod statcache;
 pub mod tree;
 mod watch;
 pub mod watched;
+
+/// The deepest a tree may nest: directories below its root (spec section 4.1). Every tree is
+/// checked against it where it enters (a build, a sync) and where it is walked (a diff, a
+/// proof, a listing, a verification), so no walk recurses without this bound.
+pub const MAX_DEPTH: usize = 256;
 
 pub use build::{BuildError, BuildOptions, BuildOutcome, Builder, NodeSink, Progress, TreeStats};
 pub use digest::Digest;

@@ -135,12 +135,18 @@ pub struct DirNode {
     pub entries: Vec<Entry>,
 }
 
+/// True for a name an entry may have: a file name as the file system gives it, so not empty,
+/// not `.` or `..`, and without `/` or NUL (spec section 4).
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
+}
+
 /// Why a node cannot be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
     #[error("entries are not strictly sorted by name (at {0:?})")]
     Unsorted(String),
-    #[error("entry {0:?} has an empty name, or one with '/' or NUL")]
+    #[error("entry {0:?} has an empty name, `.` or `..`, or one with '/' or NUL")]
     BadName(String),
     #[error("entry {0:?} lacks mode, uid and gid, which the full profile hashes")]
     MissingMeta(String),
@@ -182,7 +188,7 @@ impl DirNode {
         let mut previous: Option<&[u8]> = None;
         for entry in &self.entries {
             let name = entry.name.as_slice();
-            if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+            if !valid_name(name) {
                 return Err(NodeError::BadName(lossy(name)));
             }
             if previous.is_some_and(|p| p >= name) {

@@ -50,10 +50,16 @@ pub enum ProofError {
 }
 
 /// Splits a `/`-separated relative path into components; refuses empty paths, empty
-/// components (`a//b`, a leading or trailing `/`), `.` and `..`.
+/// components (`a//b`, a leading or trailing `/`), `.` and `..`, NUL bytes, and more
+/// components than a tree may nest (spec section 4.1).
 pub fn split_path(path: &[u8]) -> Result<Vec<Vec<u8>>, ProofError> {
     if path.is_empty() {
         return Err(ProofError::BadPath("must name an entry below the root"));
+    }
+    if path.iter().filter(|&&b| b == b'/').count() > crate::MAX_DEPTH {
+        return Err(ProofError::BadPath(
+            "has more than 257 components: a tree nests at most 256 directories (docs/merkle-spec.md section 4.1)",
+        ));
     }
     path.split(|b| *b == b'/')
         .map(|c| match c {
@@ -63,6 +69,7 @@ pub fn split_path(path: &[u8]) -> Result<Vec<Vec<u8>>, ProofError> {
             b"." | b".." => Err(ProofError::BadPath(
                 "'.' and '..' components are not allowed",
             )),
+            c if c.contains(&0) => Err(ProofError::BadPath("a component holds a NUL byte")),
             c => Ok(c.to_vec()),
         })
         .collect()

@@ -105,7 +105,7 @@ impl KeptDir {
     fn count_nodes(&self, seen: &mut std::collections::HashSet<Digest>) {
         if seen.insert(self.hash) {
             for sub in self.entries.iter().filter_map(|e| e.sub.as_deref()) {
-                sub.count_nodes(seen);
+                crate::stack::deeper(|| sub.count_nodes(seen));
             }
         }
     }
@@ -377,7 +377,7 @@ impl Run<'_> {
             return Ok(false);
         }
         let child = path.join(OsStr::from_bytes(&e.entry.name));
-        let changed = self.refresh(sub, &child, &crel, depth + 1, dirty)?;
+        let changed = crate::stack::deeper(|| self.refresh(sub, &child, &crel, depth + 1, dirty))?;
         e.entry.hash = sub.hash;
         Ok(changed)
     }
@@ -459,7 +459,8 @@ impl Run<'_> {
         let child = path.join(OsStr::from_bytes(&name));
         if ft.is_dir() {
             let crel = child_rel(rel, &name);
-            let scanned = self.scan_dir(&child, &crel, depth + 1, meta.dev())?;
+            let scanned =
+                crate::stack::deeper(|| self.scan_dir(&child, &crel, depth + 1, meta.dev()))?;
             let (hash, _, kept) = self.hash_dir(scanned, &child, &crel)?;
             Ok(KeptEntry {
                 entry: entry_of(name, EntryKind::Directory, hash, &stat, profile),
@@ -502,7 +503,7 @@ impl Run<'_> {
             }
             for e in &dir.entries {
                 if let Some(sub) = &e.sub {
-                    forget(watch, sub, &child_rel(rel, &e.entry.name));
+                    crate::stack::deeper(|| forget(watch, sub, &child_rel(rel, &e.entry.name)));
                 }
             }
         }
@@ -514,7 +515,7 @@ impl Run<'_> {
     /// Hands every node of a kept tree to the sink, children before parents, each once.
     fn emit_kept(&self, dir: &KeptDir) -> Result<(), BuildError> {
         for sub in dir.entries.iter().filter_map(|e| e.sub.as_deref()) {
-            self.emit_kept(sub)?;
+            crate::stack::deeper(|| self.emit_kept(sub))?;
         }
         self.emit_with(dir.hash, || dir.node())
     }

@@ -441,7 +441,20 @@ async fn check_trees(
         let record = &stored.record;
         let mut level = vec![record.root];
         seen.insert(record.root);
+        let mut depth = 0;
         while !level.is_empty() {
+            if depth > merkle_core::MAX_DEPTH {
+                return Ok(Err(Failure {
+                    what: format!("record {}", record.sequence),
+                    why: format!(
+                        "its stored tree (root {}) nests deeper than {} directories, the limit of docs/merkle-spec.md section 4.1",
+                        record.root,
+                        merkle_core::MAX_DEPTH
+                    ),
+                    sequence: Some(record.sequence),
+                }));
+            }
+            depth += 1;
             let fetched: Result<Vec<_>, tonic::Status> = futures::stream::iter(level)
                 .map(|hash| fetch_node(&client, hash, record.profile))
                 .buffer_unordered(PARALLEL_FETCHES)

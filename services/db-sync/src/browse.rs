@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use merkle_core::{
     Digest, EntryKind, MemTree, Profile,
-    diff::{Change, SubtreePair, subtrees_visited},
+    diff::{Change, DiffError, SubtreePair, subtrees_visited},
     proof::{InclusionProof, ProofError, prove, split_path},
 };
 
@@ -133,7 +133,13 @@ pub async fn diff(nodes: &NodeStore, old: Digest, new: Digest) -> Result<MemTree
     if old != new {
         subtrees_visited(Some(&old_top.node), Some(&new_top.node), &mut level);
     }
+    // `level` holds the directories at `depth`: never past the spec's limit.
+    let mut depth = 1;
     while !level.is_empty() {
+        if depth > merkle_core::MAX_DEPTH {
+            return Err(too_deep());
+        }
+        depth += 1;
         let wanted: Vec<Digest> = level
             .iter()
             .flat_map(|(o, n)| o.iter().chain(n.iter()).copied())
@@ -172,7 +178,19 @@ pub fn changes(
     new: Digest,
     emit: &mut dyn FnMut(Change) -> bool,
 ) -> Result<bool, Error> {
-    merkle_core::diff::diff(tree, old, tree, new, emit).map_err(|e| Error::Internal(e.to_string()))
+    merkle_core::diff::diff(tree, old, tree, new, emit).map_err(|e| match e {
+        DiffError::TooDeep(_) => too_deep(),
+        DiffError::MissingNode(_) => Error::Internal(e.to_string()),
+    })
+}
+
+/// A stored tree nests deeper than the spec allows (stored before the limit was enforced on
+/// SyncTree): it is never walked.
+fn too_deep() -> Error {
+    Error::FailedPrecondition(format!(
+        "the stored tree nests deeper than {} directories, the limit of docs/merkle-spec.md section 4.1; it cannot be walked",
+        merkle_core::MAX_DEPTH
+    ))
 }
 
 /// The profile a stored root was hashed with.

@@ -104,15 +104,20 @@ pub mod queries {
     /// marked used, which row-locks them against garbage collection until the sync commits
     /// (the others cannot be collected before it commits anyway). Returns every hash walked,
     /// so the caller can check that all of them exist ([`EXISTING`]).
-    pub const TOUCH_TREE: &str = "WITH RECURSIVE walk(hash) AS ( \
-             SELECT unnest($1::bytea[]) \
+    /// Walks stored subtrees from `$1`, starting each at the depth `$3` it hangs at, and marks
+    /// the nodes used (as FIND_NODES does). Returns each (hash, depth) reached; the walk stops
+    /// one level past the depth limit `$4`, so a row deeper than `$4` means too deep.
+    pub const TOUCH_TREE: &str = "WITH RECURSIVE walk(hash, depth) AS ( \
+             SELECT * FROM unnest($1::bytea[], $3::int[]) \
            UNION \
-             SELECT substring(d.child_dirs FROM i * 32 + 1 FOR 32) \
+             SELECT substring(d.child_dirs FROM i * 32 + 1 FOR 32), w.depth + 1 \
              FROM walk w JOIN merkle_tree_data d ON d.hash = w.hash, \
                   generate_series(0, octet_length(d.child_dirs) / 32 - 1) AS i \
-         ), touched AS (UPDATE merkle_tree_data d SET last_used = now() FROM walk w \
+             WHERE w.depth <= $4 \
+         ), touched AS (UPDATE merkle_tree_data d SET last_used = now() \
+             FROM (SELECT DISTINCT hash FROM walk) w \
              WHERE d.hash = w.hash AND d.last_used < now() - make_interval(secs => $2)) \
-         SELECT hash FROM walk";
+         SELECT hash, depth FROM walk";
     /// Which of the hashes are stored.
     pub const EXISTING: &str = "SELECT hash FROM merkle_tree_data WHERE hash = ANY($1)";
     pub const INSERT_NODES: &str = "INSERT INTO merkle_tree_data (hash, encoded, sizes, child_dirs) \

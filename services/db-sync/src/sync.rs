@@ -167,6 +167,57 @@ pub fn needed_from_store(
     Ok(needed)
 }
 
+fn too_deep() -> Error {
+    Error::bad_request(
+        "nodes",
+        format!(
+            "the tree nests deeper than {} directories, the limit of docs/merkle-spec.md section 4.1",
+            merkle_core::MAX_DEPTH
+        ),
+    )
+}
+
+/// The depth of every node the tree reaches through the sent nodes: the longest path from the
+/// root (a subtree may hang at several depths; the deepest counts), for the sent nodes and for
+/// the stored subtrees they refer to. INVALID_ARGUMENT when the sent part alone nests deeper
+/// than the spec allows. A topological walk (Kahn's): no recursion, whatever the input.
+pub fn longest_depths(
+    root: Digest,
+    sent: &HashMap<Digest, NodeRow>,
+) -> Result<HashMap<Digest, usize>, Error> {
+    let mut parents: HashMap<Digest, usize> = HashMap::new();
+    let mut reached = VecDeque::from([root]);
+    let mut seen: HashSet<Digest> = HashSet::from([root]);
+    while let Some(hash) = reached.pop_front() {
+        let Some(row) = sent.get(&hash) else { continue };
+        for child in row.children() {
+            *parents.entry(child).or_default() += 1;
+            if seen.insert(child) {
+                reached.push_back(child);
+            }
+        }
+    }
+    let mut depth: HashMap<Digest, usize> = HashMap::from([(root, 0)]);
+    let mut ready = VecDeque::from([root]);
+    while let Some(hash) = ready.pop_front() {
+        let here = depth[&hash];
+        let Some(row) = sent.get(&hash) else { continue };
+        for child in row.children() {
+            let d = depth.entry(child).or_default();
+            *d = (*d).max(here + 1);
+            if *d > merkle_core::MAX_DEPTH {
+                return Err(too_deep());
+            }
+            let left = parents.get_mut(&child).expect("counted above");
+            *left -= 1;
+            if *left == 0 {
+                ready.push_back(child);
+            }
+        }
+    }
+    Ok(depth)
+}
+
 /// Stores the snapshot `header` names with the `sent` nodes, in one transaction. Nothing is
 /// written when the build was stored already, the root is the latest, or a needed node is
 /// missing.
@@ -178,6 +229,7 @@ pub async fn store(
     touch_after: std::time::Duration,
 ) -> Result<Outcome, Error> {
     let needed = needed_from_store(header.root, &sent)?;
+    let depths = longest_depths(header.root, &sent)?;
     let source = header.source.as_str();
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
@@ -205,16 +257,28 @@ pub async fn store(
 
     // The subtrees the tree takes from the store must be there whole. Walking them marks
     // them used (and row-locks the old ones), so garbage collection cannot take them before
-    // this commits; then every hash walked must exist, checked after the locks are held.
+    // this commits; then every hash walked must exist, checked after the locks are held. The
+    // walk starts each subtree at its depth in this tree, so the whole tree's depth is known
+    // (a stored subtree too deep to hang here is refused, and the walk stops past the limit).
     let roots: Vec<&[u8]> = needed.iter().map(|(h, _)| h.0.as_slice()).collect();
-    let walked: Vec<Vec<u8>> = if roots.is_empty() {
+    let starts: Vec<i32> = needed.iter().map(|(h, _)| depths[h] as i32).collect();
+    let limit = merkle_core::MAX_DEPTH as i32;
+    let rows = if roots.is_empty() {
         Vec::new()
     } else {
-        tx.query_traced(queries::TOUCH_TREE, &[&roots, &touch_after.as_secs_f64()])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
+        tx.query_traced(
+            queries::TOUCH_TREE,
+            &[&roots, &touch_after.as_secs_f64(), &starts, &limit],
+        )
+        .await?
+    };
+    if rows.iter().any(|row| row.get::<_, i32>(1) > limit) {
+        tx.rollback().await?;
+        return Err(too_deep());
+    }
+    let walked: Vec<Vec<u8>> = {
+        let unique: HashSet<Vec<u8>> = rows.iter().map(|row| row.get(0)).collect();
+        unique.into_iter().collect()
     };
     let walked_refs: Vec<&[u8]> = walked.iter().map(Vec::as_slice).collect();
     let present: HashSet<Vec<u8>> = if walked.is_empty() {

@@ -43,9 +43,9 @@ pub struct Config {
     #[arg(long, env = "MAX_ENTRIES", default_value_t = 10_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_entries: u64,
-    /// Deepest directory nesting below the built directory.
+    /// Deepest directory nesting below the built directory; at most 256, the spec's limit.
     #[arg(long, env = "MAX_DEPTH", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(1..=4096))]
+          value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_depth: u32,
     /// Trees kept in memory and watched for changes (Linux inotify), so that rebuilding one
     /// lists only the directories with changes and reads only the changed files; the most

@@ -73,7 +73,16 @@ async fn fetch_for_diff(
         actual.nodes.get(&actual.root),
         &mut level,
     );
+    // `level` holds the directories at `depth`: never past the spec's limit.
+    let mut depth = 1;
     while !level.is_empty() {
+        if depth > merkle_core::MAX_DEPTH {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the stored tree {expected} nests deeper than {} directories, the limit of docs/merkle-spec.md section 4.1",
+                merkle_core::MAX_DEPTH
+            )));
+        }
+        depth += 1;
         let wanted: Vec<Digest> = level
             .iter()
             .filter_map(|(o, _)| *o)
