@@ -16,6 +16,8 @@ use std::{
     time::Duration,
 };
 
+pub mod raw;
+
 pub use merkle_shared::auth::token::ClientAuth;
 pub use merklectl::credentials::Credentials;
 pub use merklectl::stack::{
@@ -240,6 +242,41 @@ impl TestStack {
         let scheduler = self.start_service("scheduler", &all);
         scheduler.wait_for(ServingStatus::Serving).await;
         scheduler.uri()
+    }
+
+    /// All five services, wired as in production: [`TestStack::start_system`], and Discovery
+    /// listing this stack's TreeBuilder as the client `node-a` (a static file).
+    pub async fn start_all(&mut self) {
+        self.start_system(&[]).await;
+        let tree_builder = self.service_mut("tree-builder").uri();
+        let clients = self.dir().join("clients.yaml");
+        std::fs::write(
+            &clients,
+            format!(
+                "clients:\n- {{id: node-a, tree_builder_address: \"{}\"}}\n",
+                tree_builder.trim_start_matches("http://")
+            ),
+        )
+        .expect("write the static fleet");
+        let cache = self.service_mut("cache").uri();
+        let discovery = self.start_service(
+            "discovery",
+            &[
+                ("STATIC_FILE", clients.display().to_string()),
+                ("CACHE_ADDR", cache),
+            ],
+        );
+        discovery.wait_for(ServingStatus::Serving).await;
+    }
+
+    /// The running service that serves `service` (`merkle.dbsync.v1.DbSyncService`, ...).
+    pub fn serving(&mut self, service: &str) -> &RunningService {
+        let name = SERVICES
+            .iter()
+            .find(|s| s.grpc_name == service)
+            .unwrap_or_else(|| panic!("no service serves {service}"))
+            .name;
+        self.service_mut(name)
     }
 
     /// Every service started so far, in start order.

@@ -6,55 +6,18 @@
 
 use std::time::Duration;
 
-use integration_tests::{RunningService, ServingStatus, TestStack, run_grpcurl};
+use integration_tests::{ServingStatus, TestStack, raw, run_grpcurl};
 use merkle_shared::auth::{
     Grant, ServiceRole,
     identities::parse_grant,
     policy::{RULES, Rule},
     token::ClientAuthLayer,
 };
-use prost::bytes::{Buf as _, BufMut as _};
 use tonic::{
-    Code, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::{Body, Bytes, StdError, http::uri::PathAndQuery},
+    Code,
+    codegen::{Body, Bytes, StdError},
 };
 use tower::Layer as _;
-
-/// A codec of raw message bytes: the walk sends bytes it chose and reads whatever comes back.
-#[derive(Debug, Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining()).to_vec();
-        Ok(Some(bytes))
-    }
-}
 
 /// The request sent to each RPC: harmless whoever is let through. The Cache's RPCs get
 /// `namespace = 99` (unknown: INVALID_ARGUMENT, so nothing is written or cleared); every
@@ -69,8 +32,8 @@ fn request_for(rule: &Rule) -> Vec<u8> {
     }
 }
 
-/// The status one call ends with: the first error, or OK once a first message arrived (or
-/// the stream stays open: a watch). The layer answers a refusal at once.
+/// The status one call ends with: OK once a first message arrived (or the stream stayed open:
+/// a watch). The layer answers a refusal at once.
 async fn call<T>(channel: T, rule: &Rule) -> Code
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
@@ -78,20 +41,16 @@ where
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let path: PathAndQuery = rule.path().parse().expect("path");
-    let request = tonic::Request::new(tokio_stream::once(request_for(rule)));
-    let answer = async {
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(e.into().to_string()))?;
-        let mut stream = grpc.streaming(request, path, Raw).await?.into_inner();
-        stream.message().await?;
-        Ok::<_, Status>(())
-    };
-    match tokio::time::timeout(Duration::from_secs(5), answer).await {
-        Ok(Ok(())) | Err(_) => Code::Ok,
-        Ok(Err(status)) => status.code(),
+    let path = rule.path();
+    let answer = raw::call(
+        channel,
+        &path,
+        vec![request_for(rule)],
+        Duration::from_secs(5),
+    );
+    match answer.await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
     }
 }
 
@@ -104,47 +63,10 @@ fn allowed(rule: &Rule, grant: Grant) -> bool {
     }
 }
 
-/// The five services, wired as in production.
-async fn five_services(stack: &mut TestStack) {
-    let scheduler = stack.start_system(&[]).await;
-    let _ = scheduler;
-    let tree_builder = stack.service_mut("tree-builder").uri();
-    let clients = stack.dir().join("clients.yaml");
-    std::fs::write(
-        &clients,
-        format!(
-            "clients:\n- {{id: node-a, tree_builder_address: \"{}\"}}\n",
-            tree_builder.trim_start_matches("http://")
-        ),
-    )
-    .expect("write");
-    let cache = stack.service_mut("cache").uri();
-    let discovery = stack.start_service(
-        "discovery",
-        &[
-            ("STATIC_FILE", clients.display().to_string()),
-            ("CACHE_ADDR", cache),
-        ],
-    );
-    discovery.wait_for(ServingStatus::Serving).await;
-}
-
-fn service_of<'a>(stack: &'a mut TestStack, rule: &Rule) -> &'a RunningService {
-    let name = match rule.service {
-        "merkle.scheduler.v1.SchedulerService" => "scheduler",
-        "merkle.treebuilder.v1.TreeBuilderService" => "tree-builder",
-        "merkle.dbsync.v1.DbSyncService" => "db-sync",
-        "merkle.cache.v1.CacheService" => "cache",
-        "merkle.discovery.v1.DiscoveryService" => "discovery",
-        other => panic!("no service serves {other}"),
-    };
-    stack.service_mut(name)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_rpc_answers_each_identity_as_the_policy_says() {
     let mut stack = TestStack::new();
-    five_services(&mut stack).await;
+    stack.start_all().await;
     let identities: Vec<(&str, Grant)> = ["reader", "operator", "admin"]
         .into_iter()
         .chain(ServiceRole::ALL.iter().map(|s| s.name()))
@@ -159,7 +81,7 @@ async fn every_rpc_answers_each_identity_as_the_policy_says() {
     let mut failures = Vec::new();
     let mut calls = 0;
     for rule in RULES {
-        let service = service_of(&mut stack, rule);
+        let service = stack.serving(rule.service);
         // No credentials, and a token nobody issued.
         let code = call(service.plain_channel(), rule).await;
         calls += 1;

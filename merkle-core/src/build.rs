@@ -382,6 +382,92 @@ pub(crate) fn root_metadata(root: &Path) -> Result<Metadata, BuildError> {
     Ok(meta)
 }
 
+/// Most exclude patterns one build takes, and the longest one, in bytes.
+pub const MAX_EXCLUDE_PATTERNS: usize = 1000;
+pub const MAX_EXCLUDE_PATTERN_BYTES: usize = 4096;
+
+/// Checks exclude patterns as a build will read them (gitignore syntax, spec section 6), so a
+/// bad one is refused when it is given, not when a build runs. The error is
+/// `"[index]: rule"` for the caller to prefix with the field.
+pub fn check_excludes(patterns: &[String]) -> Result<(), String> {
+    if patterns.len() > MAX_EXCLUDE_PATTERNS {
+        return Err(format!(
+            ": has {} patterns; at most {MAX_EXCLUDE_PATTERNS}",
+            patterns.len()
+        ));
+    }
+    for (i, pattern) in patterns.iter().enumerate() {
+        let rule = if pattern.trim().is_empty() {
+            Some("must be a non-empty gitignore pattern".to_owned())
+        } else if pattern.len() > MAX_EXCLUDE_PATTERN_BYTES {
+            Some(format!(
+                "is {} bytes; at most {MAX_EXCLUDE_PATTERN_BYTES}",
+                pattern.len()
+            ))
+        } else if pattern.chars().any(char::is_control) {
+            Some("must not contain control characters (NUL, newline, ...)".to_owned())
+        } else if has_unclosed_class(pattern) {
+            Some(
+                "has a '[' class without its ']' (git matches such a pattern against nothing, \
+                 other readers take it literally: write \\[ for a literal '[')"
+                    .to_owned(),
+            )
+        } else {
+            exclude_matcher(Path::new("/"), std::slice::from_ref(pattern))
+                .err()
+                .map(|e| match e {
+                    BuildError::BadPattern { reason, .. } => {
+                        format!("is not a valid gitignore pattern: {reason}")
+                    }
+                    other => other.to_string(),
+                })
+        };
+        if let Some(rule) = rule {
+            return Err(format!("[{i}]: {rule}"));
+        }
+    }
+    Ok(())
+}
+
+/// True when a gitignore pattern opens a `[...]` class it never closes (`\` escapes the next
+/// character; a `]` right after `[`, `[!` or `[^` belongs to the class).
+fn has_unclosed_class(pattern: &str) -> bool {
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '[' => {
+                if matches!(chars.peek(), Some('!' | '^')) {
+                    chars.next();
+                }
+                if chars.peek() == Some(&']') {
+                    chars.next();
+                }
+                let mut closed = false;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        ']' => {
+                            closed = true;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                if !closed {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 fn exclude_matcher(root: &Path, patterns: &[String]) -> Result<Gitignore, BuildError> {
     let mut builder = GitignoreBuilder::new(root);
     for pattern in patterns {
@@ -854,6 +940,38 @@ impl Read for Counted<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclude_patterns_are_checked_when_given() {
+        let ok: Vec<String> = [
+            "*.log",
+            "target/",
+            "!keep.log",
+            "[abc]?",
+            "[]x]",
+            "\\[",
+            "[!a]",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(check_excludes(&ok), Ok(()));
+        for (bad, rule) in [
+            ("[", "[0]: has a '[' class without its ']'"),
+            ("a[b", "without its ']'"),
+            ("[]", "without its ']'"),
+            ("", "[0]: must be a non-empty"),
+            ("a\0b", "control characters"),
+        ] {
+            let err = check_excludes(&[bad.to_owned()]).expect_err(bad);
+            assert!(err.contains(rule), "{bad:?}: {err}");
+        }
+        let many = vec!["*.log".to_owned(); MAX_EXCLUDE_PATTERNS + 1];
+        assert!(
+            check_excludes(&many)
+                .expect_err("too many")
+                .contains("at most 1000")
+        );
+    }
 
     #[test]
     fn the_skeleton_stays_compact() {

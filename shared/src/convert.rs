@@ -10,6 +10,55 @@ use merkle_core::{
 };
 use merkle_proto::{common::v1 as pb, dbsync::v1 as dbsync};
 
+/// A `google.protobuf.Duration` from a request, checked against the type's own rules (nanos
+/// within ±999,999,999 and of the seconds' sign) and the caller's: not negative, at most
+/// `max` (`max_text` says it in words). The error is the rule broken, for the caller to prefix
+/// with the field.
+pub fn duration_from_proto(
+    d: &prost_types::Duration,
+    max: std::time::Duration,
+    max_text: &str,
+) -> Result<std::time::Duration, String> {
+    if !(-999_999_999..=999_999_999).contains(&d.nanos) {
+        return Err(format!(
+            "nanos is {}; a Duration's nanos must be within -999999999..=999999999",
+            d.nanos
+        ));
+    }
+    if (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+        return Err("seconds and nanos must have the same sign".into());
+    }
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err("must not be negative".into());
+    }
+    let seconds = u64::try_from(d.seconds).map_err(|_| "must not be negative".to_owned())?;
+    if seconds > max.as_secs() {
+        return Err(format!("must be at most {max_text}"));
+    }
+    let value = std::time::Duration::new(seconds, d.nanos as u32);
+    if value > max {
+        return Err(format!("must be at most {max_text}"));
+    }
+    Ok(value)
+}
+
+/// A `google.protobuf.Timestamp` from a request, checked against the type's rules: nanos within
+/// 0..=999,999,999 and a time from 0001-01-01 to 9999-12-31 (UTC).
+pub fn timestamp_from_proto(t: &prost_types::Timestamp) -> Result<std::time::SystemTime, String> {
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    if !(0..=999_999_999).contains(&t.nanos) {
+        return Err(format!(
+            "nanos is {}; a Timestamp's nanos must be within 0..=999999999",
+            t.nanos
+        ));
+    }
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) {
+        return Err("must be between 0001-01-01 and 9999-12-31".into());
+    }
+    std::time::SystemTime::try_from(*t).map_err(|_| "is not a representable time".into())
+}
+
 /// The contract's profile; UNSPECIFIED means content.
 pub fn profile_from_proto(value: i32) -> Result<Profile, String> {
     match pb::Profile::try_from(value) {
@@ -114,6 +163,23 @@ pub fn stats_to_proto(stats: &TreeStats) -> pb::TreeStats {
         skipped_count: stats.skipped_count,
         total_bytes: stats.total_bytes,
     }
+}
+
+/// Tree statistics from a request that will be stored: each count at most `i64::MAX` (what
+/// PostgreSQL's `bigint` holds). The error names the counter and the rule.
+pub fn stats_to_store(stats: &pb::TreeStats) -> Result<TreeStats, String> {
+    for (name, value) in [
+        ("file_count", stats.file_count),
+        ("dir_count", stats.dir_count),
+        ("symlink_count", stats.symlink_count),
+        ("skipped_count", stats.skipped_count),
+        ("total_bytes", stats.total_bytes),
+    ] {
+        if value > i64::MAX as u64 {
+            return Err(format!("{name}: is {value}; at most {}", i64::MAX));
+        }
+    }
+    Ok(stats_from_proto(stats))
 }
 
 pub fn stats_from_proto(stats: &pb::TreeStats) -> TreeStats {
@@ -297,6 +363,32 @@ pub fn proof_from_proto(proof: &pb::InclusionProof) -> Result<InclusionProof, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_and_timestamps_follow_the_types_rules() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        let max = std::time::Duration::from_secs(3600);
+        assert_eq!(
+            duration_from_proto(&d(1, 500), max, "1h"),
+            Ok(std::time::Duration::new(1, 500))
+        );
+        for (bad, rule) in [
+            (d(1, 2_000_000_000), "nanos is 2000000000"),
+            (d(1, -5), "same sign"),
+            (d(-1, 0), "negative"),
+            (d(3601, 0), "at most 1h"),
+            (d(3600, 1), "at most 1h"),
+            (d(i64::MAX, 0), "at most 1h"),
+        ] {
+            let err = duration_from_proto(&bad, max, "1h").expect_err("refused");
+            assert!(err.contains(rule), "{bad:?}: {err}");
+        }
+        let t = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        assert!(timestamp_from_proto(&t(1_764_000_000, 0)).is_ok());
+        assert!(timestamp_from_proto(&t(1, -1)).is_err());
+        assert!(timestamp_from_proto(&t(1, 1_000_000_000)).is_err());
+        assert!(timestamp_from_proto(&t(i64::MAX, 0)).is_err());
+    }
     use merkle_core::digest::file_leaf;
 
     #[test]

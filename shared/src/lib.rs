@@ -36,6 +36,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod single_flight;
+pub mod statuses;
 pub mod stored_tree;
 pub mod telemetry;
 pub mod tls;

@@ -7,6 +7,39 @@ pub const MAX_SOURCE_NAME: usize = 128;
 /// Longest node id after `@`.
 pub const MAX_NODE_ID: usize = 253;
 
+/// True for a node id: 1-253 characters of `A-Z a-z 0-9 - _ . :` (what fleet builds put after
+/// the `@` of a source name).
+pub fn is_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_NODE_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Longest build id.
+pub const MAX_BUILD_ID: usize = 256;
+
+/// Checks a build id of a request (`required`: it must not be empty): at most 256 bytes, with
+/// no control character (a NUL or a newline cannot be stored, logged or shown faithfully).
+pub fn check_build_id(field: &str, id: &str, required: bool) -> Result<(), String> {
+    if required && id.is_empty() {
+        return Err(format!("{field}: must not be empty"));
+    }
+    if id.len() > MAX_BUILD_ID {
+        return Err(format!(
+            "{field}: is {} bytes; at most {MAX_BUILD_ID}",
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(format!(
+            "{field}: must not contain control characters (NUL, newline, ...)"
+        ));
+    }
+    Ok(())
+}
+
 /// A source's name: 1-128 characters of `a-z 0-9 - _ .`, optionally followed by `@` and a
 /// node id (1-253 characters of `A-Z a-z 0-9 - _ . :`), the form fleet builds store each
 /// node's snapshots under (`docs@node-7`).
@@ -31,18 +64,13 @@ impl SourceName {
                  optionally followed by @ and a node id"
             ));
         }
-        if let Some(node) = node {
-            let node_ok = !node.is_empty()
-                && node.len() <= MAX_NODE_ID
-                && node
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-            if !node_ok {
-                return Err(format!(
-                    "{field}: the node id after @ in {name:?} must be 1-{MAX_NODE_ID} characters of \
-                     A-Z, a-z, 0-9, -, _, . and :"
-                ));
-            }
+        if let Some(node) = node
+            && !is_node_id(node)
+        {
+            return Err(format!(
+                "{field}: the node id after @ in {name:?} must be 1-{MAX_NODE_ID} characters of \
+                 A-Z, a-z, 0-9, -, _, . and :"
+            ));
         }
         Ok(SourceName(name.to_owned()))
     }

@@ -107,6 +107,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(ServerTraceLayer)
+        .layer(crate::statuses::StatusLayer)
         // Before the concurrency limit: a refused call takes no slot.
         .layer(crate::auth::layer::AuthLayer)
         .layer(GlobalConcurrencyLimitLayer::new(

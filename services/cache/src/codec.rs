@@ -71,6 +71,21 @@ pub fn is_compressed(stored: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// What Redis holds is untrusted: any bytes decode to a value or an error, never a
+        /// panic or an allocation larger than a value may be; what was encoded decodes back.
+        #[test]
+        fn any_stored_bytes_decode_safely(
+            stored in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            value in proptest::collection::vec(0u8..4, 0..4096),
+        ) {
+            if let Ok(decoded) = decode(&stored) {
+                proptest::prop_assert!(decoded.len() <= MAX_VALUE_BYTES);
+            }
+            proptest::prop_assert_eq!(decode(&encode(&value, 64)).expect("round trip"), value);
+        }
+    }
+
     fn compressible(len: usize) -> Vec<u8> {
         (0..len).map(|i| b"merkle mesh "[i % 12]).collect()
     }

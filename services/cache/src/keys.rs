@@ -143,19 +143,8 @@ pub fn check_ttl(
     ttl: Option<&prost_types::Duration>,
 ) -> Result<Option<Duration>, Error> {
     let Some(ttl) = ttl else { return Ok(None) };
-    if ttl.seconds < 0 || ttl.nanos < 0 {
-        return Err(Error::bad_request(field, "must not be negative"));
-    }
-    if ttl.nanos >= 1_000_000_000 {
-        return Err(Error::bad_request(
-            field,
-            "nanos must be below 1,000,000,000",
-        ));
-    }
-    let ttl = Duration::new(ttl.seconds as u64, ttl.nanos as u32);
-    if ttl > MAX_TTL {
-        return Err(Error::bad_request(field, "must be at most 365 days"));
-    }
+    let ttl = merkle_shared::convert::duration_from_proto(ttl, MAX_TTL, "365 days")
+        .map_err(|rule| Error::bad_request(field, rule))?;
     Ok((!ttl.is_zero()).then_some(ttl))
 }
 

@@ -18,7 +18,8 @@ use merkle_proto::dbsync::v1::{
 use merkle_shared::{
     cache::CacheSource,
     convert::{
-        change_to_proto, entry_to_proto, name_from_proto, profile_from_proto, proof_to_proto,
+        change_to_proto, duration_from_proto, entry_to_proto, name_from_proto, profile_from_proto,
+        proof_to_proto, stats_to_store, timestamp_from_proto,
     },
     names::SourceName,
 };
@@ -60,6 +61,12 @@ fn digest(field: &str, text: &str) -> Result<Digest, Error> {
     text.parse()
         .map_err(|e| Error::bad_request(field, format!("{text:?}: {e}")))
 }
+
+/// Most sources one WarmCache call names.
+const MAX_WARM_SOURCES: usize = 1000;
+
+/// The longest `keep_within` a retention policy may have.
+const MAX_KEEP_WITHIN: std::time::Duration = std::time::Duration::from_secs(100 * 31_557_600);
 
 /// Most records one GetHistoryProof page may ask for.
 const MAX_HISTORY_PAGE: u32 = 10_000;
@@ -127,19 +134,15 @@ impl DbSyncService for DbSyncApi {
             profile: profile_from_proto(h.profile).map_err(|e| Error::bad_request("header", e))?,
             stats: h
                 .stats
-                .map(|s| merkle_core::TreeStats {
-                    file_count: s.file_count,
-                    dir_count: s.dir_count,
-                    symlink_count: s.symlink_count,
-                    skipped_count: s.skipped_count,
-                    total_bytes: s.total_bytes,
-                })
+                .as_ref()
+                .map(stats_to_store)
+                .transpose()
+                .map_err(|rule| Error::BadRequest(format!("header.stats.{rule}")))?
                 .unwrap_or_default(),
         };
+        merkle_shared::names::check_build_id("header.build_id", &header.build_id, false)
+            .map_err(Error::BadRequest)?;
         merkle_shared::telemetry::tag_build(&header.build_id, header.source.as_str());
-        if header.build_id.len() > 256 {
-            return Err(Error::bad_request("header.build_id", "must be at most 256 bytes").into());
-        }
         let outcome = match self.archive.answer_early(&header).await? {
             Some(outcome) => outcome,
             None => {
@@ -275,8 +278,7 @@ impl DbSyncService for DbSyncApi {
         let name = source("source", &request.source)?;
         let time = |field: &str, t: Option<prost_types::Timestamp>, default: SystemTime| match t {
             None => Ok(default),
-            Some(t) => SystemTime::try_from(t)
-                .map_err(|_| Error::bad_request(field, "is not a valid timestamp")),
+            Some(t) => timestamp_from_proto(&t).map_err(|rule| Error::bad_request(field, rule)),
         };
         let start = time("start_time", request.start_time, SystemTime::UNIX_EPOCH)?;
         let far = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
@@ -440,6 +442,16 @@ impl DbSyncService for DbSyncApi {
         request: Request<WarmCacheRequest>,
     ) -> Result<Response<WarmCacheResponse>, Status> {
         let request = request.into_inner();
+        if request.sources.len() > MAX_WARM_SOURCES {
+            return Err(Error::bad_request(
+                "sources",
+                format!(
+                    "has {} names; at most {MAX_WARM_SOURCES} per call (empty warms every source)",
+                    request.sources.len()
+                ),
+            )
+            .into());
+        }
         let sources = request
             .sources
             .iter()
@@ -531,17 +543,16 @@ impl DbSyncService for DbSyncApi {
         let request = request.into_inner();
         let name = source("source", &request.source)?;
         let policy = request.policy.unwrap_or_default();
-        let keep_within = match policy.keep_within {
+        let keep_within = match &policy.keep_within {
             None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(
-                    Error::bad_request("policy.keep_within", "must not be negative").into(),
-                );
+            Some(d) => {
+                let d = duration_from_proto(d, MAX_KEEP_WITHIN, "100 years")
+                    .map_err(|rule| Error::bad_request("policy.keep_within", rule))?;
+                // Whole seconds, rounded up: a part of a second keeps a little longer.
+                (!d.is_zero()).then(|| {
+                    std::time::Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                })
             }
-            Some(d) if d.seconds == 0 && d.nanos == 0 => None,
-            Some(d) => Some(std::time::Duration::from_secs(
-                d.seconds as u64 + u64::from(d.nanos > 0),
-            )),
         };
         if policy.keep_last > i32::MAX as u32 {
             return Err(Error::bad_request("policy.keep_last", "is too large").into());

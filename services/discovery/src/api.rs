@@ -56,8 +56,11 @@ impl DiscoveryService for DiscoveryApi {
         request: Request<GetClientRequest>,
     ) -> Result<Response<GetClientResponse>, Status> {
         let id = request.into_inner().id;
-        if id.is_empty() {
-            return Err(Error::BadRequest("id: must not be empty".into()).into());
+        if !merkle_shared::names::is_node_id(&id) {
+            return Err(Error::BadRequest(
+                "id: must be a node id, 1-253 characters of A-Z, a-z, 0-9, -, _, . and :".into(),
+            )
+            .into());
         }
         let list = self.fleet.list(Mode::Cached).await?;
         let refreshed = list.refresh_time.map(|t| t.to_string()).unwrap_or_default();

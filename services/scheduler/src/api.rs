@@ -20,6 +20,7 @@ use merkle_proto::{
 };
 use merkle_shared::{
     auth::{self, Role},
+    names::check_build_id,
     page_token::PageTokens,
 };
 use tokio::sync::OnceCell;
@@ -372,6 +373,7 @@ impl SchedulerService for SchedulerApi {
         request: Request<GetBuildRequest>,
     ) -> Result<Response<GetBuildResponse>, Status> {
         let id = request.into_inner().build_id;
+        check_build_id("build_id", &id, true).map_err(Error::BadRequest)?;
         let build = current(&self.ctx, &id).await?;
         Ok(Response::new(GetBuildResponse { build: Some(build) }))
     }
@@ -435,9 +437,7 @@ impl SchedulerService for SchedulerApi {
         request: Request<CancelBuildRequest>,
     ) -> Result<Response<CancelBuildResponse>, Status> {
         let id = request.into_inner().build_id;
-        if id.is_empty() {
-            return Err(Error::bad_request("build_id", "must not be empty").into());
-        }
+        check_build_id("build_id", &id, true).map_err(Error::BadRequest)?;
         match store::end_build(
             &self.ctx.pool,
             &id,
@@ -473,6 +473,7 @@ impl SchedulerService for SchedulerApi {
         request: Request<WatchBuildRequest>,
     ) -> Result<Response<Self::WatchBuildStream>, Status> {
         let id = request.into_inner().build_id;
+        check_build_id("build_id", &id, true).map_err(Error::BadRequest)?;
         let first = current(&self.ctx, &id).await?;
         let ctx = self.ctx.clone();
         let stream = async_stream(ctx, id, first);

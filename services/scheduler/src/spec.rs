@@ -71,14 +71,8 @@ pub struct SourceSpec {
 }
 
 fn duration(field: &str, d: &prost_types::Duration) -> Result<Duration, Error> {
-    if d.seconds < 0 || d.nanos < 0 {
-        return Err(Error::bad_request(field, "must not be negative"));
-    }
-    let d = Duration::new(d.seconds as u64, d.nanos.clamp(0, 999_999_999) as u32);
-    if d > MAX_DURATION {
-        return Err(Error::bad_request(field, "must be at most 366 days"));
-    }
-    Ok(d)
+    merkle_shared::convert::duration_from_proto(d, MAX_DURATION, "366 days")
+        .map_err(|rule| Error::bad_request(field, rule))
 }
 
 /// A source name of the Scheduler: the contract's rule, without the `@node` suffix that only
@@ -100,14 +94,8 @@ impl SourceSpec {
         if source.path.is_empty() {
             return Err(Error::bad_request("source.path", "must not be empty"));
         }
-        for (i, p) in source.exclude_patterns.iter().enumerate() {
-            if p.is_empty() || p.contains('\0') {
-                return Err(Error::bad_request(
-                    &format!("source.exclude_patterns[{i}]"),
-                    "must be a non-empty gitignore pattern",
-                ));
-            }
-        }
+        merkle_core::build::check_excludes(&source.exclude_patterns)
+            .map_err(|rule| Error::BadRequest(format!("source.exclude_patterns{rule}")))?;
         let schedule = match &source.schedule {
             None => Schedule::Never,
             Some(PbSchedule::Interval(d)) => {

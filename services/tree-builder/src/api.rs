@@ -71,14 +71,8 @@ fn result_message(outcome: &merkle_core::BuildOutcome, resolved: &std::path::Pat
 }
 
 fn check_patterns(patterns: &[String]) -> Result<(), Error> {
-    for (i, p) in patterns.iter().enumerate() {
-        if p.is_empty() || p.contains('\0') {
-            return Err(Error::BadRequest(format!(
-                "exclude_patterns[{i}]: must be a non-empty gitignore pattern"
-            )));
-        }
-    }
-    Ok(())
+    merkle_core::build::check_excludes(patterns)
+        .map_err(|rule| Error::BadRequest(format!("exclude_patterns{rule}")))
 }
 
 #[tonic::async_trait]
@@ -93,6 +87,8 @@ impl TreeBuilderService for TreeBuilderApi {
         let root = self.roots.check(&request.path)?;
         let profile = profile_from_proto(request.profile).map_err(Error::BadRequest)?;
         check_patterns(&request.exclude_patterns)?;
+        merkle_shared::names::check_build_id("build_id", &request.build_id, false)
+            .map_err(Error::BadRequest)?;
         let mut options = self
             .settings
             .options(&root, profile, request.exclude_patterns);

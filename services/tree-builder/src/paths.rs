@@ -7,6 +7,10 @@ use std::{
 
 use crate::error::Error;
 
+/// The longest path and file name Linux accepts, in bytes.
+const PATH_MAX: usize = 4095;
+const NAME_MAX: usize = 255;
+
 /// The allowed roots, canonicalized once at start.
 #[derive(Debug, Clone)]
 pub struct AllowedRoots {
@@ -32,6 +36,24 @@ impl AllowedRoots {
     pub fn check(&self, requested: &str) -> Result<PathBuf, Error> {
         if requested.is_empty() {
             return Err(Error::BadRequest("path: must not be empty".into()));
+        }
+        // What the kernel would refuse is refused here, naming the rule.
+        if requested.contains('\0') {
+            return Err(Error::BadRequest(
+                "path: must not contain a NUL byte".into(),
+            ));
+        }
+        if requested.len() > PATH_MAX {
+            return Err(Error::BadRequest(format!(
+                "path: is {} bytes; at most {PATH_MAX} (PATH_MAX)",
+                requested.len()
+            )));
+        }
+        if let Some(long) = requested.split('/').find(|c| c.len() > NAME_MAX) {
+            return Err(Error::BadRequest(format!(
+                "path: a component is {} bytes; at most {NAME_MAX} (NAME_MAX)",
+                long.len()
+            )));
         }
         let path = Path::new(requested);
         if path.components().any(|c| c == Component::ParentDir) {
@@ -116,5 +138,15 @@ mod tests {
         assert!(matches!(roots.check("/"), Err(Error::PermissionDenied(_))));
         assert!(matches!(roots.check("missing"), Err(Error::NotFound(_))));
         assert!(matches!(roots.check(""), Err(Error::BadRequest(_))));
+        for bad in [
+            "sub\0x".to_owned(),
+            format!("sub/{}", "n".repeat(256)),
+            "d/".repeat(2100),
+        ] {
+            match roots.check(&bad) {
+                Err(Error::BadRequest(rule)) => assert!(rule.starts_with("path: "), "{rule}"),
+                other => panic!("{:.40}: {other:?}", bad),
+            }
+        }
     }
 }

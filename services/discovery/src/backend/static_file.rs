@@ -194,6 +194,13 @@ fn read(path: &std::path::Path, port: u16) -> Result<Vec<Stub>, BackendError> {
         if entry.id.is_empty() {
             return Err(bad("id: must not be empty"));
         }
+        // Fleet builds store each node's snapshots as `<source>@<id>`.
+        if !merkle_shared::names::is_node_id(&entry.id) {
+            return Err(bad(&format!(
+                "id: {:?} must be 1-253 characters of A-Z, a-z, 0-9, -, _, . and :",
+                entry.id
+            )));
+        }
         if !seen.insert(entry.id.clone()) {
             return Err(bad(&format!("id: {} is listed twice", entry.id)));
         }
