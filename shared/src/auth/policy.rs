@@ -121,6 +121,32 @@ pub fn rule_of(path: &str) -> Option<&'static Rule> {
         .find(|r| r.service == service && r.method == method)
 }
 
+/// The policy as the Markdown table docs/security.md shows (a test keeps the two equal).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| service | RPC | least role | services | logged | also |\n|---|---|---|---|---|---|\n",
+    );
+    for rule in RULES {
+        let short = rule.service.rsplit('.').next().unwrap_or(rule.service);
+        let role = rule.role.map_or("none (services only)", Role::name);
+        let services = if rule.services.is_empty() {
+            "-".to_owned()
+        } else {
+            rule.services
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let logged = if rule.mutating { "yes" } else { "" };
+        out.push_str(&format!(
+            "| {short} | `{}` | {role} | {services} | {logged} | {} |\n",
+            rule.method, rule.also
+        ));
+    }
+    out
+}
+
 /// True for the calls anyone may make: gRPC health and reflection.
 pub fn is_open(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
@@ -217,6 +243,18 @@ mod tests {
                 rule.path()
             );
         }
+    }
+
+    #[test]
+    fn the_docs_show_this_table() {
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md"))
+                .expect("docs/security.md");
+        let table = markdown_table();
+        assert!(
+            docs.contains(&table),
+            "docs/security.md must hold the policy table as the code has it:\n{table}"
+        );
     }
 
     #[test]
