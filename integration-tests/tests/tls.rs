@@ -199,6 +199,80 @@ async fn services_serve_mutual_tls_refuse_callers_without_a_certificate_and_relo
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_is_an_identity_by_its_names() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    issue_certificate(&pki, "db-sync", "db-sync", SERVICE_EXTENSIONS);
+    issue_certificate(
+        &pki,
+        "alice",
+        "alice",
+        "subjectAltName=URI:spiffe://test/alice\nextendedKeyUsage=clientAuth\n",
+    );
+    issue_certificate(
+        &pki,
+        "mallory",
+        "mallory",
+        "subjectAltName=DNS:mallory.example\nextendedKeyUsage=clientAuth\n",
+    );
+    // Only alice is an identity, a reader, by her certificate's URI name.
+    let identities = stack.dir().join("identities.yaml");
+    std::fs::write(
+        &identities,
+        "identities:\n  - name: alice\n    role: reader\n    san: spiffe://test/alice\n",
+    )
+    .expect("write");
+    stack.start_postgres().await;
+    let mut env = tls_env(&pki, "db-sync");
+    env.push(("AUTH_IDENTITIES_FILE", identities.display().to_string()));
+    let db_sync = stack.start_service("db-sync", &env);
+    let (addr, log) = (db_sync.addr, db_sync.log.clone());
+    // No bearer token on any of these calls: the certificate is the credential.
+    let call = |who: &str, flags: &[&str], method: &str| {
+        let file = |f: String| pki.join(f).display().to_string();
+        let out = std::process::Command::new(integration_tests::grpcurl())
+            .args(["-max-time", "20", "-cacert", &file("ca.pem".into())])
+            .args(["-cert", &file(format!("{who}.pem"))])
+            .args(["-key", &file(format!("{who}.key"))])
+            .args(flags)
+            .arg(addr.to_string())
+            .arg(method)
+            .output()
+            .expect("grpcurl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, _) = call("alice", &[], "grpc.health.v1.Health/Check");
+        if ok && out.contains("SERVING") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not serving:\n{}", tail(&log));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out, err) = call("alice", &[], "merkle.dbsync.v1.DbSyncService/ListSources");
+    assert!(ok, "alice reads: {out}{err}");
+    let (ok, _, err) = call(
+        "alice",
+        &["-d", r#"{"source":"docs","policy":{"keepLast":1}}"#],
+        "merkle.dbsync.v1.DbSyncService/SetRetentionPolicy",
+    );
+    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+    assert!(
+        err.contains("needs the admin role; alice has reader"),
+        "{err}"
+    );
+    // A certificate the CA signed, whose names are no identity's: unauthenticated.
+    let (ok, _, err) = call("mallory", &[], "merkle.dbsync.v1.DbSyncService/ListSources");
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    assert!(err.contains("mallory.example"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bad_tls_setting_stops_the_service_naming_it() {
     let mut stack = TestStack::new();
     let pki = make_certificates(stack.dir());
