@@ -174,7 +174,7 @@ async fn refusals_name_the_role_needed_and_health_and_reflection_stay_open() {
         "{out}{err}"
     );
     let (ok, out, err) = plain(&["grpc.health.v1.Health/Check"]);
-    assert!(ok && out.contains("SERVING"), "{out}{err}");
+    assert!(ok && out.contains("\"SERVING\""), "{out}{err}");
     let (ok, _, err) = plain(&["merkle.dbsync.v1.DbSyncService/ListSources"]);
     assert!(
         !ok && err.contains("Unauthenticated") && err.contains("needs credentials"),

@@ -111,6 +111,6 @@ async fn health_check_answers_for_the_server_and_the_service() {
             &["grpc.health.v1.Health/Check"],
         );
         assert!(ok, "{err}");
-        assert!(out.contains("SERVING"), "{out}");
+        assert!(out.contains("\"SERVING\""), "{out}");
     }
 }

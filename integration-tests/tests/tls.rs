@@ -40,7 +40,7 @@ async fn wait_serving(pki: &Path, addr: SocketAddr, service: &str, log: &Path) {
             addr,
             &["grpc.health.v1.Health/Check"],
         );
-        if ok && out.contains("SERVING") {
+        if ok && out.contains("\"SERVING\"") {
             return;
         }
         assert!(Instant::now() < deadline, "not serving:\n{}", tail(log));
@@ -248,7 +248,7 @@ async fn a_client_certificate_is_an_identity_by_its_names() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, out, _) = call("alice", &[], "grpc.health.v1.Health/Check");
-        if ok && out.contains("SERVING") {
+        if ok && out.contains("\"SERVING\"") {
             break;
         }
         assert!(Instant::now() < deadline, "not serving:\n{}", tail(&log));
