@@ -11,6 +11,7 @@ use clap::Args;
 use tokio_postgres::NoTls;
 
 use crate::config::{ConfigError, parse_duration};
+use crate::error::ErrorCode;
 
 /// A pool of PostgreSQL connections.
 pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
@@ -36,10 +37,68 @@ pub struct PostgresArgs {
 pub enum PgError {
     #[error("PostgreSQL unavailable: {0}")]
     Pool(#[from] bb8::RunError<tokio_postgres::Error>),
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("migrations of {component}: {reason}")]
     Migration { component: String, reason: String },
+}
+
+/// A query error with PostgreSQL's own message and SQLSTATE (tokio-postgres' `Display` of a
+/// server error is only "db error").
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}
+
+impl PgError {
+    /// The one rule for what a PostgreSQL failure means to a caller: UNAVAILABLE (worth a retry)
+    /// when the server went away, is shutting down or starting, is out of resources, lost a
+    /// serialization race, or its schema is not migrated yet; INTERNAL (a bug here) when it
+    /// refused a query otherwise.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            PgError::Query(e) => match e.code().map(|c| c.code()) {
+                Some(code) if is_transient(code) => ErrorCode::Unavailable,
+                Some(_) => ErrorCode::Internal,
+                // No SQLSTATE: the connection broke.
+                None => ErrorCode::Unavailable,
+            },
+            PgError::Pool(_) | PgError::Migration { .. } => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// SQLSTATE classes and codes that pass: connection (08), transaction rollback (40),
+/// insufficient resources (53), operator intervention (57), and an undefined table or column
+/// (42P01, 42703) while the migrations have not run yet.
+fn is_transient(code: &str) -> bool {
+    ["08", "40", "53", "57"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "42P01"
+        || code == "42703"
+}
+
+/// Implements `From<tokio_postgres::Error>` and `From<bb8::RunError<tokio_postgres::Error>>`
+/// for a service's error enum whose variant `$variant` wraps a [`PgError`], so `?` works on
+/// both.
+#[macro_export]
+macro_rules! from_postgres {
+    ($error:ident :: $variant:ident) => {
+        impl From<tokio_postgres::Error> for $error {
+            fn from(err: tokio_postgres::Error) -> Self {
+                $error::$variant($crate::postgres::PgError::Query(err))
+            }
+        }
+
+        impl From<bb8::RunError<tokio_postgres::Error>> for $error {
+            fn from(err: bb8::RunError<tokio_postgres::Error>) -> Self {
+                $error::$variant($crate::postgres::PgError::Pool(err))
+            }
+        }
+    };
 }
 
 impl PostgresArgs {
@@ -299,7 +358,22 @@ impl<C: tokio_postgres::GenericClient + Sync> Traced for C {}
 
 #[cfg(test)]
 mod span_tests {
-    use super::first_table;
+    use super::{first_table, is_transient};
+
+    #[test]
+    fn sqlstates_that_pass_are_worth_a_retry() {
+        // admin_shutdown, cannot_connect_now, connection_failure, serialization_failure,
+        // deadlock, too_many_connections, and a table or column the migrations add.
+        for code in [
+            "57P01", "57P03", "08006", "40001", "40P01", "53300", "42P01", "42703",
+        ] {
+            assert!(is_transient(code), "{code}");
+        }
+        // unique_violation, syntax_error, invalid_text_representation: bugs, not weather.
+        for code in ["23505", "42601", "22P02"] {
+            assert!(!is_transient(code), "{code}");
+        }
+    }
 
     #[test]
     fn span_names_take_the_first_table() {

@@ -36,17 +36,7 @@ impl Error {
     }
 }
 
-impl From<tokio_postgres::Error> for Error {
-    fn from(err: tokio_postgres::Error) -> Self {
-        Error::Postgres(PgError::Query(err))
-    }
-}
-
-impl From<bb8::RunError<tokio_postgres::Error>> for Error {
-    fn from(err: bb8::RunError<tokio_postgres::Error>) -> Self {
-        Error::Postgres(PgError::Pool(err))
-    }
-}
+merkle_shared::from_postgres!(Error::Postgres);
 
 impl ServiceError for Error {
     fn error_code(&self) -> ErrorCode {
@@ -57,21 +47,7 @@ impl ServiceError for Error {
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Error::Cancelled(_) => ErrorCode::Cancelled,
-            // A query that failed because the server went away, is shutting down, is out of
-            // resources or lost a serialization race is worth a retry (UNAVAILABLE); one
-            // that PostgreSQL refused otherwise is a bug here.
-            Error::Postgres(PgError::Query(e)) => match e.code().map(|c| c.code()) {
-                Some(code)
-                    if !["08", "40", "53", "57"]
-                        .iter()
-                        .any(|class| code.starts_with(class)) =>
-                {
-                    ErrorCode::Internal
-                }
-                _ => ErrorCode::Unavailable,
-            },
-            Error::Postgres(PgError::Migration { .. }) => ErrorCode::Unavailable,
-            Error::Postgres(PgError::Pool(_)) => ErrorCode::Unavailable,
+            Error::Postgres(e) => e.error_code(),
             Error::DataLoss(_) => ErrorCode::DataLoss,
             Error::Internal(_) => ErrorCode::Internal,
         }

@@ -34,17 +34,7 @@ impl Error {
     }
 }
 
-impl From<tokio_postgres::Error> for Error {
-    fn from(err: tokio_postgres::Error) -> Self {
-        Error::Postgres(PgError::Query(err))
-    }
-}
-
-impl From<bb8::RunError<tokio_postgres::Error>> for Error {
-    fn from(err: bb8::RunError<tokio_postgres::Error>) -> Self {
-        Error::Postgres(PgError::Pool(err))
-    }
-}
+merkle_shared::from_postgres!(Error::Postgres);
 
 impl ServiceError for Error {
     fn error_code(&self) -> ErrorCode {
@@ -53,13 +43,8 @@ impl ServiceError for Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
-            Error::Postgres(PgError::Query(e)) => match e.code().map(|c| c.code()) {
-                Some(code) if !["08", "40", "53", "57"].iter().any(|c| code.starts_with(c)) => {
-                    ErrorCode::Internal
-                }
-                _ => ErrorCode::Unavailable,
-            },
-            Error::Postgres(_) | Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Postgres(e) => e.error_code(),
+            Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
             Error::Remote(status) => ErrorCode::from_grpc(status.code()),
         }
