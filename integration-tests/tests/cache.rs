@@ -21,11 +21,10 @@ use merkle_proto::cache::v1::{
 use merkle_shared::{
     auth::token::ClientAuthLayer,
     cache::{CacheClient, CacheSource, seal::Seal},
-    propagation::ClientTraceLayer,
+    client,
 };
 use nix::sys::signal::Signal;
 use tonic::{Code, transport::Channel};
-use tower::Layer as _;
 
 type Client = CacheServiceClient<ClientAuth<Channel>>;
 
@@ -859,7 +858,7 @@ fn cache_client(addr: String) -> CacheClient {
         .connect_lazy();
     let auth = ClientAuthLayer::with_token(&token_of("db-sync")).expect("token");
     let cache = CacheClient::over(
-        ClientTraceLayer.layer(auth.layer(channel)),
+        client::wrap(channel, auth),
         Duration::from_millis(500),
     );
     cache.install_seal(Seal::derived(b"the shared client's test secret", "cache"));

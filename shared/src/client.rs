@@ -1,7 +1,8 @@
 //! The one gRPC client-channel builder. Channels connect lazily, so services start in any
 //! order; every call has connect and request timeouts and carries the caller's trace context.
 //! Idempotent calls are retried with backoff by wrapping them in [`retry_idempotent`]; other
-//! calls are never retried.
+//! calls are never retried. [`retry`] is the one retry loop: other transient failures (a
+//! record PostgreSQL could not take) use it with a [`Backoff`] of their own.
 
 use std::{future::Future, time::Duration};
 
@@ -12,12 +13,13 @@ use tower::Layer as _;
 use crate::{
     auth::token::{ClientAuth, ClientAuthLayer},
     config::{ClientArgs, ConfigError},
+    peer_loss::{PeerLoss, PeerLossLayer},
     propagation::{ClientTrace, ClientTraceLayer},
 };
 
 /// A channel to another service, with trace-context propagation and this process's bearer
 /// token (`crate::auth::token`). Generated clients take it: `DbSyncServiceClient::new(channel)`.
-pub type Channel = ClientTrace<ClientAuth<tonic::transport::Channel>>;
+pub type Channel = ClientTrace<ClientAuth<PeerLoss<tonic::transport::Channel>>>;
 
 /// A lazily connecting channel to `uri` (e.g. `http://127.0.0.1:50053`). `variable` names the
 /// setting the URI came from, for the error.
@@ -52,27 +54,73 @@ pub fn channel(variable: &str, uri: &str, args: &ClientArgs) -> Result<Channel, 
     } else {
         endpoint.connect_lazy()
     };
-    Ok(ClientTraceLayer.layer(ClientAuthLayer::process().layer(channel)))
+    Ok(wrap(channel, ClientAuthLayer::process()))
 }
 
-/// Runs an idempotent call, retrying it with exponential backoff and jitter while it fails
-/// with UNAVAILABLE (the peer is down or restarting), up to `args.client_max_attempts` attempts.
+/// The layers every channel carries, around a transport channel built elsewhere (tests that
+/// need their own timeouts or a token other than this process's).
+pub fn wrap(channel: tonic::transport::Channel, auth: ClientAuthLayer) -> Channel {
+    ClientTraceLayer.layer(auth.layer(PeerLossLayer.layer(channel)))
+}
+
+/// How a transient failure is retried: `attempts` in all, waiting `first` and doubling up to
+/// `max` between them, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+    pub attempts: u32,
+}
+
+impl Backoff {
+    /// An idempotent call to another service: `CLIENT_MAX_ATTEMPTS` attempts, 50 ms doubling
+    /// to 2 s.
+    pub fn idempotent(args: &ClientArgs) -> Backoff {
+        Backoff {
+            first: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+            attempts: args.client_max_attempts,
+        }
+    }
+}
+
+/// Runs `call`, retrying it while it fails with an error `transient` says may pass.
+pub async fn retry<T, E, F, Fut>(
+    backoff: Backoff,
+    transient: impl Fn(&E) -> bool,
+    call: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(backoff.first)
+        .with_max_delay(backoff.max)
+        .with_max_times(backoff.attempts.saturating_sub(1) as usize)
+        .with_jitter();
+    call.retry(policy)
+        .when(transient)
+        .notify(|err: &E, delay: Duration| {
+            tracing::debug!(error = %err, ?delay, "retrying after a transient failure");
+        })
+        .await
+}
+
+/// Runs an idempotent call, retrying it with [`Backoff::idempotent`] while it fails with
+/// UNAVAILABLE (the peer is down, restarting, or went away during the call).
 pub async fn retry_idempotent<T, F, Fut>(args: &ClientArgs, call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_times(args.client_max_attempts.saturating_sub(1) as usize)
-        .with_jitter();
-    call.retry(backoff)
-        .when(|status: &Status| status.code() == Code::Unavailable)
-        .notify(|status: &Status, delay: Duration| {
-            tracing::debug!(code = ?status.code(), message = status.message(), ?delay, "retrying idempotent call");
-        })
-        .await
+    retry(
+        Backoff::idempotent(args),
+        |status: &Status| status.code() == Code::Unavailable,
+        call,
+    )
+    .await
 }
 
 #[cfg(test)]

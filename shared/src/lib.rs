@@ -29,6 +29,7 @@ pub mod health;
 pub mod metrics;
 pub mod names;
 pub mod page_token;
+pub mod peer_loss;
 pub mod postgres;
 pub mod propagation;
 pub mod redis;
