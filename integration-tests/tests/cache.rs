@@ -724,6 +724,7 @@ async fn a_killed_redis_degrades_every_call_and_a_restarted_one_serves_again() {
         &[
             ("REDIS_BREAKER_FAILURES", "2".into()),
             ("REDIS_BREAKER_COOLDOWN", "200ms".into()),
+            ("HEALTH_CHECK_INTERVAL", "1s".into()),
         ],
     )
     .await;
@@ -778,10 +779,18 @@ async fn a_killed_redis_degrades_every_call_and_a_restarted_one_serves_again() {
         .start_again()
         .await
         .expect("restart redis");
+    let back = Instant::now();
     stack
         .service_mut("cache")
         .wait_for(ServingStatus::Serving)
         .await;
+    // Within one probe (1 s) and its Redis timeout: each of the pool's connections is asked,
+    // so none answers a stale error from while Redis was down.
+    assert!(
+        back.elapsed() < Duration::from_millis(2500),
+        "SERVING only {:?} after Redis answered",
+        back.elapsed()
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !set(&mut c, Namespace::DiscoveryNode, "n4", b"back").await {
         assert!(Instant::now() < deadline, "writes resume");
@@ -857,10 +866,7 @@ fn cache_client(addr: String) -> CacheClient {
         .timeout(Duration::from_secs(5))
         .connect_lazy();
     let auth = ClientAuthLayer::with_token(&token_of("db-sync")).expect("token");
-    let cache = CacheClient::over(
-        client::wrap(channel, auth),
-        Duration::from_millis(500),
-    );
+    let cache = CacheClient::over(client::wrap(channel, auth), Duration::from_millis(500));
     cache.install_seal(Seal::derived(b"the shared client's test secret", "cache"));
     cache
 }

@@ -96,20 +96,32 @@ pub fn pool(args: &RedisArgs) -> Result<RedisPool, ConfigError> {
     })
 }
 
-/// Pings Redis within `timeout`; returns the round-trip time.
+/// Pings Redis on every connection of the pool within `timeout`; returns the slowest round
+/// trip. Every connection, because each reconnects on its own: a connection whose last
+/// reconnection failed (Redis was down) answers that stale error once and only then tries
+/// again, so it is asked a second time. A probe therefore sees Redis back as soon as it is.
 pub async fn ping(pool: &RedisPool, timeout: Duration) -> Result<Duration, String> {
-    let mut conn = pool.connection();
-    let check = async {
-        let started = Instant::now();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
+    async fn once(conn: &mut ConnectionManager) -> Result<(), String> {
+        redis::cmd("PING")
+            .query_async::<String>(conn)
             .await
-            .map_err(|e| e.to_string())?;
-        Ok(started.elapsed())
-    };
-    tokio::time::timeout(timeout, check)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    let started = Instant::now();
+    let each = pool.connections.iter().map(|conn| {
+        let mut conn = conn.clone();
+        async move {
+            if once(&mut conn).await.is_err() {
+                once(&mut conn).await?;
+            }
+            Ok::<(), String>(())
+        }
+    });
+    tokio::time::timeout(timeout, futures::future::try_join_all(each))
         .await
-        .map_err(|_| format!("Redis did not answer within {timeout:?}"))?
+        .map_err(|_| format!("Redis did not answer within {timeout:?}"))??;
+    Ok(started.elapsed())
 }
 
 impl std::fmt::Debug for RedisArgs {
