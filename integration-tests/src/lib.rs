@@ -55,12 +55,27 @@ pub struct RunningService {
     pub addr: SocketAddr,
     pub log: PathBuf,
     pub process: ManagedProcess,
+    /// Its whole environment, to start it again the same way.
+    env: Vec<(String, String)>,
 }
 
 impl RunningService {
     /// `http://127.0.0.1:PORT`, for gRPC clients.
     pub fn uri(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Starts the service again on its address with its environment (after it was killed, as
+    /// a supervisor would); the old process is stopped first if it still runs.
+    pub fn restart(&mut self) {
+        self.process.stop(Duration::from_secs(10));
+        let env: Vec<(&str, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        self.process = stack::spawn_service(&self.spec, self.addr.port(), &env, &self.log)
+            .unwrap_or_else(|e| panic!("restarting {}: {e}", self.spec.name));
     }
 
     /// Waits until the service reports `status` for its own name.
@@ -190,11 +205,16 @@ impl TestStack {
         let log = self.dir.path().join(format!("{name}-{port}.log"));
         let process = stack::spawn_service(&spec, port, &all_env, &log)
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let env = all_env
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         self.services.push(RunningService {
             spec,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
             process,
+            env,
         });
         self.services.last().expect("just pushed")
     }
@@ -277,6 +297,11 @@ impl TestStack {
             .unwrap_or_else(|| panic!("no service serves {service}"))
             .name;
         self.service_mut(name)
+    }
+
+    /// Forgets the `index`th service started (its process is stopped if it still runs).
+    pub fn remove_service(&mut self, index: usize) -> RunningService {
+        self.services.remove(index)
     }
 
     /// Every service started so far, in start order.

@@ -570,38 +570,40 @@ async fn failures_are_recorded_with_their_reason_and_retried_with_backoff() {
     assert_eq!(state(&b), BuildState::Failed, "{b:?}");
     assert!(b.error_message.contains("TreeBuilder"), "{b:?}");
 
-    // Its builds keep failing now: it backs off, and stays enabled.
-    c.update_source(UpdateSourceRequest {
-        source: Some(Source {
-            name: "docs".into(),
-            enabled: true,
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["enabled".into()],
-        }),
-    })
-    .await
-    .expect("enable");
+    // While TreeBuilder is down the system itself is: builds fail naming it, but the source
+    // is not backed off as a failing one; it is built again at the next tick.
+    enable(&mut c, "docs").await;
     let list = wait_builds(&mut c, "docs", Duration::from_secs(15), |l| {
         l.iter().any(|b| state(b) == BuildState::Failed)
     })
     .await;
-    assert!(
-        list.iter()
-            .all(|b| state(b) != BuildState::SucceededChanged)
+    let failed = list
+        .iter()
+        .find(|b| state(b) == BuildState::Failed)
+        .expect("a failed build");
+    assert!(failed.error_message.contains("TreeBuilder"), "{failed:?}");
+    let s = get_source(&mut c, "docs").await;
+    assert_eq!(
+        s.consecutive_failures, 0,
+        "an outage is not the source's failure: {s:?}"
     );
+    assert!(
+        seconds(s.next_build_time) - unix_now() <= 1.5,
+        "not backed off: {s:?}"
+    );
+    let tree_builder = stack.service_mut("tree-builder");
+    tree_builder.restart();
+    tree_builder.wait_for(ServingStatus::Serving).await;
+    wait_builds(&mut c, "docs", Duration::from_secs(15), |l| {
+        l.iter().any(|b| state(b) == BuildState::SucceededChanged)
+    })
+    .await;
+
+    // A source that fails by itself (its folder is gone) is backed off, and stays enabled.
+    std::fs::remove_dir_all(&dir).expect("remove the source's folder");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = c
-            .get_source(GetSourceRequest {
-                name: "docs".into(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .source
-            .expect("source");
+        let s = get_source(&mut c, "docs").await;
         if s.consecutive_failures >= 1 {
             let next = seconds(s.next_build_time);
             assert!(
@@ -614,6 +616,36 @@ async fn failures_are_recorded_with_their_reason_and_retried_with_backoff() {
         assert!(Instant::now() < deadline, "no failure counted: {s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let builds = builds(&mut c, "docs").await;
+    let last = builds
+        .iter()
+        .find(|b| state(b) == BuildState::Failed)
+        .expect("a failed build");
+    assert!(!last.error_message.is_empty(), "{last:?}");
+}
+
+async fn enable(c: &mut Client, name: &str) {
+    c.update_source(UpdateSourceRequest {
+        source: Some(Source {
+            name: name.into(),
+            enabled: true,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["enabled".into()],
+        }),
+    })
+    .await
+    .expect("enable");
+}
+
+async fn get_source(c: &mut Client, name: &str) -> Source {
+    c.get_source(GetSourceRequest { name: name.into() })
+        .await
+        .expect("GetSource")
+        .into_inner()
+        .source
+        .expect("source")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -962,4 +994,63 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
     let changed = trigger(&mut c, "site").await;
     let changed = wait_end(&mut c, &changed.build_id).await;
     assert_eq!(state(&changed), BuildState::SucceededChanged, "{changed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_answer_unavailable_while_postgres_is_down() {
+    let mut stack = TestStack::new();
+    let mut c = system(&mut stack, &[("DATABASE_CONNECT_TIMEOUT", "2s".into())]).await;
+    let dir = stack.dir().join("docs");
+    write(&dir.join("f"), "x");
+    create(&mut c, source("docs", &dir, None)).await;
+    let id = trigger(&mut c, "docs").await.build_id;
+    wait_end(&mut c, &id).await;
+
+    // Frozen (accepting connections, answering nothing), then crashed: each read, with a
+    // deadline well past the pool's connect timeout, is answered UNAVAILABLE (worth a retry)
+    // before it.
+    stack.postgres.as_mut().expect("postgres").freeze(true);
+    reads_are_unavailable(&mut c, &id).await;
+    stack.postgres.as_mut().expect("postgres").freeze(false);
+    stack.postgres.as_mut().expect("postgres").crash();
+    reads_are_unavailable(&mut c, &id).await;
+}
+
+async fn reads_are_unavailable(c: &mut Client, id: &str) {
+    let started = Instant::now();
+    let listed = c
+        .list_builds(deadline(ListBuildsRequest {
+            source: "docs".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("no PostgreSQL");
+    let got = c
+        .get_source(deadline(GetSourceRequest {
+            name: "docs".into(),
+        }))
+        .await
+        .expect_err("no PostgreSQL");
+    let build = c
+        .get_build(deadline(GetBuildRequest {
+            build_id: id.into(),
+        }))
+        .await
+        .expect_err("no PostgreSQL");
+    for status in [&listed, &got, &build] {
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "{status:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(status.message().contains("PostgreSQL"), "{status:?}");
+    }
+}
+
+/// `message` with a deadline well past the pool's connect timeout.
+fn deadline<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(Duration::from_secs(8));
+    request
 }

@@ -411,6 +411,34 @@ impl Postgres {
             process.stop(Duration::from_secs(30));
         }
     }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server and every backend: it keeps accepting
+    /// connections (the kernel does) and answers nothing, as a hung host does.
+    pub fn freeze(&mut self, frozen: bool) {
+        let Some(postmaster) = self.pid() else {
+            return;
+        };
+        let signal = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        for pid in std::iter::once(postmaster).chain(children_of(postmaster)) {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+        }
+    }
+
+    /// Stops the server as a crash would: an immediate shutdown (SIGQUIT to the postmaster:
+    /// no checkpoint, every connection dropped, crash recovery at the next start).
+    pub fn crash(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.signal(Signal::SIGQUIT);
+            if process.wait_timeout(Duration::from_secs(30)).is_none() {
+                process.signal(Signal::SIGKILL);
+                process.wait_timeout(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 impl Drop for Postgres {
@@ -484,6 +512,35 @@ impl Redis {
             process.stop(Duration::from_secs(10));
         }
     }
+
+    /// Kills the server (SIGKILL, as a crash or an OOM kill would): what it held is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.signal(Signal::SIGKILL);
+            process.wait_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// The pids whose parent is `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The command name in parentheses may hold spaces: the fields after it are fixed.
+            let ppid: u32 = stat[stat.rfind(')')? + 2..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
 }
 
 /// True when a Redis server on 127.0.0.1:`port` answers PING.

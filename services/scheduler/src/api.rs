@@ -91,15 +91,18 @@ impl SchedulerApi {
 
     /// Asks TreeBuilder whether it may build `path`; its refusal is passed on, naming the field.
     async fn check_path(&self, path: &str) -> Result<(), Error> {
-        let mut tree_builder = self.ctx.services.tree_builder().map_err(|reason| {
+        let tree_builder = self.ctx.services.tree_builder().map_err(|reason| {
             Error::FailedPrecondition(format!("source.path cannot be checked: {reason}"))
         })?;
-        match tree_builder
-            .check_path(CheckPathRequest {
-                path: path.to_owned(),
-            })
-            .await
-        {
+        let checked =
+            merkle_shared::client::retry_idempotent(self.ctx.services.client_args(), || {
+                let mut tree_builder = tree_builder.clone();
+                let request = CheckPathRequest {
+                    path: path.to_owned(),
+                };
+                async move { tree_builder.check_path(request).await }
+            });
+        match checked.await {
             Ok(_) => Ok(()),
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 Err(Error::Unavailable(format!(

@@ -23,11 +23,25 @@ use tracing::Instrument as _;
 use crate::{
     error::Error,
     runner::{
-        self, Context, Ending, HEARTBEAT_EVERY, Reporter, Target, cancellation, now, unavailable,
+        self, Context, Ending, HEARTBEAT_EVERY, Reporter, Target, call_failed, cancellation, now,
     },
     spec::SourceSpec,
     store,
 };
+
+/// Discovery's list of clients (idempotent: retried while Discovery is unavailable).
+async fn list_clients(
+    ctx: &Context,
+    discovery: &merkle_proto::discovery::v1::discovery_service_client::DiscoveryServiceClient<
+        merkle_shared::client::Channel,
+    >,
+) -> Result<tonic::Response<merkle_proto::discovery::v1::ListClientsResponse>, tonic::Status> {
+    merkle_shared::client::retry_idempotent(ctx.services.client_args(), || {
+        let mut discovery = discovery.clone();
+        async move { discovery.list_clients(ListClientsRequest::default()).await }
+    })
+    .await
+}
 
 /// Failed nodes named in a fleet build's message; the rest are counted.
 const NAMED_FAILURES: usize = 5;
@@ -38,13 +52,12 @@ const PARALLEL_CHECKS: usize = 16;
 /// UpdateSource of a fleet source). A node's refusal is passed on, naming it; a node that
 /// cannot be reached is skipped (it fails its own builds until it can).
 pub(crate) async fn check_path(ctx: &Context, path: &str) -> Result<(), Error> {
-    let mut discovery = ctx.services.discovery().map_err(|reason| {
+    let discovery = ctx.services.discovery().map_err(|reason| {
         Error::FailedPrecondition(format!(
             "source.fleet_mode: FLEET_MODE_ALL_CLIENTS needs Discovery: {reason}"
         ))
     })?;
-    let clients = discovery
-        .list_clients(ListClientsRequest::default())
+    let clients = list_clients(ctx, &discovery)
         .await
         .map_err(|s| {
             Error::Unavailable(format!(
@@ -104,11 +117,10 @@ pub(crate) async fn execute(
     reporter: &mut Reporter,
     epoch: Option<i64>,
 ) -> Result<BuildState, Ending> {
-    let mut discovery = ctx.services.discovery().map_err(Ending::Failed)?;
-    let answer = discovery
-        .list_clients(ListClientsRequest::default())
+    let discovery = ctx.services.discovery().map_err(Ending::Failed)?;
+    let answer = list_clients(ctx, &discovery)
         .await
-        .map_err(|s| unavailable("Discovery", &s))?
+        .map_err(|s| call_failed("Discovery", true, &s))?
         .into_inner();
     if answer.cache_state == CacheState::Stale as i32 {
         tracing::warn!(error = %answer.error, "Discovery answered its last known list (STALE)");
@@ -139,13 +151,15 @@ pub(crate) async fn execute(
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let (mut changed, mut succeeded) = (false, 0usize);
     let mut failures: Vec<String> = Vec::new();
+    let mut outages = 0usize;
     let mut stats = TreeStats::default();
     let mut done = 0usize;
     loop {
         tokio::select! {
             next = builds.next() => {
-                let Some(node) = next else { break };
+                let Some((node, outage)) = next else { break };
                 done += 1;
+                outages += usize::from(outage);
                 match BuildState::try_from(node.state) {
                     Ok(BuildState::SucceededChanged) => {
                         changed = true;
@@ -198,7 +212,13 @@ pub(crate) async fn execute(
         "fleet build finished"
     );
     if succeeded == 0 {
-        return Err(Ending::Failed(std::mem::take(&mut parent.error_message)));
+        let message = std::mem::take(&mut parent.error_message);
+        // Every node failed because the system's own services were away: an outage.
+        return Err(if outages == failed {
+            Ending::Outage(message)
+        } else {
+            Ending::Failed(message)
+        });
     }
     Ok(if changed {
         BuildState::SucceededChanged
@@ -207,14 +227,15 @@ pub(crate) async fn execute(
     })
 }
 
-/// One node's build, recorded under the fleet build; returns it as it ended.
+/// One node's build, recorded under the fleet build; returns it as it ended, and whether it
+/// failed for an outage of the system's own services.
 async fn run_node(
     ctx: &Arc<Context>,
     spec: &SourceSpec,
     parent: &Build,
     client: &Client,
     epoch: Option<i64>,
-) -> Build {
+) -> (Build, bool) {
     let mut build = crate::ticker::new_build(&parent.source, parent.trigger(), BuildState::Running);
     build.parent_build_id = parent.build_id.clone();
     build.node = client.id.clone();
@@ -237,18 +258,18 @@ async fn run_node_in(
     client: &Client,
     epoch: Option<i64>,
     mut build: Build,
-) -> Build {
+) -> (Build, bool) {
     match store::insert_child(&ctx.pool, &build, &ctx.replica, epoch).await {
         Ok(true) => {}
         Ok(false) => {
             build.state = BuildState::Cancelled as i32;
             build.error_message = "this replica lost the lease the fleet build ran under".into();
-            return build;
+            return (build, false);
         }
         Err(err) => {
             build.state = BuildState::Failed as i32;
             build.error_message = format!("recording the node's build failed: {err}");
-            return build;
+            return (build, true);
         }
     }
     let handle = ctx.registry.register(build.clone());
@@ -270,6 +291,7 @@ async fn run_node_in(
                 "node {}'s TreeBuilder at {}",
                 client.id, client.tree_builder_address
             ),
+            ours: false,
         }),
     };
     let id = build.build_id.clone();
@@ -281,11 +303,17 @@ async fn run_node_in(
         Err(ending) => Err(ending),
     };
     build.end_time = Some(now());
+    let mut outage = false;
     match outcome {
         Ok(state) => build.state = state as i32,
         Err(Ending::Failed(reason)) => {
             build.state = BuildState::Failed as i32;
             build.error_message = reason;
+        }
+        Err(Ending::Outage(reason)) => {
+            build.state = BuildState::Failed as i32;
+            build.error_message = reason;
+            outage = true;
         }
         Err(Ending::Cancelled(reason)) => {
             build.state = BuildState::Cancelled as i32;
@@ -298,5 +326,5 @@ async fn run_node_in(
     if !reporter.record(&build).await {
         tracing::warn!("the node build's outcome was not recorded");
     }
-    build
+    (build, outage)
 }

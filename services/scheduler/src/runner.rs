@@ -31,7 +31,7 @@ use merkle_proto::{
 };
 use merkle_shared::{
     cache::CacheClient,
-    client::{Channel, channel},
+    client::{Backoff, Channel, channel, retry, retry_idempotent},
     config::{ClientArgs, ConfigError},
     postgres::PgPool,
 };
@@ -47,9 +47,17 @@ use crate::{
 
 /// How often a running build's progress reaches the cache (other replicas' watchers).
 const CACHE_EVERY: Duration = Duration::from_millis(250);
-/// How often a running build writes its record (its heartbeat) and looks for a cancellation
-/// made on another replica.
+/// How often a build's runner says it is alive (its heartbeat), its progress is saved, and it
+/// looks for a cancellation made on another replica.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// How long a build's record is retried while PostgreSQL does not take it: 100 ms doubling
+/// to 5 s, 8 attempts (about 12 s).
+const RECORD_RETRIES: Backoff = Backoff {
+    first: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+    attempts: 8,
+};
+
 /// Hashes per FindMissingNodes call (the contract's limit).
 const FIND_BATCH: usize = 10_000;
 
@@ -131,6 +139,11 @@ impl Services {
             .ok_or_else(|| "TREE_BUILDER_ADDR is not set: nothing can be built".to_owned())
     }
 
+    /// The settings of the calls to the other services (their retries, `CLIENT_MAX_ATTEMPTS`).
+    pub fn client_args(&self) -> &ClientArgs {
+        &self.args
+    }
+
     pub fn db_sync(&self) -> Result<DbSyncServiceClient<Channel>, String> {
         self.db_sync
             .clone()
@@ -157,6 +170,8 @@ pub struct Target {
     pub store_as: String,
     /// The TreeBuilder, as failure messages name it.
     pub builder_name: String,
+    /// True for the Scheduler's own TreeBuilder (part of the system), false for a fleet node's.
+    pub ours: bool,
 }
 
 impl Target {
@@ -166,6 +181,7 @@ impl Target {
             tree_builder: ctx.services.tree_builder().map_err(Ending::Failed)?,
             store_as: source.to_owned(),
             builder_name: "TreeBuilder".into(),
+            ours: true,
         })
     }
 }
@@ -232,25 +248,18 @@ impl Reporter {
     /// Writes a state change everywhere; false when the record refused it (the build was
     /// cancelled or taken over, or the lease it runs under was lost).
     pub(crate) async fn record(&mut self, build: &Build) -> bool {
-        // PostgreSQL may be busy or restarting: try for a while. A state is published (to
-        // watchers here, and to the cache for the other replicas) only once it is recorded; a
-        // build that cannot be recorded at all is failed by the leader when its heartbeat
-        // goes silent.
-        let mut delay = Duration::from_millis(100);
-        let saved = loop {
-            match store::save_build(&self.ctx.pool, build, &self.ctx.replica, self.epoch).await {
-                Ok(saved) => break saved,
-                Err(err) if delay < Duration::from_secs(10) => {
-                    tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(err) => {
-                    tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed; giving up");
-                    break false;
-                }
-            }
-        };
+        // PostgreSQL may be busy or restarting: try for a while (about 12 s). A state is
+        // published (to watchers here, and to the cache for the other replicas) only once it
+        // is recorded; a build that cannot be recorded at all is failed by the leader when its
+        // heartbeat goes silent.
+        let saved = retry(RECORD_RETRIES, |_| true, || {
+            store::save_build(&self.ctx.pool, build, &self.ctx.replica, self.epoch)
+        })
+        .await
+        .unwrap_or_else(|err| {
+            tracing::warn!(build_id = %build.build_id, error = %err, "recording a build failed; giving up");
+            false
+        });
         if saved {
             self.handle.publish(build);
             self.ctx
@@ -315,6 +324,8 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
     async move {
         build.trace_id = merkle_shared::telemetry::current_trace_id().unwrap_or_default();
         let handle = ctx.registry.register(build.clone());
+        // From here to its end, the build's runner beats, whatever the build waits for.
+        let _beating = Beating(tokio::spawn(heartbeat(ctx.clone(), build.build_id.clone())));
         let mut cancelled = handle.cancelled.clone();
         let epoch = lease.as_ref().map(|l| l.epoch);
         let mut reporter = Reporter::new(ctx.clone(), handle, epoch);
@@ -364,20 +375,27 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
             }
         }
         build.end_time = Some(now());
-        let failed = match outcome {
+        // An outage of the system's own services fails the build but is not the source's
+        // failure: it is built again at its next tick, not backed off.
+        let (failed, outage) = match outcome {
             Ok(state) => {
                 build.state = state as i32;
-                false
+                (false, false)
             }
             Err(Ending::Failed(reason)) => {
                 build.state = BuildState::Failed as i32;
                 build.error_message = reason;
-                true
+                (true, false)
+            }
+            Err(Ending::Outage(reason)) => {
+                build.state = BuildState::Failed as i32;
+                build.error_message = reason;
+                (false, true)
             }
             Err(Ending::Cancelled(reason)) => {
                 build.state = BuildState::Cancelled as i32;
                 build.error_message = reason;
-                false
+                (false, false)
             }
         };
         if let Some(progress) = build.progress.as_mut() {
@@ -385,7 +403,7 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
         }
         let recorded = reporter.record(&build).await;
         record_metrics(&build, started.elapsed());
-        if failed {
+        if failed || outage {
             tracing_opentelemetry::OpenTelemetrySpanExt::set_status(
                 &tracing::Span::current(),
                 opentelemetry::trace::Status::error(build.error_message.clone()),
@@ -403,6 +421,7 @@ pub async fn run(ctx: Arc<Context>, job: Job) {
             tracing::warn!("the build's outcome was not recorded: it was cancelled or taken over, or this replica lost the lease it ran under");
         }
         if let Some(lease) = &lease
+            && !outage
             && (failed || failures > 0)
             && let Err(err) = store::record_outcome(&ctx.pool, lease, &build.source, failed).await
         {
@@ -449,15 +468,54 @@ pub(crate) async fn cancellation(
 
 /// How a build ended other than successfully.
 pub(crate) enum Ending {
+    /// The source's build failed (its directory, its node, its tree).
     Failed(String),
+    /// A service of the system itself (DbSync, the Scheduler's own TreeBuilder) could not be
+    /// reached: the build failed, the source did not.
+    Outage(String),
     Cancelled(String),
 }
 
-pub(crate) fn unavailable(service: &str, status: &Status) -> Ending {
-    Ending::Failed(match status.code() {
-        Code::Unavailable => format!("{service} is unavailable: {}", status.message()),
-        code => format!("{service}: {code:?}: {}", status.message()),
-    })
+/// The ending of a call to `service` that failed; `ours`: a service of the system itself,
+/// whose being unavailable is an outage, not the source's failure.
+pub(crate) fn call_failed(service: &str, ours: bool, status: &Status) -> Ending {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded if ours => {
+            Ending::Outage(format!("{service} is unavailable: {}", status.message()))
+        }
+        Code::Unavailable => {
+            Ending::Failed(format!("{service} is unavailable: {}", status.message()))
+        }
+        code => Ending::Failed(format!("{service}: {code:?}: {}", status.message())),
+    }
+}
+
+/// A call to DbSync failed.
+fn db_sync_failed(status: &Status) -> Ending {
+    call_failed("DbSync", true, status)
+}
+
+/// Stops a build's heartbeat when the build ends, however it ends.
+struct Beating(tokio::task::JoinHandle<()>);
+
+impl Drop for Beating {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Says build `id`'s runner is alive every [`HEARTBEAT_EVERY`], from this replica's own
+/// liveness: a build waiting for a slot, a slow PostgreSQL or a paused DbSync is never taken
+/// for a dead replica's.
+async fn heartbeat(ctx: Arc<Context>, id: String) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(err) = store::beat(&ctx.pool, &id, &ctx.replica).await {
+            tracing::debug!(build_id = %id, error = %err, "a heartbeat was not recorded");
+        }
+    }
 }
 
 /// One BuildTree call: progress goes to the reporter, node batches to `nodes`; returns the
@@ -481,12 +539,12 @@ async fn build_tree(
     let mut stream = tree_builder
         .build_tree(request)
         .await
-        .map_err(|s| unavailable(&target.builder_name, &s))?
+        .map_err(|s| call_failed(&target.builder_name, target.ours, &s))?
         .into_inner();
     while let Some(message) = stream
         .message()
         .await
-        .map_err(|s| unavailable(&target.builder_name, &s))?
+        .map_err(|s| call_failed(&target.builder_name, target.ours, &s))?
     {
         match message.event {
             Some(Event::Progress(p)) => {
@@ -535,16 +593,18 @@ pub(crate) async fn execute(
     let hashed = phase.elapsed();
     // PostgreSQL's answer, never the cache's: a cached root must not decide that nothing
     // changed.
-    let previous = match db_sync
-        .get_latest_root(GetLatestRootRequest {
+    let latest = retry_idempotent(ctx.services.client_args(), || {
+        let mut db_sync = db_sync.clone();
+        let request = GetLatestRootRequest {
             source: target.store_as.clone(),
             consistent: true,
-        })
-        .await
-    {
+        };
+        async move { db_sync.get_latest_root(request).await }
+    });
+    let previous = match latest.await {
         Ok(answer) => answer.into_inner().snapshot.map(|s| s.root_hash),
         Err(status) if status.code() == Code::NotFound => None,
-        Err(status) => return Err(unavailable("DbSync", &status)),
+        Err(status) => return Err(db_sync_failed(&status)),
     };
     build.previous_root_hash = previous.clone().unwrap_or_default();
     tracing::debug!(
@@ -559,7 +619,18 @@ pub(crate) async fn execute(
         if previous.as_deref() == Some(result.root_hash.as_str()) {
             return Ok(BuildState::SucceededUnchanged);
         }
-        match sync(target, spec, build, reporter, &result, db_sync.clone()).await? {
+        let args = ctx.services.client_args();
+        match sync(
+            target,
+            spec,
+            build,
+            reporter,
+            &result,
+            db_sync.clone(),
+            args,
+        )
+        .await?
+        {
             Synced::Stored(snapshot_id) => {
                 build.snapshot_id = snapshot_id;
                 apply_retention(ctx, &mut db_sync, spec, &target.store_as).await;
@@ -589,6 +660,7 @@ async fn sync(
     reporter: &mut Reporter,
     result: &BuildResult,
     db_sync: DbSyncServiceClient<Channel>,
+    args: &ClientArgs,
 ) -> Result<Synced, Ending> {
     let (tx, rx) = mpsc::channel::<SyncTreeRequest>(4);
     let header = SyncTreeRequest {
@@ -613,19 +685,24 @@ async fn sync(
         .in_current_span(),
     );
     let forward_tx = tx.clone();
+    let args = args.clone();
     let mut forward = move |batch: NodeBatch| -> BatchFuture {
-        let mut db_sync = db_sync.clone();
+        let db_sync = db_sync.clone();
         let tx = forward_tx.clone();
+        let args = args.clone();
         Box::pin(async move {
             let hashes: Vec<String> = batch.nodes.iter().map(|n| n.hash.clone()).collect();
             let mut missing = std::collections::HashSet::new();
             for chunk in hashes.chunks(FIND_BATCH) {
-                let answer = db_sync
-                    .find_missing_nodes(FindMissingNodesRequest {
+                let answer = retry_idempotent(&args, || {
+                    let mut db_sync = db_sync.clone();
+                    let request = FindMissingNodesRequest {
                         hashes: chunk.to_vec(),
-                    })
-                    .await
-                    .map_err(|s| unavailable("DbSync", &s))?;
+                    };
+                    async move { db_sync.find_missing_nodes(request).await }
+                })
+                .await
+                .map_err(|s| db_sync_failed(&s))?;
                 missing.extend(answer.into_inner().missing_hashes);
             }
             let nodes: Vec<_> = batch
@@ -660,7 +737,7 @@ async fn sync(
     }
     let answer = match call.await {
         Ok(Ok(answer)) => answer.into_inner(),
-        Ok(Err(status)) => return Err(unavailable("DbSync", &status)),
+        Ok(Err(status)) => return Err(db_sync_failed(&status)),
         Err(_) => return Err(Ending::Failed("the SyncTree call stopped".into())),
     };
     Ok(match answer.snapshot {

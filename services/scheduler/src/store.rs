@@ -316,10 +316,12 @@ fn build_from_row(row: &Row, at: usize) -> Result<pb::Build, Error> {
 /// What a due tick becomes, decided by the leader in one fenced transaction.
 #[derive(Debug)]
 pub enum TickOutcome {
-    /// A new queued build (and, with REPLACE, the id of the build it cancelled).
+    /// A new queued build (and, with REPLACE, the id of the build it cancelled; or the id of
+    /// a build a runner that is gone had left, failed for it).
     Queued {
         build: pb::Build,
         replaced: Option<String>,
+        left: Option<String>,
     },
     /// A build was running (FORBID): the tick was recorded as skipped.
     Skipped(pb::Build),
@@ -330,9 +332,69 @@ pub enum TickOutcome {
 /// Records a due tick: a queued build (cancelling a running one under REPLACE) or a skipped
 /// one (FORBID), and moves the source to its next tick; all fenced by the lease.
 #[allow(clippy::too_many_arguments)]
+/// How the build a tick finds active is judged.
+pub struct Liveness<'a> {
+    /// A runner silent this long is gone.
+    pub silent_for: std::time::Duration,
+    /// True for a build that runs in this process (a build of this replica's name that does not
+    /// was left by its previous run).
+    pub runs_here: &'a (dyn Fn(&str) -> bool + Sync),
+}
+
+/// Why an active build is a leftover of a runner that is gone, or `None` when it runs.
+fn leftover(row: &tokio_postgres::Row, lease: &Lease, live: &Liveness<'_>) -> Option<String> {
+    let id: String = row.get(0);
+    let runner: String = row.get(2);
+    let epoch: Option<i64> = row.get(3);
+    let silent: bool = row.get(4);
+    if epoch.is_some_and(|e| e < lease.epoch) {
+        Some("its scheduler replica lost the lead (the lease) while it ran".into())
+    } else if silent {
+        Some(format!(
+            "its scheduler replica stopped: no heartbeat for {}",
+            humantime::format_duration(live.silent_for)
+        ))
+    } else if runner == lease.holder && !(live.runs_here)(&id) {
+        Some("scheduler restarted".into())
+    } else {
+        None
+    }
+}
+
+/// Ends the build in `row` (columns: id, record) with `state` and `message`, in `tx`.
+async fn end_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    row: &tokio_postgres::Row,
+    state: BuildState,
+    message: String,
+) -> Result<pb::Build, Error> {
+    let mut build = build_from_row(row, 1)?;
+    build.state = state as i32;
+    build.error_message = message;
+    build.end_time = Some(timestamp(Utc::now()));
+    tx.execute_traced(
+        "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
+        &[&build.build_id, &(state as i16), &build.encode_to_vec()],
+    )
+    .await?;
+    Ok(build)
+}
+
+/// The source's own queued or running build (not a fleet build's node builds), with what
+/// judging its runner needs: id, record, runner, lease epoch, silent.
+const ACTIVE: &str = "SELECT id, record, runner, lease_epoch, \
+     heartbeat_at < now() - make_interval(secs => $2) FROM scheduler_builds \
+     WHERE source = $1 AND state IN (1, 2) AND parent_id = '' FOR UPDATE";
+
+/// Records one tick of `source`. A build still active blocks it (FORBID: the tick is
+/// SKIPPED; REPLACE: that build is cancelled), unless that build's runner is gone (its
+/// replica lost the lease it ran under, went silent, or is this replica's previous run): then
+/// that build is failed, here, and the tick queues a build that coalesces what was missed.
+#[allow(clippy::too_many_arguments)]
 pub async fn record_tick(
     pool: &PgPool,
     lease: &Lease,
+    live: &Liveness<'_>,
     source: &str,
     tick: DateTime<Utc>,
     next: Option<(DateTime<Utc>, DateTime<Utc>)>,
@@ -355,30 +417,29 @@ pub async fn record_tick(
         tx.rollback().await?;
         return Ok(TickOutcome::Lost);
     }
-    let active = tx
-        .query_opt_traced(
-            "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2)",
-            &[&source],
-        )
+    let mut active = tx
+        .query_opt_traced(ACTIVE, &[&source, &live.silent_for.as_secs_f64()])
         .await?;
     let mut replaced = None;
+    let mut left = None;
+    if let Some(row) = &active
+        && let Some(why) = leftover(row, lease, live)
+    {
+        let failed = end_in(&tx, row, BuildState::Failed, why).await?;
+        left = Some(failed.build_id);
+        active = None;
+    }
     let outcome_state = match (&active, replace) {
         (Some(_), false) => BuildState::Skipped,
         (Some(row), true) => {
-            let mut cancelled = build_from_row(row, 1)?;
-            cancelled.state = BuildState::Cancelled as i32;
-            cancelled.error_message = format!(
-                "replaced by the build of the tick at {} (CONCURRENCY_POLICY_REPLACE)",
-                tick.to_rfc3339()
-            );
-            cancelled.end_time = Some(timestamp(Utc::now()));
-            tx.execute_traced(
-                "UPDATE scheduler_builds SET state = $2, record = $3 WHERE id = $1",
-                &[
-                    &cancelled.build_id,
-                    &(BuildState::Cancelled as i16),
-                    &cancelled.encode_to_vec(),
-                ],
+            let cancelled = end_in(
+                &tx,
+                row,
+                BuildState::Cancelled,
+                format!(
+                    "replaced by the build of the tick at {} (CONCURRENCY_POLICY_REPLACE)",
+                    tick.to_rfc3339()
+                ),
             )
             .await?;
             replaced = Some(cancelled.build_id.clone());
@@ -415,8 +476,103 @@ pub async fn record_tick(
     tx.commit().await?;
     Ok(match outcome_state {
         BuildState::Skipped => TickOutcome::Skipped(build),
-        _ => TickOutcome::Queued { build, replaced },
+        _ => TickOutcome::Queued {
+            build,
+            replaced,
+            left,
+        },
     })
+}
+
+/// Who holds the lease now, and its epoch (`None`: nobody ever did).
+pub async fn lease_holder(pool: &PgPool) -> Result<Option<(String, i64)>, Error> {
+    Ok(pool
+        .get()
+        .await?
+        .query_opt_traced(
+            &format!(
+                "SELECT holder, epoch FROM scheduler_lease WHERE name = '{LEASE}' AND expires_at > now()"
+            ),
+            &[],
+        )
+        .await?
+        .map(|row| (row.get(0), row.get(1))))
+}
+
+/// Says the runner of build `id` (and of its node builds) is alive.
+pub async fn beat(pool: &PgPool, id: &str, runner: &str) -> Result<(), Error> {
+    pool.get()
+        .await?
+        .execute_traced(
+            "UPDATE scheduler_builds SET heartbeat_at = now() \
+             WHERE (id = $1 OR parent_id = $1) AND runner = $2 AND state IN (1, 2)",
+            &[&id, &runner],
+        )
+        .await?;
+    Ok(())
+}
+
+/// After a build whose runner went silent was failed: the ticks of its source SKIPPED while it
+/// seemed to run were ticks lost to a dead runner. Queues one build that coalesces them (none
+/// when no tick was skipped, or another build is active), fenced by the lease.
+pub async fn catch_up(
+    pool: &PgPool,
+    lease: &Lease,
+    failed: &str,
+    make: impl FnOnce(&str, u32) -> pb::Build,
+) -> Result<Option<pb::Build>, Error> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let Some(row) = tx
+        .query_opt_traced(
+            "SELECT source, created_at FROM scheduler_builds WHERE id = $1 AND parent_id = ''",
+            &[&failed],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let source: String = row.get(0);
+    let since: DateTime<Utc> = row.get(1);
+    let locked = tx
+        .query_opt_traced(
+            &format!(
+                "SELECT 1 FROM scheduler_sources WHERE name = $1 AND {} FOR UPDATE",
+                fence(2, 3)
+            ),
+            &[&source, &lease.holder, &lease.epoch],
+        )
+        .await?;
+    if locked.is_none() {
+        return Ok(None);
+    }
+    let skipped: i64 = tx
+        .query_one_traced(
+            "SELECT count(*) FROM scheduler_builds WHERE source = $1 AND parent_id = '' \
+             AND state = 7 AND created_at > $2",
+            &[&source, &since],
+        )
+        .await?
+        .get(0);
+    if skipped == 0 {
+        return Ok(None);
+    }
+    let build = make(&source, skipped as u32);
+    let inserted = tx
+        .execute_traced(
+            "INSERT INTO scheduler_builds (id, source, state, runner, lease_epoch, record) \
+             VALUES ($1, $2, 1, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[
+                &build.build_id,
+                &source,
+                &lease.holder,
+                &lease.epoch,
+                &build.encode_to_vec(),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok((inserted == 1).then_some(build))
 }
 
 /// Queues a manual build; FAILED_PRECONDITION when one is queued or running (FORBID), or, with
@@ -443,7 +599,8 @@ pub async fn queue_manual(
     }
     let active = tx
         .query_opt_traced(
-            "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2)",
+            "SELECT id, record FROM scheduler_builds WHERE source = $1 AND state IN (1, 2) \
+             AND parent_id = ''",
             &[&build.source],
         )
         .await?;

@@ -26,6 +26,8 @@ const SCAN_LIMIT: i64 = 500;
 const PARALLEL_TICKS: usize = 8;
 /// Most ticks counted when coalescing a long downtime (the count is reported, capped).
 const MAX_MISSED: u32 = 100_000;
+/// A runner silent this long (five heartbeats) is gone: its builds are failed.
+pub const SILENT_FOR: Duration = Duration::from_secs(HEARTBEAT_EVERY.as_secs() * 5);
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -114,10 +116,17 @@ pub fn spawn(ctx: Arc<Context>, lease_duration: Duration, mut shutdown: Shutdown
                     Some(held) => match store::renew_lease(&ctx.pool, held, lease_duration).await {
                         Ok(true) => lease,
                         Ok(false) => {
-                            tracing::warn!(
-                                epoch = held.epoch,
-                                "lost the lease: another replica leads now"
-                            );
+                            // Say what happened: another replica took over, or the lease
+                            // lapsed while PostgreSQL could not be reached.
+                            match store::lease_holder(&ctx.pool).await {
+                                Ok(Some((holder, epoch))) if holder != held.holder => {
+                                    tracing::warn!(epoch = held.epoch, leader = %holder, leader_epoch = epoch, "lost the lease: another replica leads now");
+                                }
+                                _ => tracing::warn!(
+                                    epoch = held.epoch,
+                                    "the lease lapsed: it could not be renewed in time (PostgreSQL was unreachable or slow); taking it again"
+                                ),
+                            }
                             None
                         }
                         Err(err) => {
@@ -133,7 +142,7 @@ pub fn spawn(ctx: Arc<Context>, lease_duration: Duration, mut shutdown: Shutdown
                 }
                 if last_sweep.elapsed() >= HEARTBEAT_EVERY * 2 {
                     last_sweep = std::time::Instant::now();
-                    sweep_silent(&ctx).await;
+                    sweep_silent(&ctx, held).await;
                 }
             }
             tokio::select! {
@@ -180,44 +189,54 @@ async fn schedule_one(
     let name = spec.name.to_string();
     let replace = spec.policy == crate::spec::Policy::Replace;
     let due = stored.next_due.unwrap_or(tick);
-    let outcome = store::record_tick(&ctx.pool, lease, &name, tick, next, replace, |state| {
-        let mut build = new_build(&name, BuildTrigger::Schedule, state);
-        build.scheduled_time = Some(timestamp(tick));
-        build.due_time = Some(timestamp(due));
-        build.missed_ticks = missed;
-        if state == BuildState::Skipped {
-            build.error_message =
-                "a build of the source was still running (CONCURRENCY_POLICY_FORBID)".into();
-            build.end_time = build.create_time;
-        }
-        build
-    })
+    let runs_here = |id: &str| ctx.registry.get(id).is_some();
+    let live = store::Liveness {
+        silent_for: SILENT_FOR,
+        runs_here: &runs_here,
+    };
+    let outcome = store::record_tick(
+        &ctx.pool,
+        lease,
+        &live,
+        &name,
+        tick,
+        next,
+        replace,
+        |state| {
+            let mut build = new_build(&name, BuildTrigger::Schedule, state);
+            build.scheduled_time = Some(timestamp(tick));
+            build.due_time = Some(timestamp(due));
+            build.missed_ticks = missed;
+            if state == BuildState::Skipped {
+                build.error_message =
+                    "a build of the source was still running (CONCURRENCY_POLICY_FORBID)".into();
+                build.end_time = build.create_time;
+            }
+            build
+        },
+    )
     .await?;
     match outcome {
-        TickOutcome::Queued { build, replaced } => {
+        TickOutcome::Queued {
+            build,
+            replaced,
+            left,
+        } => {
             if let Some(id) = replaced {
                 ctx.registry.cancel(
                     &id,
                     "replaced by a newer scheduled build (CONCURRENCY_POLICY_REPLACE)",
                 );
             }
+            if let Some(id) = left {
+                tracing::warn!(source = %name, build_id = %id, "failed a build its runner had left; the tick runs now");
+            }
             if missed > 0 {
                 tracing::info!(source = %name, missed, "ticks missed while no scheduler ran: coalesced into one build");
             }
             let lateness = (Utc::now() - tick).num_milliseconds();
             tracing::debug!(source = %name, build_id = %build.build_id, lateness_ms = lateness, "scheduled build queued");
-            let job = Job {
-                build,
-                spec,
-                lease: Some(lease.clone()),
-                failures: stored.failures,
-            };
-            // A scheduled build starts a trace of its own.
-            let span = tracing::info_span!(parent: None, "scheduled build");
-            tokio::spawn(tracing::Instrument::instrument(
-                runner::run(ctx.clone(), job),
-                span,
-            ));
+            start(ctx, build, spec, lease, stored.failures);
         }
         TickOutcome::Skipped(build) => {
             tracing::info!(source = %name, build_id = %build.build_id, "tick skipped: a build is still running");
@@ -227,25 +246,71 @@ async fn schedule_one(
     Ok(())
 }
 
+/// Runs a scheduled build (a trace of its own).
+fn start(ctx: &Arc<Context>, build: Build, spec: SourceSpec, lease: &Lease, failures: i32) {
+    let job = Job {
+        build,
+        spec,
+        lease: Some(lease.clone()),
+        failures,
+    };
+    let span = tracing::info_span!(parent: None, "scheduled build");
+    tokio::spawn(tracing::Instrument::instrument(
+        runner::run(ctx.clone(), job),
+        span,
+    ));
+}
+
 /// Fails the queued and running builds whose runner stopped sending heartbeats (a replica
-/// that died or was partitioned away).
-async fn sweep_silent(ctx: &Context) {
-    let silent_for = HEARTBEAT_EVERY * 5;
-    match store::orphaned_builds(&ctx.pool, None, silent_for).await {
-        Ok(ids) => {
-            for id in ids {
-                let message = format!(
-                    "its scheduler replica stopped: no heartbeat for {}",
-                    humantime::format_duration(silent_for)
-                );
-                if let Ok(Some(_)) =
-                    store::end_build(&ctx.pool, &id, BuildState::Failed, &message).await
-                {
-                    tracing::warn!(build_id = %id, "failed a build whose runner went silent");
-                }
-            }
+/// that died or was partitioned away), then runs at once the ticks they made be skipped.
+async fn sweep_silent(ctx: &Arc<Context>, lease: &Lease) {
+    let ids = match store::orphaned_builds(&ctx.pool, None, SILENT_FOR).await {
+        Ok(ids) => ids,
+        Err(err) => {
+            tracing::debug!(error = %err, "looking for silent builds failed");
+            return;
         }
-        Err(err) => tracing::debug!(error = %err, "looking for silent builds failed"),
+    };
+    for id in ids {
+        let message = format!(
+            "its scheduler replica stopped: no heartbeat for {}",
+            humantime::format_duration(SILENT_FOR)
+        );
+        if !matches!(
+            store::end_build(&ctx.pool, &id, BuildState::Failed, &message).await,
+            Ok(Some(_))
+        ) {
+            continue;
+        }
+        tracing::warn!(build_id = %id, "failed a build whose runner went silent");
+        let caught_up = store::catch_up(&ctx.pool, lease, &id, |source, missed| {
+            let mut build = new_build(source, BuildTrigger::Schedule, BuildState::Queued);
+            build.missed_ticks = missed;
+            build
+        })
+        .await;
+        let build = match caught_up {
+            Ok(Some(build)) => build,
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::warn!(error = %err, build_id = %id, "queueing the skipped ticks failed");
+                continue;
+            }
+        };
+        let conn = ctx.pool.get().await;
+        let stored = match conn {
+            Ok(conn) => store::get_source(&*conn, &build.source)
+                .await
+                .ok()
+                .flatten(),
+            Err(_) => None,
+        };
+        let Some(stored) = stored else { continue };
+        let Ok(spec) = SourceSpec::from_proto(&stored.source, Duration::ZERO) else {
+            continue;
+        };
+        tracing::info!(source = %build.source, missed = build.missed_ticks, "ticks skipped while a dead runner held the source: coalesced into one build now");
+        start(ctx, build, spec, lease, stored.failures);
     }
 }
 
