@@ -4,6 +4,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::TcpListener,
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -57,6 +58,31 @@ fn descendants(root: u32) -> Vec<u32> {
     found
 }
 
+/// `merklectl up` with its data under `data/stack`, its services from port `base`, its own
+/// PostgreSQL, Redis and OTLP ports, and its stderr in `data/merklectl.stderr`; nothing of the
+/// caller's environment picked up.
+fn up(data: &Path, base: u16) -> Command {
+    let stderr = std::fs::File::create(data.join("merklectl.stderr")).expect("log file");
+    let mut command = Command::new(binary("merklectl"));
+    command
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data.join("stack"))
+        .args(["--postgres-port", &free_port().expect("port").to_string()])
+        .args(["--redis-port", &free_port().expect("port").to_string()])
+        .args(["--base-port", &base.to_string(), "--no-build"])
+        .args(["--otlp-port", &free_port().expect("port").to_string()])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("CARGO")
+        .env_remove("DISCOVERY_BACKEND")
+        .env_remove("STATIC_FILE")
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    command
+}
+
 /// Stops `merklectl up` if the test fails midway, so that nothing outlives the test.
 struct StopOnDrop(std::process::Child);
 
@@ -74,24 +100,8 @@ async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
     let data = tempfile::tempdir().expect("temporary folder");
     let data_dir = data.path().join("stack");
     let base = free_port_block(20_000);
-    let stderr = std::fs::File::create(data.path().join("merklectl.stderr")).expect("log file");
-    let mut child = Command::new(binary("merklectl"))
-        .arg("up")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args(["--postgres-port", &free_port().expect("port").to_string()])
-        .args(["--redis-port", &free_port().expect("port").to_string()])
-        .args(["--base-port", &base.to_string(), "--no-build"])
-        .args(["--otlp-port", &free_port().expect("port").to_string()])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+    let mut child = up(data.path(), base)
         .args(["--fleet-nodes", "1"])
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .env_remove("CARGO")
-        .env_remove("DISCOVERY_BACKEND")
-        .env_remove("STATIC_FILE")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
         .spawn()
         .expect("start merklectl up");
     let pid = child.id();
@@ -253,24 +263,10 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
     std::fs::create_dir_all(watched.join("a")).expect("mkdir");
     std::fs::write(watched.join("a/page.html"), "v1").expect("write");
     let base = free_port_block(40_000);
-    let stderr = std::fs::File::create(data.path().join("merklectl.stderr")).expect("log file");
-    let mut child = Command::new(binary("merklectl"))
-        .arg("up")
-        .arg("--data-dir")
-        .arg(data.path().join("stack"))
-        .args(["--postgres-port", &free_port().expect("port").to_string()])
-        .args(["--redis-port", &free_port().expect("port").to_string()])
-        .args(["--base-port", &base.to_string(), "--no-build"])
-        .args(["--otlp-port", &free_port().expect("port").to_string()])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+    let mut child = up(data.path(), base)
         .arg("--watch")
         .arg(&watched)
         .args(["--every", "1s"])
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .env_remove("CARGO")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
         .spawn()
         .expect("start merklectl up");
     let stdout = child.stdout.take().expect("stdout");
@@ -379,4 +375,126 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
         "{json}"
     );
     drop(child);
+}
+
+/// The address of service `name` of a stack on `base`.
+fn service_addr(base: u16, name: &str) -> std::net::SocketAddr {
+    let spec = SERVICES.iter().find(|s| s.name == name).expect("a service");
+    ([127, 0, 0, 1], base + (spec.port - SERVICES[4].port)).into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_service_is_restarted_saying_why_and_the_others_keep_running() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let base = free_port_block(50_000);
+    let mut child = up(data.path(), base).spawn().expect("start merklectl up");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = StopOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The table: each service's pid.
+    let mut pids = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pids.len() < SERVICES.len() {
+        assert!(Instant::now() < deadline, "no table; pids so far {pids:?}");
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let (Some(name), Some(pid)) = (fields.first(), fields.get(2))
+            && SERVICES.iter().any(|s| s.name == *name)
+            && let Ok(pid) = pid.parse::<u32>()
+        {
+            pids.insert(name.to_string(), pid);
+        }
+    }
+    let cache = pids["cache"];
+    kill(Pid::from_raw(cache as i32), Signal::SIGKILL).expect("kill the cache");
+
+    // Said at once, with the exit status, and restarted after the first backoff.
+    let stderr = data.path().join("merklectl.stderr");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if text.contains("cache restarted") {
+            assert!(
+                text.contains("cache exited signal: 9 (SIGKILL)"),
+                "the reason: {text}"
+            );
+            assert!(text.contains("cache.log"), "the log's tail: {text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache was not restarted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stack::wait_for_status(
+        service_addr(base, "cache"),
+        "merkle.cache.v1.CacheService",
+        ServingStatus::Serving,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (name, pid) in &pids {
+        if name != "cache" {
+            assert!(process_exists(*pid), "{name} was stopped with the cache");
+        }
+    }
+    let mut child = child;
+    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGINT).expect("send SIGINT");
+    let status = child.0.wait().expect("wait");
+    assert!(status.success(), "merklectl up exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let base = free_port_block(55_000);
+    // Someone else holds DbSync's port.
+    let _taken = TcpListener::bind(service_addr(base, "db-sync")).expect("take the port");
+    let started = Instant::now();
+    let child = up(data.path(), base).spawn().expect("start merklectl up");
+    let mut child = StopOnDrop(child);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        // Well before the 60 s a health wait would take.
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "merklectl up still waits"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let text = std::fs::read_to_string(data.path().join("merklectl.stderr")).expect("stderr");
+    assert!(text.contains("db-sync could not start"), "{text}");
+    assert!(text.contains("in use"), "names the taken address: {text}");
+    // What it had started is stopped: the other services' ports are free again, and no
+    // process names the stack's folder (PostgreSQL's and Redis' command lines do).
+    for spec in SERVICES.iter().filter(|s| s.name != "db-sync") {
+        assert!(
+            TcpListener::bind(service_addr(base, spec.name)).is_ok(),
+            "{} still holds its port",
+            spec.name
+        );
+    }
+    let folder = data.path().display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&folder))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
 }

@@ -12,6 +12,7 @@ pub mod remote;
 pub mod sources;
 pub mod stack;
 pub mod stored;
+pub mod supervise;
 pub mod traces;
 pub mod up;
 pub mod watch;

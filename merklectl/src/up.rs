@@ -3,7 +3,9 @@
 //! Without `DATABASE_URL`/`REDIS_URL` it starts its own PostgreSQL and Redis with their data
 //! under `--data-dir` (`.data/` by default, ignored by git), then the five services as separate
 //! processes, waits until every one reports SERVING, prints what runs where, and on Ctrl-C or
-//! SIGTERM stops everything in reverse order and checks that no process is left.
+//! SIGTERM stops everything in reverse order and checks that no process is left. Meanwhile it
+//! supervises the services (`crate::supervise`): one that crashes is restarted with backoff,
+//! saying why, and the others keep running; only Ctrl-C or SIGTERM ends the stack.
 
 use std::{
     net::SocketAddr,
@@ -15,10 +17,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use nix::{sys::signal::kill, unistd::Pid};
 use tokio::signal::unix::{SignalKind, signal};
-use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::stack::{
-    self, ManagedProcess, Postgres, Redis, SERVICES, ServiceSpec, StackError, wait_for_status,
+use crate::{
+    stack::{self, Postgres, Redis, SERVICES, ServiceSpec, StackError},
+    supervise::{NotServing, Supervised},
 };
 
 /// Options of `merklectl up`.
@@ -189,7 +191,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let credentials = crate::credentials::Credentials::ensure(&data_dir)?;
     merkle_shared::auth::token::install(&credentials.token("admin")?)
         .map_err(anyhow::Error::msg)?;
-    let mut services: Vec<(ServiceSpec, SocketAddr, ManagedProcess)> = Vec::new();
+    let mut services: Vec<Supervised> = Vec::new();
     for spec in SERVICES {
         let port = args.port_of(&spec);
         let mut env = service_env(&spec, &args, &database_url, &redis_url);
@@ -220,15 +222,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             env.push(("SIGNING_KEY_FILE", signing_key.display().to_string()));
         }
         let log = data_dir.join("logs").join(format!("{}.log", spec.name));
-        let process = stack::spawn_service(&spec, port, &env, &log)?;
-        services.push((spec, SocketAddr::from(([127, 0, 0, 1], port)), process));
+        services.push(Supervised::start(spec.name, spec, port, env, log)?);
     }
     // The local fleet's extra TreeBuilders, as `node-1` ... `node-N`.
     let tree_builder_spec = *SERVICES
         .iter()
         .find(|s| s.name == "tree-builder")
         .context("the tree-builder service")?;
-    let mut nodes: Vec<(String, SocketAddr, ManagedProcess)> = Vec::new();
+    let mut nodes: Vec<Supervised> = Vec::new();
     for n in 1..=args.fleet_nodes {
         let name = format!("node-{n}");
         let port = args.node_port(n);
@@ -241,46 +242,29 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .collect();
         env.push(("ALLOWED_ROOTS", roots.join(",")));
         let log = data_dir.join("logs").join(format!("{name}.log"));
-        let process = stack::spawn_service(&tree_builder_spec, port, &env, &log)?;
-        nodes.push((name, SocketAddr::from(([127, 0, 0, 1], port)), process));
+        nodes.push(Supervised::start(&name, tree_builder_spec, port, env, log)?);
     }
-    for (name, addr, _) in &nodes {
-        wait_for_status(
-            *addr,
-            tree_builder_spec.grpc_name,
-            ServingStatus::Serving,
-            Duration::from_secs(60),
-        )
-        .await
-        .with_context(|| format!("{name}'s TreeBuilder"))?;
+    for node in &mut nodes {
+        node.wait_serving(Duration::from_secs(60)).await?;
     }
 
     let mut statuses = Vec::new();
-    for (spec, addr, _) in &services {
-        let log = data_dir.join("logs").join(format!("{}.log", spec.name));
+    for service in &mut services {
         // An external orchestrator that does not answer yet leaves Discovery NOT_SERVING,
         // not the stack down: it serves once the backend answers.
-        let external = spec.name == "discovery" && args.discovery_backend != "static";
+        let external = service.name == "discovery" && args.discovery_backend != "static";
         let wait = if external { 15 } else { 60 };
-        match wait_for_status(
-            *addr,
-            spec.grpc_name,
-            ServingStatus::Serving,
-            Duration::from_secs(wait),
-        )
-        .await
-        {
+        match service.wait_serving(Duration::from_secs(wait)).await {
             Ok(()) => statuses.push("SERVING"),
-            Err(err) if external => {
+            Err(NotServing::Late(err)) if external => {
                 eprintln!(
                     "warning: discovery is not serving yet: its {} backend has not answered \
-                     ({err}); see {}",
+                     ({err})",
                     args.discovery_backend,
-                    log.display()
                 );
                 statuses.push("NOT_SERVING");
             }
-            Err(err) => bail!("{err}; see {}", log.display()),
+            Err(err) => return Err(err.into()),
         }
     }
 
@@ -292,12 +276,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &database_url,
         &redis_url,
     );
-    for (name, addr, process) in &nodes {
+    for node in &nodes {
         println!(
             "{:<14} {:<18} {:>8}  SERVING  {} (a fleet node)",
-            name,
-            addr.to_string(),
-            process.pid(),
+            node.name,
+            node.addr.to_string(),
+            node.pid(),
             tree_builder_spec.grpc_name
         );
     }
@@ -350,14 +334,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = interrupt.recv() => break "interrupted".to_owned(),
             _ = terminate.recv() => break "terminated".to_owned(),
-            () = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some((name, status)) = services
-                    .iter_mut()
-                    .map(|(spec, _, p)| (spec.name, p))
-                    .chain(nodes.iter_mut().map(|(name, _, p)| (name.as_str(), p)))
-                    .find_map(|(name, p)| p.try_exit_status().map(|s| (name.to_owned(), s)))
-                {
-                    break format!("{name} exited unexpectedly ({status})");
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                // A crashed service is restarted with backoff; the others keep running.
+                for service in services.iter_mut().chain(nodes.iter_mut()) {
+                    if let Some(news) = service.tend() {
+                        eprintln!("{news}");
+                    }
                 }
                 if let Some(follow) = follow.as_mut() {
                     follow.print_new().await;
@@ -368,15 +350,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("\n{reason}: stopping ...");
 
     let mut pids: Vec<(String, u32)> = Vec::new();
-    for (name, _, mut process) in nodes.into_iter().rev() {
-        pids.push((name.clone(), process.pid()));
-        let status = process.stop(Duration::from_secs(25));
-        println!("  {name:<13} stopped ({})", describe(status));
-    }
-    for (spec, _, mut process) in services.into_iter().rev() {
-        pids.push((spec.name.to_owned(), process.pid()));
-        let status = process.stop(Duration::from_secs(25));
-        println!("  {:<13} stopped ({})", spec.name, describe(status));
+    for mut service in nodes.into_iter().rev().chain(services.into_iter().rev()) {
+        pids.push((service.name.clone(), service.pid()));
+        let status = service.stop(Duration::from_secs(25));
+        println!("  {:<13} stopped ({})", service.name, describe(status));
     }
     if let Some(mut r) = redis {
         if let Some(pid) = r.pid() {
@@ -514,7 +491,7 @@ fn service_env(
 }
 
 fn print_table(
-    services: &[(ServiceSpec, SocketAddr, ManagedProcess)],
+    services: &[Supervised],
     statuses: &[&str],
     postgres: Option<&Postgres>,
     redis: Option<&Redis>,
@@ -525,16 +502,16 @@ fn print_table(
         "\n{:<14} {:<18} {:>8}  {:<11} {:<34} SERVICE",
         "COMPONENT", "ADDRESS", "PID", "STATUS", "METRICS"
     );
-    for ((spec, addr, process), status) in services.iter().zip(statuses) {
-        let metrics = merkle_shared::metrics::admin_addr(None, *addr)
+    for (service, status) in services.iter().zip(statuses) {
+        let metrics = merkle_shared::metrics::admin_addr(None, service.addr)
             .map(|a| format!("http://{a}/metrics"))
             .unwrap_or_default();
         println!(
             "{:<14} {:<18} {:>8}  {status:<11} {metrics:<34} {}",
-            spec.name,
-            addr.to_string(),
-            process.pid(),
-            spec.grpc_name
+            service.name,
+            service.addr.to_string(),
+            service.pid(),
+            service.spec.grpc_name
         );
     }
     dependency_row(
