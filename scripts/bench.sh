@@ -11,7 +11,20 @@
 #                                           answer): HOT list, incremental refresh vs full fetch
 #   scripts/bench.sh history                signing and chaining on a changed SyncTree (signed
 #                                           beside unsigned), verify-history of 100,000 records
+#   scripts/bench.sh load [--callers 200 --seconds 60]
+#                                           the whole stack under concurrent callers of a mix of
+#                                           real calls while builds run, beside one caller;
+#                                           each service's peak RSS
+#   scripts/bench.sh faults                 the fault campaign's long variants (five sources,
+#                                           DbSync frozen 30 s): the integration suite
+#                                           tests/faults.rs with FAULTS_LONG=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = faults ]; then
+  scripts/install-deps.sh
+  export GRPCURL="$PWD/.tools/bin/grpcurl"
+  cargo build --workspace --bins --locked
+  FAULTS_LONG=1 exec cargo test --locked -p integration-tests --test faults
+fi
 cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-scheduler -p merkle-discovery -p merkle-bench
 exec target/release/merkle-bench "$@"

@@ -13,12 +13,15 @@
 //!   2 ms per answer ([`discovery`]);
 //! - `history`: what chaining and signing add to a changed SyncTree, and `verify-history` of
 //!   100,000 signed records ([`history`]);
+//! - `load`: the whole release stack under 200 concurrent callers of a mix of real calls while
+//!   builds run, beside the same mix with one caller ([`load`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
 mod cache;
 mod db_sync;
 mod discovery;
 mod history;
+mod load;
 mod rpc;
 mod scheduler;
 mod trees;
@@ -52,6 +55,9 @@ enum Command {
     /// The tamper-evident history: signing and chaining on a changed SyncTree, and
     /// verify-history of 100,000 signed records.
     History(history::HistoryBenchArgs),
+    /// The whole release stack under many concurrent callers of a mix of real calls while
+    /// builds run: rate, p50/p90/p99 and errors per call, each service's peak RSS.
+    Load(load::LoadArgs),
     /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
     /// forwarding each call to another echo (two hops).
     #[command(hide = true)]
@@ -67,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::History(args)) => history::run(args),
         Some(Command::Scheduler(args)) => scheduler::run(args),
         Some(Command::Discovery(args)) => discovery::run(args),
+        Some(Command::Load(args)) => load::run_load(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }
 }

@@ -168,6 +168,54 @@ pub async fn start_service(
     })
 }
 
+/// The storage half of a release stack in a temporary folder of its own: PostgreSQL, Redis,
+/// the Cache and DbSync. Everything stops when dropped, in the order of the fields: the
+/// services, then what they use, then the folder.
+pub struct Storage {
+    pub db_sync: Service,
+    pub cache: Service,
+    pub redis: stack::Redis,
+    pub postgres: stack::Postgres,
+    pub work: tempfile::TempDir,
+}
+
+impl Storage {
+    /// Starts it in a folder named `prefix`..., whose path it prints (the logs are there).
+    pub async fn start(prefix: &str) -> anyhow::Result<Storage> {
+        let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let w = work.path();
+        eprintln!("logs in {}", w.display());
+        {
+            // The server user of PostgreSQL (when run as root) must reach its folder.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(w, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let postgres = stack::Postgres::start(&w.join("postgres"), free_port()?).await?;
+        let redis = stack::Redis::start(&w.join("redis"), free_port()?).await?;
+        let cache = start_service(w, "cache", &[("REDIS_URL", redis.url())]).await?;
+        let db_sync = start_service(
+            w,
+            "db-sync",
+            &[
+                ("DATABASE_URL", postgres.url()),
+                ("CACHE_ADDR", cache.uri.clone()),
+            ],
+        )
+        .await?;
+        Ok(Storage {
+            db_sync,
+            cache,
+            redis,
+            postgres,
+            work,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
 /// A fresh connection to `uri` (each simulated client has its own, as separate clients would),
 /// presenting the benchmark's token as real clients present theirs.
 pub fn channel(uri: &str) -> anyhow::Result<Channel> {
@@ -184,6 +232,21 @@ pub fn channel(uri: &str) -> anyhow::Result<Channel> {
 pub async fn echo_call(mut client: HealthClient<Channel>) -> anyhow::Result<()> {
     client.check(HealthCheckRequest::default()).await?;
     Ok(())
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("VmHWM")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse::<u64>()?
+        * 1024)
 }
 
 /// What a load run measured.

@@ -20,7 +20,6 @@ use merkle_proto::scheduler::v1::{
     BuildState, CreateSourceRequest, ListBuildsRequest, Source, TriggerBuildRequest,
     WatchBuildRequest, scheduler_service_client::SchedulerServiceClient, source::Schedule,
 };
-use merklectl::stack::{self, Postgres, Redis};
 
 use crate::rpc;
 
@@ -81,21 +80,6 @@ fn tree_cpu(root: u32) -> Duration {
         todo.extend(stats.iter().filter(|(_, pp)| *pp == pid).map(|(p, _)| *p));
     }
     total
-}
-
-/// Peak resident memory of a process (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> anyhow::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("VmHWM")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmHWM value")?
-        .parse::<u64>()?
-        * 1024)
 }
 
 fn interval(seconds: i64) -> Option<Schedule> {
@@ -163,27 +147,9 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
     if args.million {
         crate::trees::ensure(&million, crate::trees::generate_million)?;
     }
-    let work = tempfile::Builder::new()
-        .prefix("merkle-bench-scheduler-")
-        .tempdir()?;
-    let w = work.path();
-    eprintln!("logs in {}", w.display());
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(w, fs::Permissions::from_mode(0o755))?;
-    }
-    let pg = Postgres::start(&w.join("postgres"), stack::free_port()?).await?;
-    let redis = Redis::start(&w.join("redis"), stack::free_port()?).await?;
-    let cache = rpc::start_service(w, "cache", &[("REDIS_URL", redis.url())]).await?;
-    let db_sync = rpc::start_service(
-        w,
-        "db-sync",
-        &[
-            ("DATABASE_URL", pg.url()),
-            ("CACHE_ADDR", cache.uri.clone()),
-        ],
-    )
-    .await?;
+    let storage = rpc::Storage::start("merkle-bench-scheduler-").await?;
+    let w = storage.dir();
+    let (cache, db_sync, pg) = (&storage.cache, &storage.db_sync, &storage.postgres);
     let roots = format!("{},{}", w.display(), trees.display());
     let tree_builder = rpc::start_service(
         w,
@@ -219,14 +185,14 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
     let big = if args.million { &million } else { &hundred_k };
     create(&mut c, "big", big, None).await?;
     eprintln!("building {} through the Scheduler ...", big.display());
-    let rss_before = peak_rss(pid)?;
+    let rss_before = rpc::peak_rss(pid)?;
     let (first, state) = build(&mut c, "big").await?;
     anyhow::ensure!(
         state == BuildState::SucceededChanged,
         "the first build of {} ended {state:?}",
         big.display()
     );
-    let rss_after = peak_rss(pid)?;
+    let rss_after = rpc::peak_rss(pid)?;
 
     // An unchanged rebuild of the 100,000-file tree, which TreeBuilder keeps watched.
     if args.million {
@@ -266,7 +232,7 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
         ("tree-builder", tree_builder.pid),
         ("db-sync", db_sync.pid),
         ("cache", cache.pid),
-        ("redis", redis.pid().unwrap_or(0)),
+        ("redis", storage.redis.pid().unwrap_or(0)),
         ("postgres", pg.pid().unwrap_or(0)),
     ];
     let cpu_all_before: Vec<Duration> = components.iter().map(|(_, p)| tree_cpu(*p)).collect();
@@ -406,7 +372,7 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
     for (what, met) in targets {
         println!("| {what} | {} |", if met { "yes" } else { "NO" });
     }
-    drop((scheduler, tree_builder, db_sync, cache));
-    drop((redis, pg));
+    drop((scheduler, tree_builder));
+    drop(storage);
     Ok(())
 }
