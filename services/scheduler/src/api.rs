@@ -28,12 +28,15 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    calendar::next_run,
+    context::Context,
     error::Error,
+    fleet,
+    job::{self, Job},
+    record::new_build,
     registry::is_final,
-    runner::{self, Context, Job},
     spec::{Policy, Schedule, SourceSpec, source_name},
     store,
-    ticker::{new_build, next_run},
 };
 
 /// How often a watcher of a build running on another replica looks again.
@@ -83,7 +86,7 @@ impl SchedulerApi {
     /// TreeBuilder, or for a fleet source every ready client's.
     async fn check_source(&self, spec: &SourceSpec) -> Result<(), Error> {
         if spec.fleet == FleetMode::AllClients {
-            crate::fleet::check_path(&self.ctx, &spec.path).await
+            fleet::check_path(&self.ctx, &spec.path).await
         } else {
             self.check_path(&spec.path).await
         }
@@ -362,7 +365,7 @@ impl SchedulerService for SchedulerApi {
         };
         // The build stays in the call's trace: a traceparent sent with TriggerBuild continues.
         tokio::spawn(tracing::Instrument::instrument(
-            runner::run(self.ctx.clone(), job),
+            job::run(self.ctx.clone(), job),
             tracing::Span::current(),
         ));
         Ok(Response::new(TriggerBuildResponse {
@@ -510,6 +513,29 @@ async fn current(ctx: &Context, id: &str) -> Result<Build, Error> {
         .unwrap_or(recorded))
 }
 
+/// A WatchBuild stream's sending end: each state once, until the build ends.
+struct Watcher {
+    tx: tokio::sync::mpsc::Sender<Result<WatchBuildResponse, Status>>,
+    last: Option<Build>,
+}
+
+impl Watcher {
+    /// Sends `build` when it differs from the last state sent; false once the watcher has all
+    /// it will get (the build ended) or went away.
+    async fn offer(&mut self, build: Build) -> bool {
+        if self.last.as_ref() != Some(&build) {
+            let response = WatchBuildResponse {
+                build: Some(build.clone()),
+            };
+            if self.tx.send(Ok(response)).await.is_err() {
+                return false;
+            }
+            self.last = Some(build);
+        }
+        !self.last.as_ref().is_some_and(is_final)
+    }
+}
+
 /// The states of a build from `first` until it ends: pushed when it runs here, polled when
 /// another replica runs it.
 fn async_stream(
@@ -519,30 +545,15 @@ fn async_stream(
 ) -> impl Stream<Item = Result<WatchBuildResponse, Status>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
-        let mut last = first.clone();
-        if tx
-            .send(Ok(WatchBuildResponse { build: Some(first) }))
-            .await
-            .is_err()
-            || is_final(&last)
-        {
+        let mut watcher = Watcher { tx, last: None };
+        if !watcher.offer(first).await {
             return;
         }
         if let Some(mut watch) = ctx.registry.subscribe(&id) {
             loop {
                 let changed = watch.changed().await;
                 let build = watch.borrow_and_update().clone();
-                if build != last {
-                    last = build.clone();
-                    if tx
-                        .send(Ok(WatchBuildResponse { build: Some(build) }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                if is_final(&last) {
+                if !watcher.offer(build).await {
                     return;
                 }
                 if changed.is_err() {
@@ -553,25 +564,16 @@ fn async_stream(
         }
         loop {
             tokio::time::sleep(WATCH_POLL).await;
-            let build = match current(&ctx, &id).await {
-                Ok(build) => build,
+            match current(&ctx, &id).await {
+                Ok(build) => {
+                    if !watcher.offer(build).await {
+                        return;
+                    }
+                }
                 Err(err) => {
-                    let _ = tx.send(Err(Status::from(err))).await;
+                    let _ = watcher.tx.send(Err(Status::from(err))).await;
                     return;
                 }
-            };
-            if build != last {
-                last = build.clone();
-                if tx
-                    .send(Ok(WatchBuildResponse { build: Some(build) }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if is_final(&last) {
-                return;
             }
         }
     });

@@ -21,10 +21,12 @@ use merkle_shared::names::SourceName;
 use tracing::Instrument as _;
 
 use crate::{
+    context::Context,
     error::Error,
-    runner::{
-        self, Context, Ending, HEARTBEAT_EVERY, Reporter, Target, call_failed, cancellation, now,
-    },
+    outcome::{Ending, Settled, call_failed, settle},
+    record::{new_build, now},
+    report::{HEARTBEAT_EVERY, Reporter, cancellation},
+    runner::{self, Target},
     spec::SourceSpec,
     store,
 };
@@ -236,7 +238,7 @@ async fn run_node(
     client: &Client,
     epoch: Option<i64>,
 ) -> (Build, bool) {
-    let mut build = crate::ticker::new_build(&parent.source, parent.trigger(), BuildState::Running);
+    let mut build = new_build(&parent.source, parent.trigger(), BuildState::Running);
     build.parent_build_id = parent.build_id.clone();
     build.node = client.id.clone();
     build.trace_id = parent.trace_id.clone();
@@ -303,23 +305,7 @@ async fn run_node_in(
         Err(ending) => Err(ending),
     };
     build.end_time = Some(now());
-    let mut outage = false;
-    match outcome {
-        Ok(state) => build.state = state as i32,
-        Err(Ending::Failed(reason)) => {
-            build.state = BuildState::Failed as i32;
-            build.error_message = reason;
-        }
-        Err(Ending::Outage(reason)) => {
-            build.state = BuildState::Failed as i32;
-            build.error_message = reason;
-            outage = true;
-        }
-        Err(Ending::Cancelled(reason)) => {
-            build.state = BuildState::Cancelled as i32;
-            build.error_message = reason;
-        }
-    }
+    let Settled { outage, .. } = settle(&mut build, outcome);
     if let Some(progress) = build.progress.as_mut() {
         progress.phase = BuildPhase::Done as i32;
     }

@@ -1,23 +1,35 @@
 //! Scheduler: runs a build of each registered source on its schedule or on demand, keeps
 //! build history, and streams build status and progress to watchers.
 //!
-//! - [`spec`]: a source checked once (schedule, cron in a time zone, jitter, policies);
-//! - [`ticker`]: the leader's lease and the schedule (exactly once with several replicas);
-//! - [`runner`]: one build, TreeBuilder then DbSync, without holding the tree;
-//! - [`fleet`]: a fleet source's build, one node build per ready client Discovery lists;
-//! - [`registry`]: the builds running here, for watchers and cancellation;
-//! - [`store`]: the schema and every query (leader writes fenced by the lease's epoch);
-//! - [`seed`]: sources declared in a file.
+//! From the top down (each module uses only those below it):
+//!
+//! - the API (`api`) and [`ticker`] (the leader's lease and the schedule, exactly once with
+//!   several replicas) start a [`job`]; [`seed`] applies sources declared in a file;
+//! - a [`job`] runs one build to its end: on the Scheduler's own TreeBuilder or, for a fleet
+//!   source, on every ready node ([`fleet`]); both run the one pipeline of [`runner`] on a
+//!   target: TreeBuilder, then DbSync, without holding the tree;
+//! - [`report`] (progress, records, heartbeats, cancellation) and [`outcome`] (failure or
+//!   outage) serve them; [`context`] holds what every build shares; [`registry`] the builds
+//!   running here;
+//! - [`calendar`] (next runs, missed ticks), [`spec`] (a source checked once), [`record`] (a
+//!   build record) and [`store`] (the schema and every query, leader writes fenced by the
+//!   lease's epoch) sit at the bottom.
 //!
 //! [`run`] serves `merkle.scheduler.v1.SchedulerService`. Its health follows PostgreSQL (its
 //! sources and builds live there); TreeBuilder or DbSync being down fails builds, with the
 //! reason, and never the Scheduler itself.
 
 mod api;
+pub mod calendar;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod fleet;
+pub mod job;
+pub mod outcome;
+pub mod record;
 pub mod registry;
+pub mod report;
 pub mod runner;
 pub mod seed;
 pub mod spec;
@@ -47,10 +59,10 @@ pub const SERVICE_NAME: &str = merkle_proto::service_names::SCHEDULER;
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let pool = postgres::pool(&config.postgres)?;
     let replica = config.replica();
-    let ctx = Arc::new(runner::Context {
+    let ctx = Arc::new(context::Context {
         pool: pool.clone(),
         cache: CacheClient::new(&config.cache, &config.client)?,
-        services: runner::Services::new(
+        services: context::Services::new(
             config.tree_builder_addr.as_deref(),
             config.db_sync_addr.as_deref(),
             config.discovery_addr.as_deref(),

@@ -18,7 +18,7 @@ use merkle_proto::{
 use merkle_shared::postgres::PgPool;
 use serde::Deserialize;
 
-use crate::{error::Error, spec::SourceSpec, store, ticker::next_run};
+use crate::{calendar::next_run, error::Error, spec::SourceSpec, store};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use merkle_shared::postgres::{Migration, PgError, PgPool, migrate as apply};
 use prost::Message as _;
 use tokio_postgres::{GenericClient, Row, error::SqlState};
 
-use crate::error::Error;
+use crate::{error::Error, record::timestamp};
 
 const COMPONENT: &str = "scheduler";
 
@@ -125,13 +125,6 @@ pub struct StoredSource {
 }
 
 const SOURCE_COLUMNS: &str = "name, spec, next_tick, next_due_at, failures, created_at, updated_at";
-
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
 
 fn source_from_row(row: &Row) -> Result<StoredSource, Error> {
     let spec: Vec<u8> = row.get(1);
@@ -329,9 +322,6 @@ pub enum TickOutcome {
     Lost,
 }
 
-/// Records a due tick: a queued build (cancelling a running one under REPLACE) or a skipped
-/// one (FORBID), and moves the source to its next tick; all fenced by the lease.
-#[allow(clippy::too_many_arguments)]
 /// How the build a tick finds active is judged.
 pub struct Liveness<'a> {
     /// A runner silent this long is gone.

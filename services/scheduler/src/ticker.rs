@@ -8,13 +8,17 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use merkle_proto::scheduler::v1::{Build, BuildState, BuildTrigger};
 use merkle_shared::shutdown::Shutdown;
 
 use crate::{
-    runner::{self, Context, HEARTBEAT_EVERY, Job},
-    spec::{Schedule, SourceSpec},
+    calendar::{coalesce, next_run},
+    context::Context,
+    job::{self, Job},
+    record::{new_build, timestamp},
+    report::HEARTBEAT_EVERY,
+    spec::SourceSpec,
     store::{self, Lease, StoredSource, TickOutcome},
 };
 
@@ -24,67 +28,8 @@ const SCAN_EVERY: Duration = Duration::from_millis(100);
 const SCAN_LIMIT: i64 = 500;
 /// Due sources whose ticks are recorded at once.
 const PARALLEL_TICKS: usize = 8;
-/// Most ticks counted when coalescing a long downtime (the count is reported, capped).
-const MAX_MISSED: u32 = 100_000;
 /// A runner silent this long (five heartbeats) is gone: its builds are failed.
 pub const SILENT_FOR: Duration = Duration::from_secs(HEARTBEAT_EVERY.as_secs() * 5);
-
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-/// The tick after `tick` that is not yet due at `now`, and how many due ones were passed over.
-pub fn coalesce(
-    schedule: &Schedule,
-    tick: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> (u32, Option<DateTime<Utc>>) {
-    let mut missed = 0;
-    let mut next = schedule.next_after(tick);
-    while let Some(t) = next {
-        if t > now || missed >= MAX_MISSED {
-            break;
-        }
-        missed += 1;
-        next = schedule.next_after(t);
-    }
-    // For long intervals behind by a lot, skip ahead in one step.
-    if let (Schedule::Every(interval), Some(t)) = (schedule, next)
-        && t <= now
-    {
-        let behind = (now - t).num_milliseconds().max(0) as u128;
-        let steps = behind / interval.as_millis().max(1) + 1;
-        let skip = chrono::Duration::milliseconds((steps * interval.as_millis()) as i64);
-        next = Some(t + skip);
-    }
-    (missed, next)
-}
-
-/// The next tick and its start (the tick plus the source's jitter).
-pub fn next_run(
-    spec: &SourceSpec,
-    tick: Option<DateTime<Utc>>,
-) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-    tick.map(|t| {
-        let jitter = chrono::Duration::from_std(spec.jitter_for(t)).unwrap_or_default();
-        (t, t + jitter)
-    })
-}
-
-/// A new build record.
-pub fn new_build(source: &str, trigger: BuildTrigger, state: BuildState) -> Build {
-    Build {
-        build_id: uuid::Uuid::now_v7().to_string(),
-        source: source.to_owned(),
-        state: state as i32,
-        trigger: trigger as i32,
-        create_time: Some(timestamp(Utc::now())),
-        ..Default::default()
-    }
-}
 
 /// Runs the lease and, while it is held, the schedule, until shutdown.
 pub fn spawn(ctx: Arc<Context>, lease_duration: Duration, mut shutdown: Shutdown) {
@@ -256,7 +201,7 @@ fn start(ctx: &Arc<Context>, build: Build, spec: SourceSpec, lease: &Lease, fail
     };
     let span = tracing::info_span!(parent: None, "scheduled build");
     tokio::spawn(tracing::Instrument::instrument(
-        runner::run(ctx.clone(), job),
+        job::run(ctx.clone(), job),
         span,
     ));
 }
@@ -311,42 +256,5 @@ async fn sweep_silent(ctx: &Arc<Context>, lease: &Lease) {
         };
         tracing::info!(source = %build.source, missed = build.missed_ticks, "ticks skipped while a dead runner held the source: coalesced into one build now");
         start(ctx, build, spec, lease, stored.failures);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missed_ticks_are_coalesced_into_one() {
-        let at = |s: &str| s.parse::<DateTime<Utc>>().expect("time");
-        let every = Schedule::Every(Duration::from_secs(10));
-        // Due at 00:00:00; now 00:00:35: ticks 10, 20, 30 were missed; the next is 40.
-        let (missed, next) = coalesce(
-            &every,
-            at("2026-01-01T00:00:00Z"),
-            at("2026-01-01T00:00:35Z"),
-        );
-        assert_eq!((missed, next), (3, Some(at("2026-01-01T00:00:40Z"))));
-        // On time: nothing missed.
-        let (missed, next) = coalesce(
-            &every,
-            at("2026-01-01T00:00:00Z"),
-            at("2026-01-01T00:00:00.5Z"),
-        );
-        assert_eq!((missed, next), (0, Some(at("2026-01-01T00:00:10Z"))));
-        // Down for a year: the count is capped, the next tick is still right.
-        let (missed, next) = coalesce(
-            &every,
-            at("2025-01-01T00:00:00Z"),
-            at("2026-01-01T00:00:05Z"),
-        );
-        assert_eq!(missed, MAX_MISSED);
-        assert_eq!(next, Some(at("2026-01-01T00:00:10Z")));
-        assert_eq!(
-            coalesce(&Schedule::Never, at("2026-01-01T00:00:00Z"), Utc::now()),
-            (0, None)
-        );
     }
 }
