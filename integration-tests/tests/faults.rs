@@ -108,6 +108,9 @@ struct Campaign {
     writer: Option<std::thread::JoinHandle<()>>,
     /// When the system was whole again after the fault.
     healthy_from: Instant,
+    /// When the campaign began, on both clocks (for failure messages).
+    started: Instant,
+    started_wall: std::time::SystemTime,
 }
 
 impl Campaign {
@@ -147,6 +150,8 @@ impl Campaign {
             stop,
             writer: Some(writer),
             healthy_from: Instant::now(),
+            started: Instant::now(),
+            started_wall: std::time::SystemTime::now(),
         }
     }
 
@@ -239,6 +244,27 @@ impl Campaign {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        // A fault of the system is no failure of the sources the writer changes: none was
+        // backed off once the system was whole: every tick made a build (or a SKIPPED one
+        // beside a running build), so no gap between two is near the 10 s first backoff.
+        let healthy_wall = self.started_wall + self.healthy_from.duration_since(self.started);
+        for (name, _) in &self.sources {
+            let gap: f64 = db
+                .query_one(
+                    "SELECT coalesce(max(gap), 0)::float8 FROM (SELECT extract(epoch FROM \
+                     created_at - lag(created_at) OVER (ORDER BY created_at)) AS gap \
+                     FROM scheduler_builds WHERE source = $1 AND created_at >= $2) g",
+                    &[name, &healthy_wall],
+                )
+                .await
+                .expect("gaps")
+                .get(0);
+            assert!(
+                gap < 5.0,
+                "{name}: no build for {gap:.1}s after the fault (backed off?):\n{}",
+                builds_of(&db, name).await.join("\n")
+            );
+        }
         let names: Vec<String> = db
             .query("SELECT name FROM scheduler_sources", &[])
             .await
@@ -320,12 +346,26 @@ impl Campaign {
             for s in states.iter().filter(|s| &s.source == name) {
                 let from = s.start.max(self.healthy_from);
                 let until = s.end.unwrap_or_else(Instant::now);
-                if until > from && until - from >= INTERVAL * 2 {
-                    assert!(
-                        roots.contains(s.root.as_str()),
-                        "{name}: the state {} lasted {:?} after the fault but was never stored",
+                if until > from && until - from >= INTERVAL * 2 && !roots.contains(s.root.as_str())
+                {
+                    let builds = builds_of(&db, name).await;
+                    // As the builds' times: Unix seconds, modulo 1000.
+                    let at = |t: Instant| {
+                        let wall = self.started_wall + t.saturating_duration_since(self.started);
+                        let unix = wall
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64();
+                        unix % 1000.0
+                    };
+                    panic!(
+                        "{name}: the state {} ({:.3} to {:.3}, {:.2}s after the fault) was never \
+                         stored; its builds (Unix seconds modulo 1000):\n{}",
                         s.root,
-                        until - from
+                        at(s.start),
+                        at(until),
+                        (until - from).as_secs_f64(),
+                        builds.join("\n")
                     );
                 }
             }
@@ -349,6 +389,37 @@ impl Campaign {
             service.wait_for(ServingStatus::Serving).await;
         }
     }
+}
+
+/// `source`'s builds, oldest first, one line each, for a failure's message.
+async fn builds_of(db: &tokio_postgres::Client, source: &str) -> Vec<String> {
+    use prost::Message as _;
+    let rows = db
+        .query(
+            "SELECT record FROM scheduler_builds WHERE source = $1 ORDER BY created_at",
+            &[&source],
+        )
+        .await
+        .expect("builds");
+    let seconds = |t: Option<prost_types::Timestamp>| {
+        t.map_or("-".to_owned(), |t| {
+            format!("{}.{:03}", t.seconds % 1000, t.nanos / 1_000_000)
+        })
+    };
+    rows.iter()
+        .filter_map(|r| merkle_proto::scheduler::v1::Build::decode(r.get::<_, &[u8]>(0)).ok())
+        .map(|b| {
+            format!(
+                "  {:?} queued {} started {} ended {} missed {} {}",
+                b.state(),
+                seconds(b.create_time),
+                seconds(b.start_time),
+                seconds(b.end_time),
+                b.missed_ticks,
+                b.error_message
+            )
+        })
+        .collect()
 }
 
 async fn create(scheduler: &mut Scheduler, name: &str, dir: &Path) {

@@ -8,6 +8,11 @@
 //! size. If the directory changed between the two builds (the second root differs), that sync
 //! is abandoned and done again with the new root.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use merkle_proto::{
     common::v1::{BuildPhase, BuildProgress},
     dbsync::v1::{
@@ -230,10 +235,15 @@ async fn sync(
     );
     let forward_tx = tx.clone();
     let args = args.clone();
+    // Set when DbSync ended the call while nodes were still being sent: the call's own status
+    // then says why (DbSync went away: an outage, not the source's failure).
+    let call_ended = Arc::new(AtomicBool::new(false));
+    let ended = call_ended.clone();
     let mut forward = move |batch: NodeBatch| -> BatchFuture {
         let db_sync = db_sync.clone();
         let tx = forward_tx.clone();
         let args = args.clone();
+        let ended = ended.clone();
         Box::pin(async move {
             let hashes: Vec<String> = batch.nodes.iter().map(|n| n.hash.clone()).collect();
             let mut missing = std::collections::HashSet::new();
@@ -259,7 +269,10 @@ async fn sync(
                     content: Some(Content::Nodes(NodeBatch { nodes })),
                 })
                 .await
-                .map_err(|_| Ending::Failed("DbSync ended the SyncTree call early".into()))?;
+                .map_err(|_| {
+                    ended.store(true, Ordering::Relaxed);
+                    Ending::Failed("DbSync ended the SyncTree call early".into())
+                })?;
             }
             Ok(())
         })
@@ -270,7 +283,11 @@ async fn sync(
     let second = match second {
         Ok(second) => second,
         Err(ending) => {
-            call.abort();
+            if !call_ended.load(Ordering::Relaxed) {
+                call.abort();
+            } else if let Ok(Err(status)) = call.await {
+                return Err(db_sync_failed(&status));
+            }
             return Err(ending);
         }
     };

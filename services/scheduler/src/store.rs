@@ -345,7 +345,9 @@ fn leftover(row: &tokio_postgres::Row, lease: &Lease, live: &Liveness<'_>) -> Op
             humantime::format_duration(live.silent_for)
         ))
     } else if runner == lease.holder && !(live.runs_here)(&id) {
-        Some("scheduler restarted".into())
+        // Left by this replica's previous run, or its outcome was never taken (PostgreSQL
+        // was away longer than the record's retries).
+        Some("its runner ended without recording an outcome".into())
     } else {
         None
     }
