@@ -17,6 +17,22 @@ fn lost(what: &str, err: &dyn std::fmt::Display) -> Status {
     Status::unavailable(format!("{what}: {err}"))
 }
 
+/// The status of a call the transport failed: DEADLINE_EXCEEDED when the channel's own
+/// request timeout (`CLIENT_REQUEST_TIMEOUT`) expired (the peer may still do the work, so
+/// this is not UNAVAILABLE, which idempotent calls retry), UNAVAILABLE otherwise.
+fn failed_call(err: &(dyn std::error::Error + 'static)) -> Status {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if err.is::<tonic::TimeoutExpired>() {
+            return Status::deadline_exceeded(format!(
+                "no answer within the call timeout (CLIENT_REQUEST_TIMEOUT): {err}"
+            ));
+        }
+        source = err.source();
+    }
+    lost("the service could not be reached", &err)
+}
+
 /// The layer; see the module docs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerLossLayer;
@@ -38,7 +54,7 @@ impl<S, B, ResBody> Service<Request<B>> for PeerLoss<S>
 where
     S: Service<Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
-    S::Error: std::fmt::Display + Send + 'static,
+    S::Error: std::error::Error + Send + 'static,
     ResBody: Default + Send + 'static,
 {
     type Response = http::Response<PeerLossBody<ResBody>>;
@@ -55,7 +71,7 @@ where
             match future.await {
                 Ok(response) => Ok(response.map(PeerLossBody::new)),
                 // The status in the headers, as a server's trailers-only answer carries it.
-                Err(err) => Ok(lost("the service could not be reached", &err)
+                Err(err) => Ok(failed_call(&err)
                     .into_http::<ResBody>()
                     .map(PeerLossBody::new)),
             }
@@ -149,7 +165,10 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_cannot_be_reached_is_unavailable() {
         let mut service = PeerLossLayer.layer(tower::service_fn(|_: Request<()>| async {
-            Err::<http::Response<Breaking>, _>("connection refused")
+            Err::<http::Response<Breaking>, _>(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "connection refused",
+            ))
         }));
         let response = service
             .ready()
@@ -162,6 +181,29 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
         assert!(
             status.message().contains("connection refused"),
+            "{status:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_timeout_is_deadline_exceeded() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Transport(#[source] tonic::TimeoutExpired);
+        let mut service = PeerLossLayer.layer(tower::service_fn(|_: Request<()>| async {
+            Err::<http::Response<Breaking>, _>(Transport(tonic::TimeoutExpired(())))
+        }));
+        let response = service
+            .ready()
+            .await
+            .expect("ready")
+            .call(Request::new(()))
+            .await
+            .expect("a status, not an error");
+        let status = Status::from_header_map(response.headers()).expect("a grpc-status");
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("CLIENT_REQUEST_TIMEOUT"),
             "{status:?}"
         );
     }
