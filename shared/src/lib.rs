@@ -32,7 +32,6 @@ pub mod page_token;
 pub mod peer_loss;
 pub mod postgres;
 pub mod propagation;
-pub mod redis;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -106,32 +106,6 @@ pub fn observe_pool<M: bb8::ManageConnection>(pool_name: &'static str, pool: bb8
         .build();
 }
 
-/// One Redis command waiting on the (multiplexed) connection: counted in
-/// `merkle.redis.commands.in_flight` while it lives.
-pub struct RedisInFlight(&'static opentelemetry::metrics::UpDownCounter<i64>);
-
-impl RedisInFlight {
-    pub fn start() -> RedisInFlight {
-        static GAUGE: OnceLock<opentelemetry::metrics::UpDownCounter<i64>> = OnceLock::new();
-        let gauge = GAUGE.get_or_init(|| {
-            meter()
-                .i64_up_down_counter("merkle.redis.commands.in_flight")
-                .with_description(
-                    "Redis commands sent and not yet answered (the connection's waiters)",
-                )
-                .build()
-        });
-        gauge.add(1, &[]);
-        RedisInFlight(gauge)
-    }
-}
-
-impl Drop for RedisInFlight {
-    fn drop(&mut self) {
-        self.0.add(-1, &[]);
-    }
-}
-
 /// Where `/metrics` is served: `METRICS_LISTEN_ADDR`, else the gRPC address with its port
 /// + 1000; `None` when turned off (`METRICS_LISTEN_ADDR=off`).
 pub fn admin_addr(configured: Option<&str>, grpc: SocketAddr) -> Option<SocketAddr> {

@@ -8,11 +8,13 @@ use merkle_shared::{
         ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration,
         require_service_uri,
     },
-    redis::RedisArgs,
     service::ServiceConfig,
 };
 
-use crate::keys::{MAX_TTL, MAX_VALUE_BYTES, Namespace, check_prefix};
+use crate::{
+    keys::{MAX_TTL, MAX_VALUE_BYTES, Namespace, check_prefix},
+    redis::RedisArgs,
+};
 
 /// Cache's settings, from flags or environment variables.
 #[derive(Debug, Clone, Parser)]

@@ -11,13 +11,14 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod redis;
 pub mod stats;
 pub mod store;
 pub mod warmup;
 
 pub use config::Config;
 use merkle_proto::cache::v1::cache_service_server::CacheServiceServer;
-use merkle_shared::{health::Health, redis, server, service::RunError, shutdown::Shutdown};
+use merkle_shared::{health::Health, server, service::RunError, shutdown::Shutdown};
 
 /// The fully qualified gRPC service name.
 pub const SERVICE_NAME: &str = merkle_proto::service_names::CACHE;

@@ -20,15 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use merkle_shared::{
-    breaker::{BreakerState, CircuitBreaker},
-    redis::RedisPool,
-};
+use merkle_shared::breaker::{BreakerState, CircuitBreaker};
 use redis::{RedisResult, aio::ConnectionManager};
 
 use crate::{
     codec,
     keys::{KeySpace, Namespace},
+    redis::RedisPool,
     stats::{Event, Stats},
 };
 
@@ -196,7 +194,7 @@ impl Store {
                 db.namespace = ns.map(|n| n.to_proto().as_str_name()).unwrap_or_default(),
             )
         });
-        let _in_flight = merkle_shared::metrics::RedisInFlight::start();
+        let _in_flight = crate::redis::InFlight::start();
         let outcome = match tokio::time::timeout(
             timeout,
             tracing::Instrument::instrument(op(self.pool.connection()), span.clone()),
@@ -529,7 +527,7 @@ impl Store {
 
     /// Pings Redis (the health probe): records reachability and latency.
     pub async fn ping(&self) -> Result<(), String> {
-        let result = merkle_shared::redis::ping(&self.pool, self.settings.timeout).await;
+        let result = crate::redis::ping(&self.pool, self.settings.timeout).await;
         *lock(&self.ping) = Ping {
             reachable: result.is_ok(),
             latency: result.as_ref().ok().copied(),

@@ -1,4 +1,4 @@
-//! Redis: the connections. Only the Cache service talks to Redis; every other service goes
+//! Redis: the connections. Only this service talks to Redis; every other service goes
 //! through it over gRPC.
 //!
 //! A [`RedisPool`] is a few multiplexed connections used round-robin. Each one carries any
@@ -16,7 +16,7 @@ use std::{
 use clap::Args;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::config::{ConfigError, parse_duration};
+use merkle_shared::config::{ConfigError, parse_duration, redact_url, require_scheme};
 
 /// Redis settings.
 /// `Debug` redacts the password in the URL, so the effective config can be logged.
@@ -41,7 +41,7 @@ impl RedisArgs {
     }
 
     fn client(&self) -> Result<redis::Client, ConfigError> {
-        crate::config::require_scheme(
+        require_scheme(
             "REDIS_URL (--redis-url)",
             &self.redis_url,
             &["redis", "unix", "redis+unix"],
@@ -124,10 +124,37 @@ pub async fn ping(pool: &RedisPool, timeout: Duration) -> Result<Duration, Strin
     Ok(started.elapsed())
 }
 
+/// One Redis command waiting on the (multiplexed) connection: counted in
+/// `merkle.redis.commands.in_flight` while it lives.
+pub struct InFlight(&'static opentelemetry::metrics::UpDownCounter<i64>);
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        static GAUGE: std::sync::OnceLock<opentelemetry::metrics::UpDownCounter<i64>> =
+            std::sync::OnceLock::new();
+        let gauge = GAUGE.get_or_init(|| {
+            merkle_shared::metrics::meter()
+                .i64_up_down_counter("merkle.redis.commands.in_flight")
+                .with_description(
+                    "Redis commands sent and not yet answered (the connection's waiters)",
+                )
+                .build()
+        });
+        gauge.add(1, &[]);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.add(-1, &[]);
+    }
+}
+
 impl std::fmt::Debug for RedisArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisArgs")
-            .field("redis_url", &crate::config::redact_url(&self.redis_url))
+            .field("redis_url", &redact_url(&self.redis_url))
             .field("redis_pool_size", &self.redis_pool_size)
             .field("redis_timeout", &self.redis_timeout)
             .finish()
