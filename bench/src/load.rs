@@ -262,15 +262,19 @@ async fn refresh(uris: &Uris, names: &[String]) -> anyhow::Result<Targets> {
         ..Default::default()
     };
     for name in names {
-        let snapshots = db_sync
+        let listed = db_sync
             .list_snapshots(ListSnapshotsRequest {
                 source: name.clone(),
                 page_size: 2,
                 ..Default::default()
             })
-            .await?
-            .into_inner()
-            .snapshots;
+            .await;
+        let snapshots = match listed {
+            Ok(answer) => answer.into_inner().snapshots,
+            // Not built yet.
+            Err(status) if status.code() == tonic::Code::NotFound => continue,
+            Err(status) => return Err(status.into()),
+        };
         if let [new, old, ..] = snapshots.as_slice() {
             targets
                 .roots
