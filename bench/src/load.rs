@@ -293,6 +293,36 @@ async fn refresh(uris: &Uris, names: &[String]) -> anyhow::Result<Targets> {
     Ok(targets)
 }
 
+/// CPU seconds of a process and of its children still running (PostgreSQL's backends are
+/// children of its postmaster).
+fn process_cpu(pid: u32) -> f64 {
+    let mut total = rpc::cpu_seconds(pid).unwrap_or(0.0);
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let parent = fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s[s.rfind(')')? + 2..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                });
+            if parent == Some(pid) {
+                total += rpc::cpu_seconds(child).unwrap_or(0.0);
+            }
+        }
+    }
+    total
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
@@ -470,6 +500,17 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let (mut single, took) =
         run(&uris, &targets, 1, Duration::from_secs(args.single_seconds)).await?;
     print_run("single caller", 1, &mut single, took);
+    let processes = [
+        ("scheduler", scheduler.pid),
+        ("tree-builder", tree_builder.pid),
+        ("db-sync", db_sync.pid),
+        ("cache", cache.pid),
+        ("discovery", discovery.pid),
+        ("postgres", storage.postgres.pid().unwrap_or(0)),
+        ("redis-server", storage.redis.pid().unwrap_or(0)),
+        ("the callers (merkle-bench)", std::process::id()),
+    ];
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| process_cpu(*pid)).collect();
     let (mut many, took) = run(
         &uris,
         &targets,
@@ -477,22 +518,25 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.seconds),
     )
     .await?;
+    let cpu_after: Vec<f64> = processes.iter().map(|(_, pid)| process_cpu(*pid)).collect();
     print_run("under load", args.callers, &mut many, took);
     refresher.abort();
     writer.abort();
 
-    println!("\npeak RSS of each process (VmHWM), after both runs:");
-    println!("| process | peak RSS (MiB) |");
-    println!("|---|---:|");
-    for (name, pid) in [
-        ("scheduler", scheduler.pid),
-        ("tree-builder", tree_builder.pid),
-        ("db-sync", db_sync.pid),
-        ("cache", cache.pid),
-        ("discovery", discovery.pid),
-    ] {
-        let rss = rpc::peak_rss(pid)? as f64 / (1 << 20) as f64;
-        println!("| {name} | {rss:.1} |");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "\neach process: CPU during the run under load (of {:.0} core-seconds on {cores:.0} cores; \
+         PostgreSQL with its backends) and peak \
+         RSS (VmHWM) after both runs:",
+        took.as_secs_f64() * cores
+    );
+    println!("| process | CPU s | share of the machine | peak RSS (MiB) |");
+    println!("|---|---:|---:|---:|");
+    for (i, (name, pid)) in processes.iter().enumerate() {
+        let cpu = cpu_after[i] - cpu_before[i];
+        let share = cpu / (took.as_secs_f64() * cores) * 100.0;
+        let rss = rpc::peak_rss(*pid).map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+        println!("| {name} | {cpu:.1} | {share:.0}% | {rss:.1} |");
     }
     let errors: u64 = many.values().chain(single.values()).map(|t| t.errors).sum();
     println!(

@@ -234,6 +234,19 @@ pub async fn echo_call(mut client: HealthClient<Channel>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// CPU time a process has used so far (user and system), in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name in parentheses may hold spaces: the fields after it are fixed
+    // (utime and stime are the 14th and 15th of the line, the 12th and 13th after it).
+    let after = &stat[stat.rfind(')').context("stat")? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    // In clock ticks of USER_HZ, which Linux fixes at 100 for what /proc shows.
+    Ok(ticks as f64 / 100.0)
+}
+
 /// Peak resident memory of a process (VmHWM), in bytes.
 pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
