@@ -121,6 +121,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration such as 500ms, 30s, 5m)"))
 }
 
+/// What every service takes, flattened once into its settings: how it serves, what it
+/// reports, and how it calls the other services.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 /// The gRPC server settings every service has.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {

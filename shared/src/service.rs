@@ -6,15 +6,12 @@ use std::{fmt::Debug, future::Future, process::ExitCode};
 
 use clap::Parser;
 
-use crate::{
-    config::{TelemetryArgs, Validate},
-    shutdown::Shutdown,
-};
+use crate::{config::Validate, shutdown::Shutdown};
 
 /// A service's config: parsed by clap, validated, loggable, with telemetry settings.
 pub trait ServiceConfig: Parser + Validate + Debug {
-    fn telemetry(&self) -> &TelemetryArgs;
-    fn server(&self) -> &crate::config::ServerArgs;
+    /// The settings every service has.
+    fn common(&self) -> &crate::config::CommonArgs;
 }
 
 /// Why a service could not start or stopped with an error.
@@ -37,7 +34,7 @@ where
 {
     let config: C = crate::config::load();
     // Checked with the other settings, before anything starts: one line, exit 2.
-    if let Err(err) = config.server().auth.validate() {
+    if let Err(err) = config.common().server.auth.validate() {
         eprintln!("{err}");
         return ExitCode::from(2);
     }
@@ -52,7 +49,7 @@ where
         }
     };
     runtime.block_on(async move {
-        let telemetry = match crate::telemetry::init(service_name, config.telemetry()) {
+        let telemetry = match crate::telemetry::init(service_name, &config.common().telemetry) {
             Ok(guard) => guard,
             Err(err) => {
                 eprintln!("{err}");
@@ -60,11 +57,11 @@ where
             }
         };
         tracing::info!(service = service_name, version = env!("CARGO_PKG_VERSION"), config = ?config, "starting");
-        if let Err(err) = crate::tls::init(&config.server().tls) {
+        if let Err(err) = crate::tls::init(&config.common().server.tls) {
             tracing::error!("{err}");
             return ExitCode::from(2);
         }
-        if let Err(err) = crate::auth::init(&config.server().auth) {
+        if let Err(err) = crate::auth::init(&config.common().server.auth) {
             tracing::error!("{err}");
             return ExitCode::from(2);
         }

@@ -4,10 +4,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use merkle_shared::{
-    config::{
-        ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration,
-        require_service_uri,
-    },
+    config::{CommonArgs, ConfigError, Validate, parse_duration, require_service_uri},
     service::ServiceConfig,
 };
 
@@ -25,13 +22,9 @@ use crate::{
 )]
 pub struct Config {
     #[command(flatten)]
-    pub server: ServerArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub common: CommonArgs,
     #[command(flatten)]
     pub redis: RedisArgs,
-    #[command(flatten)]
-    pub client: ClientArgs,
     /// The first part of every Redis key of this deployment; Clear deletes only keys under it.
     #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "merkle")]
     pub key_prefix: String,
@@ -127,11 +120,7 @@ impl Validate for Config {
 }
 
 impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryArgs {
-        &self.telemetry
-    }
-
-    fn server(&self) -> &merkle_shared::config::ServerArgs {
-        &self.server
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 }

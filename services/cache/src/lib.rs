@@ -86,24 +86,24 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     observe(&store);
     let probe = store.clone();
     health.watch(
-        config.server.health_check_interval,
+        config.common.server.health_check_interval,
         shutdown.clone(),
         move || {
             let store = probe.clone();
             async move { store.ping().await }
         },
     );
-    let warmer = warmup::Warmer::new(config.db_sync_addr.as_deref(), &config.client)?;
+    let warmer = warmup::Warmer::new(config.db_sync_addr.as_deref(), &config.common.client)?;
     if config.warmup_on_start {
         warmer.clone().warm_in_background(shutdown.clone());
     }
     let service = merkle_shared::limit_messages!(
         CacheServiceServer::new(api::CacheApi::new(store, warmer)),
-        config.server
+        config.common.server
     );
     server::serve(
         SERVICE_NAME,
-        &config.server,
+        &config.common.server,
         merkle_shared::ports::CACHE,
         tonic::service::Routes::new(service),
         health_service,

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::Parser;
 use merkle_shared::{
     cache::CacheArgs,
-    config::{ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration},
+    config::{CommonArgs, ConfigError, Validate, parse_duration},
     postgres::PostgresArgs,
     service::ServiceConfig,
 };
@@ -19,15 +19,11 @@ use merkle_shared::{
 )]
 pub struct Config {
     #[command(flatten)]
-    pub server: ServerArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub common: CommonArgs,
     #[command(flatten)]
     pub postgres: PostgresArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
-    #[command(flatten)]
-    pub client: ClientArgs,
     /// Memory for directory nodes kept in this process (they never change, so they are never
     /// invalidated), in bytes; 0 keeps none.
     #[arg(long, env = "NODE_CACHE_BYTES", default_value_t = 64 << 20)]
@@ -63,12 +59,12 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.postgres.validate()?;
         self.cache.validate()?;
-        if self.gc_grace < self.server.request_timeout * 2 {
+        if self.gc_grace < self.common.server.request_timeout * 2 {
             return Err(ConfigError::new(
                 "GC_GRACE (--gc-grace)",
                 format!(
                     "must be at least twice REQUEST_TIMEOUT ({:?}, the longest a sync can take)",
-                    self.server.request_timeout
+                    self.common.server.request_timeout
                 ),
             ));
         }
@@ -77,11 +73,7 @@ impl Validate for Config {
 }
 
 impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryArgs {
-        &self.telemetry
-    }
-
-    fn server(&self) -> &merkle_shared::config::ServerArgs {
-        &self.server
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 }

@@ -57,7 +57,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             tracing::warn!("SIGNING_KEY_FILE is not set: snapshot records are chained but unsigned")
         }
     }
-    let cache = CacheClient::new(&config.cache, &config.client)?;
+    let cache = CacheClient::new(&config.cache, &config.common.client)?;
     if !cache.is_enabled() {
         tracing::warn!("CACHE_ADDR is not set: every read goes to PostgreSQL");
     }
@@ -71,7 +71,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let probe_cache = cache.clone();
     let seal_file = config.cache.seal_from_file()?;
     health.watch(
-        config.server.health_check_interval,
+        config.common.server.health_check_interval,
         shutdown.clone(),
         move || {
             let pool = probe_pool.clone();
@@ -129,11 +129,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     );
     let service = merkle_shared::limit_messages!(
         DbSyncServiceServer::new(api::DbSyncApi::new(archive)),
-        config.server
+        config.common.server
     );
     server::serve(
         SERVICE_NAME,
-        &config.server,
+        &config.common.server,
         merkle_shared::ports::DB_SYNC,
         tonic::service::Routes::new(service),
         health_service,

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use merkle_shared::{
     cache::CacheArgs,
-    config::{ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration},
+    config::{CommonArgs, ConfigError, Validate, parse_duration},
     service::ServiceConfig,
 };
 
@@ -96,13 +96,9 @@ pub struct KubernetesArgs {
 )]
 pub struct Config {
     #[command(flatten)]
-    pub server: ServerArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub common: CommonArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
-    #[command(flatten)]
-    pub client: ClientArgs,
     /// Where the fleet's nodes are listed.
     #[arg(long, env = "DISCOVERY_BACKEND", value_enum, default_value = "static")]
     pub backend: BackendKind,
@@ -186,11 +182,7 @@ impl Validate for Config {
 }
 
 impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryArgs {
-        &self.telemetry
-    }
-
-    fn server(&self) -> &merkle_shared::config::ServerArgs {
-        &self.server
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 }

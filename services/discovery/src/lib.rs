@@ -31,7 +31,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     // reqwest (Nomad) and kube (Kubernetes) share rustls with the ring provider; whichever
     // asks first must find it installed. Err means it already was.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cache = CacheClient::new(&config.cache, &config.client)?;
+    let cache = CacheClient::new(&config.cache, &config.common.client)?;
     // Discovery has no database to share a key through: replicas share one only when given a
     // key file.
     cache.install_seal(match config.cache.seal_from_file()? {
@@ -39,7 +39,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         None => merkle_shared::cache::seal::Seal::random(),
     });
     let (health, health_service) = Health::new(SERVICE_NAME).await;
-    let server_args = config.server.clone();
+    let server_args = config.common.server.clone();
     let fleet = fleet::Fleet::new(config, cache, shutdown.clone());
 
     // SERVING once the backend has answered; the first probe reads the list.

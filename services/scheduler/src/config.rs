@@ -5,10 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::Parser;
 use merkle_shared::{
     cache::CacheArgs,
-    config::{
-        ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration,
-        require_service_uri,
-    },
+    config::{CommonArgs, ConfigError, Validate, parse_duration, require_service_uri},
     postgres::PostgresArgs,
     service::ServiceConfig,
 };
@@ -22,15 +19,11 @@ use merkle_shared::{
 )]
 pub struct Config {
     #[command(flatten)]
-    pub server: ServerArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub common: CommonArgs,
     #[command(flatten)]
     pub postgres: PostgresArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
-    #[command(flatten)]
-    pub client: ClientArgs,
     /// TreeBuilder, which hashes the sources' directories.
     #[arg(long, env = "TREE_BUILDER_ADDR")]
     pub tree_builder_addr: Option<String>,
@@ -73,6 +66,7 @@ impl Config {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "scheduler".into());
             let port = self
+                .common
                 .server
                 .listen_addr_or(merkle_shared::ports::SCHEDULER)
                 .port();
@@ -114,11 +108,7 @@ impl Validate for Config {
 }
 
 impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryArgs {
-        &self.telemetry
-    }
-
-    fn server(&self) -> &merkle_shared::config::ServerArgs {
-        &self.server
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 }

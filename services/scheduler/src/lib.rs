@@ -61,12 +61,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let replica = config.replica();
     let ctx = Arc::new(context::Context {
         pool: pool.clone(),
-        cache: CacheClient::new(&config.cache, &config.client)?,
+        cache: CacheClient::new(&config.cache, &config.common.client)?,
         services: context::Services::new(
             config.tree_builder_addr.as_deref(),
             config.db_sync_addr.as_deref(),
             config.discovery_addr.as_deref(),
-            &config.client,
+            &config.common.client,
         )?,
         fleet_parallelism: config.fleet_parallelism as usize,
         registry: registry::Registry::default(),
@@ -85,7 +85,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let min_interval = config.min_interval;
     let seal_file = config.cache.seal_from_file()?;
     let probe_ctx = ctx.clone();
-    health.watch(config.server.health_check_interval, shutdown.clone(), move || {
+    health.watch(config.common.server.health_check_interval, shutdown.clone(), move || {
         let ctx = probe_ctx.clone();
         let ready = ready.clone();
         let sources_file = sources_file.clone();
@@ -130,11 +130,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     ticker::spawn(ctx.clone(), config.lease_duration, shutdown.clone());
     let service = merkle_shared::limit_messages!(
         SchedulerServiceServer::new(api::SchedulerApi::new(ctx, config.min_interval)),
-        config.server
+        config.common.server
     );
     server::serve(
         SERVICE_NAME,
-        &config.server,
+        &config.common.server,
         merkle_shared::ports::SCHEDULER,
         tonic::service::Routes::new(service),
         health_service,

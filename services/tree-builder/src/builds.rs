@@ -54,7 +54,7 @@ impl BuildSettings {
             max_depth: config.max_depth as usize,
             watch_max_entries: config.watch_max_entries,
             // Headroom for the message envelope: a batch stays well under the limit.
-            batch_bytes: (config.server.max_message_bytes as usize) * 3 / 4,
+            batch_bytes: (config.common.server.max_message_bytes as usize) * 3 / 4,
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_builds as usize,
             )),

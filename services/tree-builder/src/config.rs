@@ -4,10 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use merkle_shared::{
-    config::{
-        ClientArgs, ConfigError, ServerArgs, TelemetryArgs, Validate, parse_duration,
-        require_service_uri,
-    },
+    config::{CommonArgs, ConfigError, Validate, parse_duration, require_service_uri},
     service::ServiceConfig,
 };
 
@@ -20,9 +17,7 @@ use merkle_shared::{
 )]
 pub struct Config {
     #[command(flatten)]
-    pub server: ServerArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub common: CommonArgs,
     /// Directories under which builds are allowed, comma-separated. Each is resolved once at
     /// start (symlinks followed, and the resolution logged); a requested path must lie under
     /// one of them once canonicalized. Relative request paths are taken from the first.
@@ -70,8 +65,6 @@ pub struct Config {
     /// unset: such a VerifyTree compares roots only.
     #[arg(long, env = "DB_SYNC_ADDR")]
     pub db_sync_addr: Option<String>,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 impl Validate for Config {
@@ -108,11 +101,7 @@ impl Validate for Config {
 }
 
 impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryArgs {
-        &self.telemetry
-    }
-
-    fn server(&self) -> &merkle_shared::config::ServerArgs {
-        &self.server
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 }

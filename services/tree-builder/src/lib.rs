@@ -25,19 +25,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let roots = paths::AllowedRoots::resolve(&config.allowed_roots)
         .map_err(|e| ConfigError::new("ALLOWED_ROOTS (--allowed-roots)", e.to_string()))?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
-    let stored = stored::StoredTrees::new(config.db_sync_addr.as_deref(), &config.client)?;
+    let stored = stored::StoredTrees::new(config.db_sync_addr.as_deref(), &config.common.client)?;
     let api = api::TreeBuilderApi::new(
         roots,
         builds::BuildSettings::from_config(&config),
         builds::RecentTrees::new(config.recent_entries),
         stored,
     );
-    let service = merkle_shared::limit_messages!(TreeBuilderServiceServer::new(api), config.server);
+    let service =
+        merkle_shared::limit_messages!(TreeBuilderServiceServer::new(api), config.common.server);
     // TreeBuilder's only dependency is its file system; it serves as soon as it listens.
     health.set_serving().await;
     server::serve(
         SERVICE_NAME,
-        &config.server,
+        &config.common.server,
         merkle_shared::ports::TREE_BUILDER,
         tonic::service::Routes::new(service),
         health_service,
