@@ -1,12 +1,13 @@
 //! The runtime every Merkle Mesh service uses, one way for each thing:
 //!
-//! - [`config`]: flags and environment (clap), validated at start, one-line errors;
+//! - [`config`]: flags and environment (clap), validated at start, one-line errors; [`values`]:
+//!   the checks of one value and the error naming the setting;
 //! - [`auth`]: who is calling and what they may do (identities, the policy table, the layer);
 //! - [`telemetry`]: JSON logs, OpenTelemetry export, W3C trace-context propagation;
 //! - [`server`]: the gRPC server (health, reflection, limits, graceful shutdown);
 //! - [`client`]: lazy gRPC channels with timeouts, trace propagation and retries;
 //! - [`convert`]: the Merkle core's types to and from the contract's messages;
-//! - [`postgres`] and [`redis`]: connection pools, and migrations run at start;
+//! - [`postgres`]: the connection pool, and migrations run at start;
 //! - [`cache`]: the typed, fail-safe client of the Cache service (single-flight loads);
 //! - [`breaker`] and [`single_flight`]: the circuit breaker and call sharing both use;
 //! - [`health`]: health status that follows real dependency checks;
@@ -40,6 +41,7 @@ pub mod statuses;
 pub mod stored_tree;
 pub mod telemetry;
 pub mod tls;
+pub mod values;
 
 /// Every program that links this crate (the services, merklectl, the tests and benchmarks)
 /// allocates with mimalloc: a service's hot path is allocation-heavy (protobuf messages decoded,

@@ -26,7 +26,7 @@ use std::{path::PathBuf, sync::Arc};
 use clap::Args;
 use tonic::Status;
 
-use crate::config::ConfigError;
+use crate::values::ConfigError;
 
 /// The human roles, least first: each may do what the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
