@@ -37,10 +37,10 @@ use rayon::prelude::*;
 
 use crate::{
     digest::{Digest, ReadBuffer, file_leaf_from_reader, symlink_leaf},
-    node::{DirNode, Entry, EntryKind, Meta, Profile},
+    kept::{KeptDir, KeptEntry},
+    node::{DirNode, Entry, EntryKind, Meta, Profile, TreeStats},
     statcache::{CachedFile, FileStat, StatCache, StatCacheWriter},
     watch::Watch,
-    watched::{KeptDir, KeptEntry},
 };
 
 /// How to build.
@@ -106,16 +106,6 @@ pub enum BuildError {
     Cancelled,
     #[error("starting the hashing threads failed: {0}")]
     Threads(String),
-}
-
-/// What a built tree contains.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TreeStats {
-    pub file_count: u64,
-    pub dir_count: u64,
-    pub symlink_count: u64,
-    pub skipped_count: u64,
-    pub total_bytes: u64,
 }
 
 /// The result of a build.

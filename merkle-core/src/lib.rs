@@ -17,6 +17,7 @@ pub mod build;
 pub mod diff;
 pub mod digest;
 pub mod history;
+mod kept;
 pub mod node;
 pub mod proof;
 pub mod stack;
@@ -30,8 +31,8 @@ pub mod watched;
 /// proof, a listing, a verification), so no walk recurses without this bound.
 pub const MAX_DEPTH: usize = 256;
 
-pub use build::{BuildError, BuildOptions, BuildOutcome, Builder, NodeSink, Progress, TreeStats};
+pub use build::{BuildError, BuildOptions, BuildOutcome, Builder, NodeSink, Progress};
 pub use digest::Digest;
-pub use node::{DirNode, Entry, EntryKind, Meta, Profile};
+pub use node::{DirNode, Entry, EntryKind, Meta, Profile, TreeStats};
 pub use tree::MemTree;
 pub use watched::WatchedTree;

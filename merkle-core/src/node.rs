@@ -279,6 +279,16 @@ pub fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// What a built tree contains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeStats {
+    pub file_count: u64,
+    pub dir_count: u64,
+    pub symlink_count: u64,
+    pub skipped_count: u64,
+    pub total_bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
