@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Context as _;
 use merkle_core::{MemTree, TreeStats};
-use merkle_db_sync::store::queries;
+use merkle_db_sync::sql as queries;
 use merkle_proto::dbsync::v1::{
     DiffSnapshotsRequest, GetLatestRootRequest, ListDirectoryRequest,
     db_sync_service_client::DbSyncServiceClient,

@@ -26,7 +26,7 @@ use merkle_core::{
     Digest, MemTree, Profile, TreeStats,
     history::{Checkpoint, HEAD, Record, seal},
 };
-use merkle_db_sync::store::queries;
+use merkle_db_sync::sql as queries;
 use merkle_proto::dbsync::v1::db_sync_service_client::DbSyncServiceClient;
 use merklectl::{
     history::{PUBLIC_KEY_FILE, ensure_signing_key},

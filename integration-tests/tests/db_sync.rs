@@ -1219,10 +1219,10 @@ async fn every_hot_path_query_is_served_by_an_index() {
         .expect("set");
     let hashes: Vec<Vec<u8>> = vec![vec![0; 32]];
     let now = std::time::SystemTime::now();
-    for (name, query) in merkle_db_sync::store::queries::ALL {
+    for (name, query) in merkle_db_sync::sql::ALL {
         let sql = format!("EXPLAIN {query}");
         let plan = match *name {
-            "LATEST" | "SOURCE" | "SEQUENCE_RANGE" | "CHECKPOINTS" => {
+            "LATEST" | "ALL_OF_SOURCE" | "SOURCE" | "SEQUENCE_RANGE" | "CHECKPOINTS" => {
                 db.query(&sql, &[&"docs"]).await
             }
             "HISTORY" => db.query(&sql, &[&"docs", &1i64, &100i64, &100i64]).await,

@@ -7,7 +7,7 @@ use std::{collections::HashMap, path::Path, time::Instant};
 
 use integration_tests::{ServingStatus, TestStack};
 use merkle_core::{DirNode, Entry, EntryKind, MAX_DEPTH, MemTree, Profile, digest::file_leaf};
-use merkle_db_sync::{nodes::NodeRow, store::queries};
+use merkle_db_sync::sql::{self as queries, NodeRow};
 use merkle_proto::{
     dbsync::v1::{
         DiffSnapshotsRequest, GetInclusionProofRequest, ListDirectoryRequest,

@@ -567,14 +567,10 @@ impl DbSyncService for DbSyncApi {
                 return Err(Error::NotFound(format!("source: {name} has no snapshots")).into());
             }
         }
-        let deleted = store::set_retention(
-            &self.archive.pool,
-            &self.archive.signer,
-            name.as_str(),
-            retention,
-            &actor,
-        )
-        .await?;
+        let deleted = self
+            .archive
+            .set_retention(name.as_str(), retention, &actor)
+            .await?;
         tracing::info!(source = %name, ?retention, deleted, %actor, "retention policy set");
         if deleted > 0 {
             self.archive.collect.notify_one();

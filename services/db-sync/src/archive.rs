@@ -263,6 +263,23 @@ impl Archive {
         Ok(outcome)
     }
 
+    /// Saves `name`'s retention policy and deletes the snapshots it no longer keeps (never the
+    /// latest), leaving a signed `pruned` checkpoint, in one transaction; returns how many were
+    /// deleted.
+    pub async fn set_retention(
+        &self,
+        name: &str,
+        policy: Retention,
+        actor: &str,
+    ) -> Result<u64, Error> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        store::save_retention(&tx, name, policy, actor).await?;
+        let deleted = crate::history::prune(&tx, &self.signer, name).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// Deletes the snapshots `source`'s policy no longer keeps (after a new one was stored).
     pub async fn apply_retention(&self, source: &str) {
         let result = async {

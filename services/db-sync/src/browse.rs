@@ -8,7 +8,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use merkle_core::{
-    Digest, EntryKind, MemTree, Profile,
+    Digest, EntryKind, MemTree,
     diff::{Change, DiffError, SubtreePair, subtrees_visited},
     proof::{InclusionProof, ProofError, prove, split_path},
 };
@@ -191,9 +191,4 @@ fn too_deep() -> Error {
         "the stored tree nests deeper than {} directories, the limit of docs/merkle-spec.md section 4.1; it cannot be walked",
         merkle_core::MAX_DEPTH
     ))
-}
-
-/// The profile a stored root was hashed with.
-pub async fn profile_of(nodes: &NodeStore, field: &str, root: Digest) -> Result<Profile, Error> {
-    Ok(root_node(nodes, field, root).await?.profile)
 }

@@ -276,17 +276,7 @@ async fn chain_unchained(
     signer: &Signer,
     source: &str,
 ) -> Result<Option<Digest>, Error> {
-    let rows = tx
-        .query_traced(
-            &format!(
-                "SELECT {} FROM merkle_roots WHERE source = $1 ORDER BY sequence",
-                "id, source, sequence, root_hash, profile, build_id, created_at, file_count, \
-                 dir_count, symlink_count, skipped_count, total_bytes, previous_record_hash, \
-                 record_hash, signature, key_id"
-            ),
-            &[&source],
-        )
-        .await?;
+    let rows = tx.query_traced(queries::ALL_OF_SOURCE, &[&source]).await?;
     let mut previous: Option<Digest> = None;
     let mut latest = None;
     for row in &rows {

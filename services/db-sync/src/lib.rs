@@ -7,24 +7,24 @@
 //! reports SERVING, without a restart. The Cache service may be down at any time: every read
 //! then comes from PostgreSQL and every write-through is skipped, never failing a call.
 //!
-//! - [`sync`]: receiving, checking and storing a tree (one transaction);
-//! - [`archive`]: what is read from the cache, what from PostgreSQL, what is written through;
-//! - [`nodes`]: the node store (process memory, the cache, PostgreSQL);
-//! - [`browse`]: directories, diffs and proofs of stored trees;
-//! - [`gc`]: retention and garbage collection;
-//! - [`history`]: the hash-chained, signed snapshot records;
-//! - [`store`]: the schema and the SQL.
+//! - `sync`: receiving, checking and storing a tree (one transaction);
+//! - `archive`: what is read from the cache, what from PostgreSQL, what is written through;
+//! - `nodes`: the node store (process memory, the cache, PostgreSQL);
+//! - `browse`: directories, diffs and proofs of stored trees;
+//! - `gc`: retention and garbage collection;
+//! - `history`: the hash-chained, signed snapshot records;
+//! - `store`: the schema and the SQL.
 
 mod api;
-pub mod archive;
-pub mod browse;
+mod archive;
+mod browse;
 pub mod config;
-pub mod error;
-pub mod gc;
-pub mod history;
-pub mod nodes;
-pub mod store;
-pub mod sync;
+mod error;
+mod gc;
+mod history;
+mod nodes;
+mod store;
+mod sync;
 
 use std::sync::{
     Arc,
@@ -40,6 +40,13 @@ use merkle_shared::{
     service::RunError,
     shutdown::Shutdown,
 };
+
+/// What tools outside DbSync may rely on: the SQL it runs (benchmarks count it in
+/// `pg_stat_statements`, tests plan every statement) and the row form of a directory node
+/// (fixtures that write a tree as DbSync does). Everything else is DbSync's own.
+pub mod sql {
+    pub use crate::{nodes::NodeRow, store::queries::*};
+}
 
 /// The fully qualified gRPC service name.
 pub const SERVICE_NAME: &str = merkle_proto::service_names::DB_SYNC;

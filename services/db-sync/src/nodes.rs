@@ -110,20 +110,11 @@ impl quick_cache::Weighter<Digest, Arc<StoredNode>> for Weight {
     }
 }
 
-/// Where node reads come from, for statistics and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Reads {
-    pub memory: u64,
-    pub cache: u64,
-    pub postgres: u64,
-}
-
 /// Reads nodes: process memory, then the Cache service, then PostgreSQL.
 pub struct NodeStore {
     pool: PgPool,
     cache: CacheClient,
     memory: Option<quick_cache::sync::Cache<Digest, Arc<StoredNode>, Weight>>,
-    reads: std::sync::Mutex<Reads>,
 }
 
 /// Nodes kept in memory are rarely over a few KiB; the estimate only sizes the table.
@@ -142,16 +133,7 @@ impl NodeStore {
             pool,
             cache,
             memory,
-            reads: std::sync::Mutex::new(Reads::default()),
         }
-    }
-
-    pub fn reads(&self) -> Reads {
-        *self.reads.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn count(&self, f: impl FnOnce(&mut Reads)) {
-        f(&mut self.reads.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Keeps a node just stored or read in process memory.
@@ -184,7 +166,6 @@ impl NodeStore {
                 None => wanted.push(*hash),
             }
         }
-        self.count(|r| r.memory += (found.len()) as u64);
         if wanted.is_empty() {
             return Ok(found);
         }
@@ -201,7 +182,6 @@ impl NodeStore {
                         let node = Arc::new(node);
                         self.remember(*hash, node.clone());
                         found.insert(*hash, node);
-                        self.count(|r| r.cache += 1);
                     }
                     None => still.push(*hash),
                 }
@@ -234,7 +214,6 @@ impl NodeStore {
             found.insert(hash, node);
             fill.push((hash.to_hex(), CachedNode { encoded, sizes }));
         }
-        self.count(|r| r.postgres += fill.len() as u64);
         for chunk in fill.chunks(1000) {
             self.cache.set_many(Namespace::TreeMeta, chunk, None).await;
         }

@@ -58,6 +58,12 @@ pub mod queries {
         snapshot_columns!(),
         " FROM merkle_roots WHERE source = $1 ORDER BY sequence DESC LIMIT 1"
     );
+    /// Every snapshot of a source, oldest first.
+    pub const ALL_OF_SOURCE: &str = concat!(
+        "SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots WHERE source = $1 ORDER BY sequence"
+    );
     pub const BY_ID: &str = concat!(
         "SELECT ",
         snapshot_columns!(),
@@ -153,6 +159,7 @@ pub mod queries {
     /// (name, SQL).
     pub const ALL: &[(&str, &str)] = &[
         ("LATEST", LATEST),
+        ("ALL_OF_SOURCE", ALL_OF_SOURCE),
         ("BY_ID", BY_ID),
         ("BY_SEQUENCE", BY_SEQUENCE),
         ("BY_BUILD", BY_BUILD),
@@ -394,21 +401,17 @@ pub async fn source(
         }))
 }
 
-/// Saves a source's policy and deletes the snapshots it no longer keeps (never the latest),
-/// in one transaction; returns how many were deleted.
-pub async fn set_retention(
-    pool: &PgPool,
-    signer: &crate::history::Signer,
+/// Saves `name`'s retention policy, in `tx`. The identity is recorded when the policy changes:
+/// passing on the same policy again (as the Scheduler does after each build) keeps the name of
+/// whoever set it.
+pub async fn save_retention(
+    tx: &tokio_postgres::Transaction<'_>,
     name: &str,
     policy: Retention,
     actor: &str,
-) -> Result<u64, Error> {
-    let mut conn = pool.get().await?;
-    let tx = conn.transaction().await?;
+) -> Result<(), Error> {
     let keep_last = policy.keep_last.map(|n| n as i32);
     let keep_within = policy.keep_within.map(|d| d.as_secs() as i64);
-    // The identity is recorded when the policy changes: passing on the same policy again (as
-    // the Scheduler does after each build) keeps the name of whoever set it.
     tx.execute_traced(
         "UPDATE merkle_sources SET keep_last = $2, keep_within_secs = $3, \
          retention_set_by = CASE WHEN keep_last IS DISTINCT FROM $2 \
@@ -417,9 +420,7 @@ pub async fn set_retention(
         &[&name, &keep_last, &keep_within, &actor],
     )
     .await?;
-    let deleted = crate::history::prune(&tx, signer, name).await?;
-    tx.commit().await?;
-    Ok(deleted)
+    Ok(())
 }
 
 /// What [`prune`] removed: how many snapshots, the last one (sequence, record hash) for the
