@@ -27,7 +27,7 @@ use merkle_shared::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::stored::DbSyncAddr;
+use crate::remote::DbSyncAddr;
 
 /// The first line of an export names its format.
 const FORMAT: &str = "merkle-history/1";

@@ -198,7 +198,7 @@ pub struct DiffArgs {
     #[arg(long, value_name = "SOURCE")]
     pub stored: Option<String>,
     #[command(flatten)]
-    pub db_sync: crate::stored::DbSyncAddr,
+    pub db_sync: crate::remote::DbSyncAddr,
     #[command(flatten)]
     pub tree: TreeArgs,
     /// One JSON object per changed path instead of `A|D|M|T path` lines.
@@ -253,7 +253,7 @@ pub struct ProveArgs {
     #[arg(long, value_name = "SOURCE")]
     pub stored: Option<String>,
     #[command(flatten)]
-    pub db_sync: crate::stored::DbSyncAddr,
+    pub db_sync: crate::remote::DbSyncAddr,
     #[command(flatten)]
     pub tree: TreeArgs,
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use merkle_proto::dbsync::v1::db_sync_service_client::DbSyncServiceClient;
 use merkle_shared::{
     client::{Channel, channel},
     config::ClientArgs,
@@ -27,6 +28,27 @@ pub fn connect(addr: &str) -> anyhow::Result<Channel> {
         client_max_attempts: 1,
     };
     Ok(channel("--addr", addr, &args)?)
+}
+
+/// The local stack's DbSync.
+pub const DB_SYNC_DEFAULT_ADDR: &str = "http://127.0.0.1:50053";
+
+/// Where DbSync is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DbSyncAddr {
+    /// DbSync's address (default: the local stack's).
+    #[arg(long = "addr", env = "DB_SYNC_ADDR", default_value = DB_SYNC_DEFAULT_ADDR)]
+    pub addr: String,
+}
+
+impl DbSyncAddr {
+    pub(crate) fn client(&self) -> anyhow::Result<DbSyncServiceClient<Channel>> {
+        Ok(DbSyncServiceClient::new(connect(&self.addr)?).max_decoding_message_size(64 << 20))
+    }
+
+    pub(crate) fn failed(&self) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+        call_failed("DbSync", &self.addr)
+    }
 }
 
 /// `"<service> at <addr>: <CODE>: <message>"`, for a failed call.

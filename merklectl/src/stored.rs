@@ -23,32 +23,12 @@ use merkle_shared::{
 };
 use serde_json::json;
 
-use crate::remote::{call_failed, connect};
+use crate::remote::DbSyncAddr;
 
-/// The local stack's DbSync.
-pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50053";
 /// Hashes per FindMissingNodes call (the contract's limit).
 const FIND_BATCH: usize = 10_000;
 /// Bytes of nodes per SyncTree message, well under the 4 MiB message limit.
 const MESSAGE_BYTES: usize = 1 << 20;
-
-/// Where DbSync is.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DbSyncAddr {
-    /// DbSync's address (default: the local stack's).
-    #[arg(long = "addr", env = "DB_SYNC_ADDR", default_value = DEFAULT_ADDR)]
-    pub addr: String,
-}
-
-impl DbSyncAddr {
-    pub(crate) fn client(&self) -> anyhow::Result<DbSyncServiceClient<Channel>> {
-        Ok(DbSyncServiceClient::new(connect(&self.addr)?).max_decoding_message_size(64 << 20))
-    }
-
-    pub(crate) fn failed(&self) -> impl FnOnce(tonic::Status) -> anyhow::Error {
-        call_failed("DbSync", &self.addr)
-    }
-}
 
 /// Stores `tree` as the newest snapshot of `source`. When the source's latest root is already
 /// `tree`'s, only the header is sent (DbSync then writes nothing); else it asks DbSync which of
