@@ -18,7 +18,7 @@ use super::{
     identities::Identities,
     policy::{self, Rule},
 };
-use crate::{config::ConfigError, tls::PeerInfo};
+use crate::{tls::PeerInfo, values::ConfigError};
 
 /// What the layer checks against.
 enum State {
