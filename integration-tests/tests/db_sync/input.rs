@@ -1,5 +1,7 @@
 //! Bad input gets a status naming the field; every hot-path query is served by an index.
 
+use std::{future::Future, pin::Pin};
+
 use integration_tests::TestStack;
 use merkle_proto::{
     common::v1::RetentionPolicy,
@@ -13,17 +15,27 @@ use tonic::Code;
 
 use super::support::*;
 
-/// The call failed with `code` and a message that starts with `start` (the field's name).
-fn expect<T>(result: Result<tonic::Response<T>, tonic::Status>, code: Code, start: &str) {
-    let Err(err) = result else {
-        panic!("{start}: the call succeeded");
-    };
-    assert_eq!(err.code(), code, "{start}: {}", err.message());
-    assert!(
-        err.message().starts_with(start),
-        "{:?} does not start with {start:?}",
-        err.message()
-    );
+/// A call that must be refused: which one, the status it must get, how its message starts
+/// (the field's name), and its answer.
+struct Refusal {
+    call: &'static str,
+    code: Code,
+    start: &'static str,
+    answer: Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>,
+}
+
+/// `client.method(request)`, to be refused with `Code::$code` and a message starting `start`.
+macro_rules! refused {
+    ($client:expr, $method:ident($request:expr) => $code:ident, $start:expr) => {{
+        let mut client = $client.clone();
+        let request = $request;
+        Refusal {
+            call: stringify!($method),
+            code: Code::$code,
+            start: $start,
+            answer: Box::pin(async move { client.$method(request).await.map(drop) }),
+        }
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -31,100 +43,6 @@ async fn bad_input_is_rejected_naming_the_field() {
     let mut stack = TestStack::new();
     let mut c = start(&mut stack, &[]).await;
     push(&mut c, "docs", &Tree::new(&[("a", "1")])).await;
-    expect(
-        c.get_latest_root(GetLatestRootRequest {
-            source: "Bad Name".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        "source: ",
-    );
-    expect(
-        c.get_latest_root(GetLatestRootRequest {
-            source: String::new(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        "source: ",
-    );
-    expect(
-        c.get_latest_root(GetLatestRootRequest {
-            source: "web".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::NotFound,
-        "source: web",
-    );
-    expect(
-        c.find_missing_nodes(FindMissingNodesRequest {
-            hashes: vec!["0".repeat(64), "xyz".into()],
-        })
-        .await,
-        Code::InvalidArgument,
-        "hashes[1]: ",
-    );
-    expect(
-        c.find_missing_nodes(FindMissingNodesRequest {
-            hashes: vec!["0".repeat(64); 10_001],
-        })
-        .await,
-        Code::InvalidArgument,
-        "hashes: ",
-    );
-    expect(
-        c.get_snapshot(GetSnapshotRequest {
-            snapshot_id: "x1".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        "snapshot_id: ",
-    );
-    expect(
-        c.get_snapshot(GetSnapshotRequest {
-            snapshot_id: "999".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::NotFound,
-        "snapshot_id: ",
-    );
-    expect(
-        c.get_snapshot(GetSnapshotRequest::default()).await,
-        Code::InvalidArgument,
-        "snapshot_id: ",
-    );
-    expect(
-        c.list_snapshots(ListSnapshotsRequest {
-            source: "docs".into(),
-            page_token: "abc".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        "page_token: ",
-    );
-    expect(
-        c.list_snapshots(ListSnapshotsRequest {
-            source: "web".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::NotFound,
-        "source: ",
-    );
-    expect(
-        c.list_directory(ListDirectoryRequest {
-            root_hash: "0".repeat(64),
-            ..Default::default()
-        })
-        .await,
-        Code::NotFound,
-        "root_hash: ",
-    );
     let root = c
         .get_latest_root(GetLatestRootRequest {
             source: "docs".into(),
@@ -136,85 +54,87 @@ async fn bad_input_is_rejected_naming_the_field() {
         .snapshot
         .expect("snapshot")
         .root_hash;
-    expect(
-        c.list_directory(ListDirectoryRequest {
-            root_hash: "zz".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        "root_hash: ",
-    );
-    expect(
-        c.list_directory(ListDirectoryRequest {
-            root_hash: root.clone(),
-            path: "a".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::FailedPrecondition,
-        "path: a is a file",
-    );
-    expect(
-        c.list_directory(ListDirectoryRequest {
-            root_hash: root.clone(),
-            path: "nope".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::NotFound,
-        "path: ",
-    );
-    expect(
-        c.list_directory(ListDirectoryRequest {
-            root_hash: root.clone(),
-            path: "../etc".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        "path: ",
-    );
-    expect(
-        c.set_retention_policy(SetRetentionPolicyRequest {
-            source: "docs".into(),
-            policy: Some(RetentionPolicy {
-                keep_last: 0,
-                keep_within: Some(prost_types::Duration {
-                    seconds: -5,
-                    nanos: 0,
-                }),
+    let latest = |source: &str| GetLatestRootRequest {
+        source: source.into(),
+        ..Default::default()
+    };
+    let snapshot = |id: &str| GetSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let directory = |root_hash: &str, path: &str| ListDirectoryRequest {
+        root_hash: root_hash.into(),
+        path: path.into(),
+        ..Default::default()
+    };
+    let negative_keep_within = SetRetentionPolicyRequest {
+        source: "docs".into(),
+        policy: Some(RetentionPolicy {
+            keep_last: 0,
+            keep_within: Some(prost_types::Duration {
+                seconds: -5,
+                nanos: 0,
             }),
-        })
-        .await,
-        Code::InvalidArgument,
-        "policy.keep_within: ",
-    );
-    expect(
-        c.get_retention_policy(GetRetentionPolicyRequest {
+        }),
+    };
+    let cases = vec![
+        refused!(c, get_latest_root(latest("Bad Name")) => InvalidArgument, "source: "),
+        refused!(c, get_latest_root(latest("")) => InvalidArgument, "source: "),
+        refused!(c, get_latest_root(latest("web")) => NotFound, "source: web"),
+        refused!(c, find_missing_nodes(FindMissingNodesRequest {
+            hashes: vec!["0".repeat(64), "xyz".into()],
+        }) => InvalidArgument, "hashes[1]: "),
+        refused!(c, find_missing_nodes(FindMissingNodesRequest {
+            hashes: vec!["0".repeat(64); 10_001],
+        }) => InvalidArgument, "hashes: "),
+        refused!(c, get_snapshot(snapshot("x1")) => InvalidArgument, "snapshot_id: "),
+        refused!(c, get_snapshot(snapshot("999")) => NotFound, "snapshot_id: "),
+        refused!(c, get_snapshot(snapshot("")) => InvalidArgument, "snapshot_id: "),
+        refused!(c, list_snapshots(ListSnapshotsRequest {
+            source: "docs".into(),
+            page_token: "abc".into(),
+            ..Default::default()
+        }) => InvalidArgument, "page_token: "),
+        refused!(c, list_snapshots(ListSnapshotsRequest {
             source: "web".into(),
-        })
-        .await,
-        Code::NotFound,
-        "source: ",
-    );
-    expect(
-        c.warm_cache(WarmCacheRequest {
+            ..Default::default()
+        }) => NotFound, "source: "),
+        refused!(c, list_directory(directory(&"0".repeat(64), "")) => NotFound, "root_hash: "),
+        refused!(c, list_directory(directory("zz", "")) => InvalidArgument, "root_hash: "),
+        refused!(c, list_directory(directory(&root, "a")) => FailedPrecondition, "path: a is a file"),
+        refused!(c, list_directory(directory(&root, "nope")) => NotFound, "path: "),
+        refused!(c, list_directory(directory(&root, "../etc")) => InvalidArgument, "path: "),
+        refused!(c, set_retention_policy(negative_keep_within) => InvalidArgument, "policy.keep_within: "),
+        refused!(c, get_retention_policy(GetRetentionPolicyRequest {
+            source: "web".into(),
+        }) => NotFound, "source: "),
+        refused!(c, warm_cache(WarmCacheRequest {
             sources: vec!["web".into()],
-        })
-        .await,
-        Code::NotFound,
-        "sources: ",
-    );
-    expect(
-        c.diff_snapshots(DiffSnapshotsRequest {
+        }) => NotFound, "sources: "),
+        refused!(c, diff_snapshots(DiffSnapshotsRequest {
             old_root_hash: root.clone(),
             new_root_hash: "1".repeat(64),
-        })
-        .await,
-        Code::NotFound,
-        "new_root_hash: ",
-    );
+        }) => NotFound, "new_root_hash: "),
+    ];
+    for (i, case) in cases.into_iter().enumerate() {
+        let Err(err) = case.answer.await else {
+            panic!("case {i} ({}): the call succeeded", case.call);
+        };
+        assert_eq!(
+            err.code(),
+            case.code,
+            "case {i} ({}): {}",
+            case.call,
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(case.start),
+            "case {i} ({}): {:?} does not start with {:?}",
+            case.call,
+            err.message(),
+            case.start
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
