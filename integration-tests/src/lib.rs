@@ -310,6 +310,15 @@ impl TestStack {
     }
 
     /// The most recently started service named `name`.
+    /// The newest service started under `name`.
+    pub fn service(&self, name: &str) -> &RunningService {
+        self.services
+            .iter()
+            .rev()
+            .find(|s| s.spec.name == name)
+            .unwrap_or_else(|| panic!("{name} was not started"))
+    }
+
     pub fn service_mut(&mut self, name: &str) -> &mut RunningService {
         self.services
             .iter_mut()

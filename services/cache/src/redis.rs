@@ -1,20 +1,17 @@
 //! Redis: the connections. Only this service talks to Redis; every other service goes
 //! through it over gRPC.
 //!
-//! A [`RedisPool`] is a few multiplexed connections used round-robin. Each one carries any
-//! number of concurrent commands (pipelined on one socket), so no checkout, and no PING per
-//! checkout, sits on the hot path; each reconnects by itself after Redis went away.
+//! A [`RedisPool`] is a `bb8` pool of `bb8-redis` connections. A command holds one connection
+//! while it runs, so `REDIS_POOL_SIZE` bounds the commands in flight; past it a caller waits
+//! for a free one at most `REDIS_TIMEOUT`, then the call is UNAVAILABLE. Checkouts are not
+//! tested with a PING (that would double every round trip); a connection is dropped instead
+//! when a command on it fails the way a lost connection does, and the pool opens a new one.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
+use bb8_redis::RedisConnectionManager;
 use clap::Args;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::MultiplexedConnection;
 
 use merkle_shared::config::{ConfigError, parse_duration, redact_url, require_scheme};
 
@@ -25,11 +22,11 @@ pub struct RedisArgs {
     /// Redis URL, e.g. redis://127.0.0.1:6379/0 or redis://:password@host:6379.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: String,
-    /// Multiplexed connections, used in turn; each carries many concurrent commands.
-    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 4,
-          value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Connections to Redis; also the most commands in flight at once.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub redis_pool_size: u32,
-    /// Timeout for connecting and for one Redis command.
+    /// Timeout for connecting, for waiting on a free connection, and for one Redis command.
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub redis_timeout: Duration,
 }
@@ -40,7 +37,7 @@ impl RedisArgs {
         self.client().map(drop)
     }
 
-    fn client(&self) -> Result<redis::Client, ConfigError> {
+    pub(crate) fn client(&self) -> Result<redis::Client, ConfigError> {
         require_scheme(
             "REDIS_URL (--redis-url)",
             &self.redis_url,
@@ -55,73 +52,156 @@ impl RedisArgs {
     }
 }
 
-/// Multiplexed Redis connections, used round-robin; cheap to clone.
-#[derive(Clone)]
-pub struct RedisPool {
-    connections: Arc<[ConnectionManager]>,
-    next: Arc<AtomicUsize>,
+/// `bb8-redis`'s manager, told which connections broke. Its own `has_broken` is always
+/// false and we do not PING on checkout, so without this a connection Redis closed (a
+/// restart) would stay in the pool and fail every command sent on it.
+pub struct Manager(RedisConnectionManager);
+
+/// A pooled connection and whether a command on it failed as a lost connection does.
+pub struct Connection {
+    pub redis: MultiplexedConnection,
+    broken: bool,
 }
 
-impl RedisPool {
-    /// The next connection (a handle: clone it freely, commands on it run concurrently).
-    pub fn connection(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        self.connections[i].clone()
+impl Connection {
+    /// Records the outcome of a command: a connection-level failure retires the connection.
+    pub fn observe<T>(&mut self, outcome: &Result<T, Failure>) {
+        if let Err(failure) = outcome {
+            self.broken |= failure.retires_connection();
+        }
     }
 }
 
-/// Lazily connecting connections; fails only on a malformed URL, naming `REDIS_URL`. Must be
-/// called inside a tokio runtime (reconnection runs on it).
+impl bb8::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = redis::RedisError;
+
+    async fn connect(&self) -> Result<Connection, redis::RedisError> {
+        Ok(Connection {
+            redis: self.0.connect().await?,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
+        self.0.is_valid(&mut conn.redis).await
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        conn.broken
+    }
+}
+
+/// The pool; cheap to clone.
+pub type RedisPool = bb8::Pool<Manager>;
+/// A connection checked out of the pool (returned when dropped).
+pub type Pooled = bb8::PooledConnection<'static, Manager>;
+
+/// Why a command did not succeed.
+#[derive(Debug)]
+pub enum Failure {
+    /// No connection could be had within the timeout (all busy, or Redis unreachable).
+    NoConnection(String),
+    /// Redis answered with an error, or the connection failed.
+    Redis(redis::RedisError),
+    /// No answer within the timeout.
+    TimedOut(Duration),
+}
+
+impl Failure {
+    /// True when the connection cannot be trusted with another command.
+    fn retires_connection(&self) -> bool {
+        match self {
+            Failure::NoConnection(_) => false,
+            // A late answer would arrive for a command nobody waits for any more.
+            Failure::TimedOut(_) => true,
+            Failure::Redis(e) => {
+                e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NoConnection(reason) => write!(f, "no Redis connection: {reason}"),
+            Failure::Redis(e) => write!(f, "{e}"),
+            Failure::TimedOut(t) => write!(f, "Redis did not answer within {t:?}"),
+        }
+    }
+}
+
+/// A pool that connects in the background; fails only on a malformed URL, naming
+/// `REDIS_URL`. Must be called inside a tokio runtime.
 pub fn pool(args: &RedisArgs) -> Result<RedisPool, ConfigError> {
     let client = args.client()?;
-    // One attempt per reconnection: callers bound their own waiting (and the Cache service's
-    // circuit breaker stops calling a Redis that is down), so no command waits on a long
-    // series of reconnection attempts.
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(args.redis_timeout))
-        .set_response_timeout(Some(args.redis_timeout))
-        .set_number_of_retries(0);
-    let connections = (0..args.redis_pool_size)
-        .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
+    let manager =
+        RedisConnectionManager::new(client.get_connection_info().clone()).map_err(|e| {
             ConfigError::new(
                 "REDIS_URL (--redis-url)",
                 format!("cannot use this Redis URL: {e}"),
             )
         })?;
-    Ok(RedisPool {
-        connections: connections.into(),
-        next: Arc::new(AtomicUsize::new(0)),
-    })
+    Ok(bb8::Pool::builder()
+        .max_size(args.redis_pool_size)
+        .min_idle(Some(args.redis_pool_size.min(4)))
+        .test_on_check_out(false)
+        .connection_timeout(args.redis_timeout)
+        // Reconnection failures are the breaker's and the health probe's to report.
+        .error_sink(Box::new(bb8::NopErrorSink))
+        .build_unchecked(Manager(manager)))
 }
 
-/// Pings Redis on every connection of the pool within `timeout`; returns the slowest round
-/// trip. Every connection, because each reconnects on its own: a connection whose last
-/// reconnection failed (Redis was down) answers that stale error once and only then tries
-/// again, so it is asked a second time. A probe therefore sees Redis back as soon as it is.
-pub async fn ping(pool: &RedisPool, timeout: Duration) -> Result<Duration, String> {
-    async fn once(conn: &mut ConnectionManager) -> Result<(), String> {
-        redis::cmd("PING")
-            .query_async::<String>(conn)
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+/// A connection within `timeout`.
+pub async fn checkout(pool: &RedisPool, timeout: Duration) -> Result<Pooled, Failure> {
+    match tokio::time::timeout(timeout, pool.get_owned()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(bb8::RunError::User(e))) => Err(Failure::NoConnection(e.to_string())),
+        Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(Failure::NoConnection(format!(
+            "none free or none could be opened within {timeout:?} ({} open, {} idle)",
+            pool.state().connections,
+            pool.state().idle_connections
+        ))),
     }
+}
+
+/// Pings Redis on every idle connection of the pool (at least one) within `timeout`; returns
+/// the slowest round trip. Every idle one, because a connection Redis closed while nobody used
+/// it is found only by using it: the probe retires it, so that no caller meets it after Redis
+/// is back.
+pub async fn ping(pool: &RedisPool, timeout: Duration) -> Result<Duration, String> {
     let started = Instant::now();
-    let each = pool.connections.iter().map(|conn| {
-        let mut conn = conn.clone();
-        async move {
-            if once(&mut conn).await.is_err() {
-                once(&mut conn).await?;
-            }
-            Ok::<(), String>(())
+    let count = pool.state().idle_connections.max(1);
+    async fn once(pool: &RedisPool, timeout: Duration) -> Result<(), String> {
+        let mut conn = checkout(pool, timeout).await.map_err(|e| e.to_string())?;
+        let outcome = tokio::time::timeout(
+            timeout,
+            redis::cmd("PING").query_async::<String>(&mut conn.redis),
+        )
+        .await
+        .map_err(|_| Failure::TimedOut(timeout))
+        .and_then(|r| r.map_err(Failure::Redis));
+        conn.observe(&outcome);
+        outcome.map(drop).map_err(|e| e.to_string())
+    }
+    // A retired connection is replaced by a new one, asked at once: a Redis that is back
+    // is seen in this probe, not the next.
+    let each = (0..count).map(|_| async {
+        match once(pool, timeout).await {
+            Ok(()) => Ok(()),
+            Err(_) => once(pool, timeout).await,
         }
     });
-    tokio::time::timeout(timeout, futures::future::try_join_all(each))
-        .await
-        .map_err(|_| format!("Redis did not answer within {timeout:?}"))??;
-    Ok(started.elapsed())
+    let outcomes = futures::future::join_all(each).await;
+    // One good answer shows Redis is there; the failed connections are already retired.
+    if outcomes.iter().any(Result::is_ok) {
+        return Ok(started.elapsed());
+    }
+    Err(outcomes
+        .into_iter()
+        .find_map(Result::err)
+        .unwrap_or_else(|| "no connection was pinged".to_owned()))
 }
 
 /// One Redis command waiting on the (multiplexed) connection: counted in

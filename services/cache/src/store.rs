@@ -21,7 +21,7 @@ use std::{
 };
 
 use merkle_shared::breaker::{BreakerState, CircuitBreaker};
-use redis::{RedisResult, aio::ConnectionManager};
+use redis::{RedisResult, aio::MultiplexedConnection};
 
 use crate::{
     codec,
@@ -171,7 +171,7 @@ impl Store {
         op: F,
     ) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(permit) = self.breaker.acquire() else {
@@ -195,16 +195,29 @@ impl Store {
             )
         });
         let _in_flight = crate::redis::InFlight::start();
-        let outcome = match tokio::time::timeout(
-            timeout,
-            tracing::Instrument::instrument(op(self.pool.connection()), span.clone()),
-        )
-        .await
-        {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err(format!("Redis did not answer within {timeout:?}")),
-        };
+        let started = Instant::now();
+        let outcome = match crate::redis::checkout(&self.pool, timeout).await {
+            Ok(mut conn) => {
+                // The command's own handle (a clone is cheap); the checkout is held until it
+                // ends, so the pool counts it as in use.
+                let command = op(conn.redis.clone());
+                let left = timeout.saturating_sub(started.elapsed());
+                let outcome = match tokio::time::timeout(
+                    left,
+                    tracing::Instrument::instrument(command, span.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(err)) => Err(crate::redis::Failure::Redis(err)),
+                    Err(_) => Err(crate::redis::Failure::TimedOut(timeout)),
+                };
+                conn.observe(&outcome);
+                outcome
+            }
+            Err(failure) => Err(failure),
+        }
+        .map_err(|failure| failure.to_string());
         match outcome {
             Ok(value) => {
                 permit.success();

@@ -1,0 +1,158 @@
+//! The Redis connection pool (bb8 with bb8-redis): connections Redis dropped are replaced
+//! without a caller seeing them, and an exhausted pool answers UNAVAILABLE within the timeout.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::{ServingStatus, TestStack};
+use merkle_proto::cache::v1::{CircuitState, DeleteRequest, Namespace};
+use tonic::Code;
+
+use super::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_restarted_under_load_costs_no_caller_a_failure_once_the_breaker_closes() {
+    let mut stack = TestStack::new();
+    let mut c = start_cache(
+        &mut stack,
+        &[
+            ("REDIS_POOL_SIZE", "8".into()),
+            ("REDIS_BREAKER_FAILURES", "3".into()),
+            ("REDIS_BREAKER_COOLDOWN", "200ms".into()),
+        ],
+    )
+    .await;
+    let cache = stack.service("cache");
+    // Callers that write and read back all along; they count what failed after `closed`.
+    let closed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed_after = Arc::new(AtomicU64::new(0));
+    let calls_after = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for caller in 0..16 {
+        let mut c = client(cache);
+        let (closed, stop) = (closed.clone(), stop.clone());
+        let (failed_after, calls_after) = (failed_after.clone(), calls_after.clone());
+        callers.push(tokio::spawn(async move {
+            let key = format!("k{caller}");
+            while !stop.load(Ordering::Relaxed) {
+                let counted = closed.load(Ordering::Relaxed);
+                let ok = set(&mut c, Namespace::DiscoveryNode, &key, b"v").await
+                    && get(&mut c, Namespace::DiscoveryNode, &key).await.as_deref()
+                        == Some(&b"v"[..]);
+                if counted {
+                    calls_after.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failed_after.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.redis.as_mut().expect("redis").stop();
+    stack
+        .service_mut("cache")
+        .wait_for(ServingStatus::NotServing)
+        .await;
+    stack
+        .redis
+        .as_mut()
+        .expect("redis")
+        .start_again()
+        .await
+        .expect("restart redis");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&mut c).await.circuit_state != CircuitState::Closed as i32 {
+        assert!(Instant::now() < deadline, "the breaker closes again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    closed.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        caller.await.expect("caller");
+    }
+    let calls = calls_after.load(Ordering::Relaxed);
+    assert!(calls > 100, "the callers kept calling: {calls}");
+    assert_eq!(
+        failed_after.load(Ordering::Relaxed),
+        0,
+        "of {calls} calls after the breaker closed, none meets a connection Redis dropped"
+    );
+    assert_eq!(
+        status(&mut c).await.circuit_state,
+        CircuitState::Closed as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exhausted_pool_answers_unavailable_within_the_timeout_never_hangs() {
+    let mut stack = TestStack::new();
+    start_cache(
+        &mut stack,
+        &[
+            ("REDIS_POOL_SIZE", "1".into()),
+            ("REDIS_TIMEOUT", "300ms".into()),
+            ("REDIS_BREAKER_FAILURES", "1000".into()),
+        ],
+    )
+    .await;
+    // Redis stops answering every client but this one for 3 s: the pool's one connection is
+    // held by a command that waits, and every other caller waits for the connection.
+    let mut raw = raw_redis(&stack).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query_async(&mut raw)
+        .await
+        .expect("CLIENT PAUSE");
+    let cache = stack.service("cache");
+    let calls = (0..8).map(|i| {
+        let mut c = client(cache);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = c
+                .owner(Namespace::DiscoveryNode)
+                .delete(DeleteRequest {
+                    namespace: Namespace::DiscoveryNode as i32,
+                    key: format!("k{i}"),
+                })
+                .await;
+            (answer, started.elapsed())
+        })
+    });
+    let mut answers = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        answers.push(call.await.expect("caller"));
+    }
+    let mut waited_for_a_connection = 0;
+    for (answer, took) in &answers {
+        let status = answer
+            .as_ref()
+            .expect_err("Redis paused: no delete succeeds");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("Redis"),
+            "the message says what is missing: {status:?}"
+        );
+        if status.message().contains("no Redis connection") {
+            waited_for_a_connection += 1;
+        }
+        // The timeout, not the 3 s pause: a caller never hangs on the pool.
+        assert!(
+            *took < Duration::from_millis(2000),
+            "answered after {took:?}"
+        );
+    }
+    assert!(
+        waited_for_a_connection >= 1,
+        "some callers found the pool exhausted: {answers:?}"
+    );
+}
