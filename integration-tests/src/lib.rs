@@ -162,6 +162,16 @@ impl TestStack {
         self.redis.insert(redis)
     }
 
+    /// Starts this stack's Redis again after it was stopped, on its port and data.
+    pub async fn restart_redis(&mut self) {
+        self.redis
+            .as_mut()
+            .expect("redis started")
+            .start_again()
+            .await
+            .unwrap_or_else(|e| panic!("restarting Redis: {e}"));
+    }
+
     /// A connection to this stack's PostgreSQL, for looking at (or tampering with) the
     /// database directly.
     pub async fn sql(&self) -> tokio_postgres::Client {
@@ -310,7 +320,6 @@ impl TestStack {
     }
 
     /// The most recently started service named `name`.
-    /// The newest service started under `name`.
     pub fn service(&self, name: &str) -> &RunningService {
         self.services
             .iter()
@@ -319,6 +328,7 @@ impl TestStack {
             .unwrap_or_else(|| panic!("{name} was not started"))
     }
 
+    /// The most recently started service named `name`, to stop or restart it.
     pub fn service_mut(&mut self, name: &str) -> &mut RunningService {
         self.services
             .iter_mut()

@@ -827,6 +827,7 @@ fn cases(root: &str) -> Vec<Case> {
                     key: "k".into(),
                     value: vec![1],
                     ttl: d(1, 2_000_000_000),
+                    if_absent: false,
                 },
                 InvalidArgument,
                 "ttl: nanos is 2000000000",
@@ -841,6 +842,7 @@ fn cases(root: &str) -> Vec<Case> {
                     key: "k".into(),
                     value: vec![1],
                     ttl: None,
+                    if_absent: false,
                 },
                 InvalidArgument,
                 "namespace: 99 is not a known namespace",
@@ -855,6 +857,7 @@ fn cases(root: &str) -> Vec<Case> {
                     key: "k".into(),
                     value: vec![1; (1 << 20) + 1],
                     ttl: None,
+                    if_absent: false,
                 },
                 InvalidArgument,
                 "value: is 1048577 bytes",
@@ -869,6 +872,7 @@ fn cases(root: &str) -> Vec<Case> {
                     key: "k".into(),
                     value: vec![1],
                     ttl: None,
+                    if_absent: false,
                 },
                 PermissionDenied,
                 "NAMESPACE_BUILD_STATUS is written only by scheduler",
@@ -944,6 +948,33 @@ fn cases(root: &str) -> Vec<Case> {
             vec![five_mib.clone()],
             ResourceExhausted,
             "the request message is too large",
+        ),
+        as_caller(
+            stream(
+                ca("WatchLatestRoots"),
+                vec![five_mib.clone()],
+                ResourceExhausted,
+                "the request message is too large",
+            ),
+            "db-sync",
+        ),
+        as_caller(
+            case(
+                ca("WatchLatestRoots"),
+                cache::WatchLatestRootsRequest { ack: 5 },
+                InvalidArgument,
+                "ack: must be 0 in the first message",
+            ),
+            "db-sync",
+        ),
+        as_caller(
+            stream(
+                ca("WatchLatestRoots"),
+                vec![],
+                InvalidArgument,
+                "the stream ended before its first message",
+            ),
+            "db-sync",
         ),
         // Discovery
         case(

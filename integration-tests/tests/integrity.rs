@@ -163,6 +163,7 @@ async fn a_root_forged_through_the_cache_service_hides_no_change() {
         key: "docs".into(),
         value,
         ttl: None,
+        if_absent: false,
     };
     let cache = system.stack.service_mut("cache");
     // Without credentials, and as people: refused.
@@ -319,6 +320,7 @@ async fn a_snapshot_seeded_before_the_first_build_is_not_taken_for_it() {
                 key: "docs".into(),
                 value: seeded.encode_to_vec(),
                 ttl: None,
+                if_absent: false,
             })
             .await
             .expect("Set")
@@ -360,6 +362,7 @@ async fn merklectl_push_stores_a_change_the_cache_claims_is_stored() {
             key: "pushed".into(),
             value: lie.encode_to_vec(),
             ttl: None,
+            if_absent: false,
         })
         .await
         .expect("Set");

@@ -92,6 +92,18 @@ impl CircuitBreaker {
         })
     }
 
+    /// A permit whatever the state, for a call that must be tried even while the dependency
+    /// seems down (losing it costs more than waiting for it). While the breaker is not closed
+    /// the call counts as a probe: its success closes the breaker, its failure keeps it open.
+    pub fn force(&self) -> Permit<'_> {
+        let probe = !matches!(*self.lock(), State::Closed { .. });
+        Permit {
+            breaker: self,
+            probe,
+            decided: false,
+        }
+    }
+
     pub fn state(&self) -> BreakerState {
         match *self.lock() {
             State::Closed { .. } => BreakerState::Closed,

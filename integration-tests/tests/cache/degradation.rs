@@ -153,13 +153,7 @@ async fn a_killed_redis_degrades_every_call_and_a_restarted_one_serves_again() {
     assert!(!down.redis_reachable);
     assert!(!down.last_error.is_empty());
 
-    stack
-        .redis
-        .as_mut()
-        .expect("redis")
-        .start_again()
-        .await
-        .expect("restart redis");
+    stack.restart_redis().await;
     let back = Instant::now();
     stack
         .service_mut("cache")

@@ -60,13 +60,7 @@ async fn a_redis_restarted_under_load_costs_no_caller_a_failure_once_the_breaker
         .service_mut("cache")
         .wait_for(ServingStatus::NotServing)
         .await;
-    stack
-        .redis
-        .as_mut()
-        .expect("redis")
-        .start_again()
-        .await
-        .expect("restart redis");
+    stack.restart_redis().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while status(&mut c).await.circuit_state != CircuitState::Closed as i32 {
         assert!(Instant::now() < deadline, "the breaker closes again");

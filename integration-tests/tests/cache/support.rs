@@ -80,6 +80,7 @@ pub(crate) async fn set(c: &mut Clients, ns: Namespace, key: &str, value: &[u8])
             key: key.to_owned(),
             value: value.to_vec(),
             ttl: None,
+            if_absent: false,
         })
         .await
         .expect("Set")

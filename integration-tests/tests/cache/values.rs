@@ -36,6 +36,7 @@ async fn each_namespace_has_its_default_ttl_and_a_request_ttl_overrides_it() {
                     seconds: 120,
                     nanos: 0
                 }),
+                if_absent: false,
             })
             .await
             .expect("Set")
@@ -302,6 +303,7 @@ async fn bad_input_is_rejected_naming_the_field_and_nothing_is_written() {
         key: key.into(),
         value,
         ttl: ttl.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+        if_absent: false,
     };
     let cases: Vec<(SetRequest, &str)> = vec![
         (
@@ -467,5 +469,38 @@ async fn merklectl_cache_commands_talk_to_the_running_service() {
     assert!(
         err.contains("FAILED_PRECONDITION") && err.contains("DB_SYNC_ADDR"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_if_absent_write_never_replaces_a_value() {
+    let mut stack = TestStack::new();
+    let mut c = start_cache(&mut stack, &[]).await;
+    let put = |value: &'static [u8]| SetRequest {
+        namespace: Namespace::LatestRoot as i32,
+        key: "docs".into(),
+        value: value.to_vec(),
+        ttl: None,
+        if_absent: true,
+    };
+    let first = c
+        .owner(Namespace::LatestRoot)
+        .set(put(b"loaded"))
+        .await
+        .expect("Set")
+        .into_inner();
+    assert!(first.stored && !first.existed, "{first:?}");
+    // A writer's newer value, then a late put-back of an older load: the newer one stays.
+    assert!(set(&mut c, Namespace::LatestRoot, "docs", b"newer").await);
+    let late = c
+        .owner(Namespace::LatestRoot)
+        .set(put(b"older"))
+        .await
+        .expect("Set")
+        .into_inner();
+    assert!(!late.stored && late.existed, "{late:?}");
+    assert_eq!(
+        get(&mut c, Namespace::LatestRoot, "docs").await.as_deref(),
+        Some(&b"newer"[..])
     );
 }

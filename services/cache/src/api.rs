@@ -8,7 +8,7 @@ use merkle_proto::cache::v1::{
     GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetStatsRequest, GetStatsResponse,
     GetStatusRequest, GetStatusResponse, InvalidatePatternRequest, InvalidatePatternResponse,
     SetManyRequest, SetManyResponse, SetRequest, SetResponse, WarmupRequest, WarmupResponse,
-    cache_service_server::CacheService,
+    WatchLatestRootsRequest, WatchLatestRootsResponse, cache_service_server::CacheService,
 };
 use merkle_shared::{
     auth::{self, Role},
@@ -21,18 +21,24 @@ use crate::{
     keys::{
         Namespace, SCHEMA_VERSION, check_batch, check_key, check_pattern, check_ttl, check_value,
     },
-    store::{Store, Unavailable},
+    notices::Notices,
+    store::{Store, Unavailable, Written},
     warmup::Warmer,
 };
 
 pub(crate) struct CacheApi {
     store: Arc<Store>,
+    notices: Arc<Notices>,
     warmer: Warmer,
 }
 
 impl CacheApi {
-    pub(crate) fn new(store: Arc<Store>, warmer: Warmer) -> Self {
-        CacheApi { store, warmer }
+    pub(crate) fn new(store: Arc<Store>, notices: Arc<Notices>, warmer: Warmer) -> Self {
+        CacheApi {
+            store,
+            notices,
+            warmer,
+        }
     }
 }
 
@@ -47,6 +53,19 @@ fn unavailable(err: Unavailable) -> Error {
 
 #[tonic::async_trait]
 impl CacheService for CacheApi {
+    type WatchLatestRootsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<WatchLatestRootsResponse, Status>>;
+
+    async fn watch_latest_roots(
+        &self,
+        request: Request<tonic::Streaming<WatchLatestRootsRequest>>,
+    ) -> Result<Response<Self::WatchLatestRootsStream>, Status> {
+        let messages = self.notices.open(request.into_inner()).await?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            messages,
+        )))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let request = request.into_inner();
         let ns = Namespace::from_proto("namespace", request.namespace)?;
@@ -70,8 +89,18 @@ impl CacheService for CacheApi {
         let key = check_key("key", &request.key)?;
         check_value("value", &request.value)?;
         let ttl = check_ttl("ttl", request.ttl.as_ref())?;
+        if request.if_absent {
+            let written = self.store.set_if_absent(ns, key, &request.value, ttl).await;
+            return Ok(Response::new(SetResponse {
+                stored: written == Written::Stored,
+                existed: written == Written::Existed,
+            }));
+        }
         let stored = self.store.set(ns, key, &request.value, ttl).await;
-        Ok(Response::new(SetResponse { stored }))
+        Ok(Response::new(SetResponse {
+            stored,
+            existed: false,
+        }))
     }
 
     async fn delete(

@@ -244,6 +244,16 @@ impl KeySpace {
         format!("{}:*", self.prefix)
     }
 
+    /// The channels and the set of holders of the latest-root notices (`notices`).
+    pub fn channels(&self) -> crate::notices::Channels {
+        let base = format!("{}:v{SCHEMA_VERSION}", self.prefix);
+        crate::notices::Channels {
+            notices: format!("{base}:notices:latest_root"),
+            acks: format!("{base}:acks:latest_root"),
+            holders: format!("{base}:holders:latest_root"),
+        }
+    }
+
     /// The namespace of one of this deployment's Redis keys of the current schema version.
     pub fn namespace_of(&self, redis_key: &[u8]) -> Option<Namespace> {
         let rest = redis_key.strip_prefix(self.prefix.as_bytes())?;

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod notices;
 pub mod redis;
 pub mod stats;
 pub mod store;
@@ -82,7 +83,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         breaker_failures: config.redis_breaker_failures,
         breaker_cooldown: config.redis_breaker_cooldown,
     };
-    let store = store::Store::new(pool, settings);
+    let notices = notices::Notices::new(
+        config.redis.client()?,
+        pool.clone(),
+        settings.keys.channels(),
+        config.redis.redis_timeout,
+    );
+    tokio::spawn(notices.clone().run(shutdown.clone()));
+    let store = store::Store::new(pool, settings, notices.clone());
     observe(&store);
     let probe = store.clone();
     health.watch(
@@ -98,7 +106,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         warmer.clone().warm_in_background(shutdown.clone());
     }
     let service = merkle_shared::limit_messages!(
-        CacheServiceServer::new(api::CacheApi::new(store, warmer)),
+        CacheServiceServer::new(api::CacheApi::new(store, notices, warmer)),
         config.common.server
     );
     server::serve(

@@ -26,6 +26,7 @@ use redis::{RedisResult, aio::MultiplexedConnection};
 use crate::{
     codec,
     keys::{KeySpace, Namespace},
+    notices::{Change, Notices},
     redis::RedisPool,
     stats::{Event, Stats},
 };
@@ -40,6 +41,16 @@ pub enum Unavailable {
     Skipped,
     #[error("{0}")]
     Failed(String),
+}
+
+/// The outcome of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Stored,
+    /// The key held a value; nothing was written.
+    Existed,
+    /// Redis was unavailable (or the change could not be announced).
+    Dropped,
 }
 
 /// A value read from Redis.
@@ -102,6 +113,7 @@ impl Epochs {
 /// The cache's Redis side.
 pub struct Store {
     pool: RedisPool,
+    notices: Arc<Notices>,
     settings: StoreSettings,
     breaker: CircuitBreaker,
     stats: Stats,
@@ -112,9 +124,10 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(pool: RedisPool, settings: StoreSettings) -> Arc<Self> {
+    pub fn new(pool: RedisPool, settings: StoreSettings, notices: Arc<Notices>) -> Arc<Self> {
         Arc::new(Store {
             pool,
+            notices,
             breaker: CircuitBreaker::new(
                 "redis",
                 settings.breaker_failures,
@@ -163,22 +176,29 @@ impl Store {
     }
 
     /// Runs one Redis operation through the breaker, with the timeout. `ns` is charged with
-    /// the error or skip.
+    /// the error or skip. `always`: tried even while the breaker is open (writes of latest
+    /// roots: a skipped one would leave another replica's copy of the old root standing).
     async fn redis<T, F, Fut>(
         self: &Arc<Self>,
         operation: &'static str,
         ns: Option<Namespace>,
+        always: bool,
         op: F,
     ) -> Result<T, Unavailable>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let Some(permit) = self.breaker.acquire() else {
-            if let Some(ns) = ns {
-                self.stats.count(ns, Event::Skipped);
-            }
-            return Err(Unavailable::Skipped);
+        let permit = if always {
+            self.breaker.force()
+        } else {
+            let Some(permit) = self.breaker.acquire() else {
+                if let Some(ns) = ns {
+                    self.stats.count(ns, Event::Skipped);
+                }
+                return Err(Unavailable::Skipped);
+            };
+            permit
         };
         let timeout = self.settings.timeout;
         // A client span per command (database semantic conventions; keys and values stay
@@ -266,6 +286,10 @@ impl Store {
             {
                 Ok(deleted) => {
                     store.latest_root.clean.fetch_max(epoch, Ordering::AcqRel);
+                    // A write this replica lost may have left other replicas' copies with an
+                    // old root: they drop everything (a failure here is retried with the next
+                    // lost write; the copies' leases bound it meanwhile).
+                    store.announce(Namespace::LatestRoot, Change::All).await;
                     tracing::info!(
                         deleted,
                         "deleted the LATEST_ROOT entries written before a Redis outage; serving them again"
@@ -289,7 +313,7 @@ impl Store {
         }
         let redis_key = self.keys().key(ns, key);
         let read = self
-            .redis("GET", Some(ns), |mut c| async move {
+            .redis("GET", Some(ns), false, |mut c| async move {
                 redis::pipe()
                     .cmd("GET")
                     .arg(&redis_key)
@@ -336,7 +360,7 @@ impl Store {
             Err(Unavailable::Skipped)
         } else {
             let redis_keys: Vec<String> = keys.iter().map(|k| self.keys().key(ns, k)).collect();
-            self.redis("MGET", Some(ns), |mut c| async move {
+            self.redis("MGET", Some(ns), false, |mut c| async move {
                 redis::cmd("MGET")
                     .arg(&redis_keys)
                     .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
@@ -386,6 +410,46 @@ impl Store {
         self.set_many(ns, &[(key, value)], ttl).await == 1
     }
 
+    /// Writes one key only when it holds no value (SET NX). `Written::Existed` when it did.
+    pub async fn set_if_absent(
+        self: &Arc<Self>,
+        ns: Namespace,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Written {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.keys().key(ns, key))
+            .arg(codec::encode(value, self.settings.compress_threshold))
+            .arg("NX");
+        if let Some(ttl) = self.ttl_for(ns, ttl) {
+            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        let written = self
+            .redis(
+                "SET",
+                Some(ns),
+                ns == Namespace::LatestRoot,
+                |mut c| async move { cmd.query_async::<Option<String>>(&mut c).await },
+            )
+            .await;
+        match written {
+            Ok(Some(_)) => {
+                self.stats.count(ns, Event::Sets(1));
+                if self.announce(ns, Change::Keys(vec![key.to_owned()])).await {
+                    Written::Stored
+                } else {
+                    Written::Dropped
+                }
+            }
+            Ok(None) => Written::Existed,
+            Err(_) => {
+                self.write_failed(ns);
+                Written::Dropped
+            }
+        }
+    }
+
     /// Writes many keys in one pipeline; returns how many were stored (all or none).
     pub async fn set_many(
         self: &Arc<Self>,
@@ -410,15 +474,23 @@ impl Store {
             cmd.ignore();
         }
         let written = self
-            .redis("SET", Some(ns), |mut c| async move {
-                pipe.query_async::<()>(&mut c).await
-            })
+            .redis(
+                "SET",
+                Some(ns),
+                ns == Namespace::LatestRoot,
+                |mut c| async move { pipe.query_async::<()>(&mut c).await },
+            )
             .await;
         match written {
             Ok(()) => {
                 let n = entries.len() as u64;
                 self.stats.count(ns, Event::Sets(n));
-                n
+                let keys = entries.iter().map(|(key, _)| (*key).to_owned()).collect();
+                if self.announce(ns, Change::Keys(keys)).await {
+                    n
+                } else {
+                    0
+                }
             }
             Err(_) => {
                 self.write_failed(ns);
@@ -427,20 +499,47 @@ impl Store {
         }
     }
 
+    /// Tells the holders of latest-root copies about a change of `ns` (a no-op for the other
+    /// namespaces). False when they may not have heard: the write is then reported as failed,
+    /// so the writer waits out the copies' lease before relying on it.
+    async fn announce(&self, ns: Namespace, change: Change) -> bool {
+        if ns != Namespace::LatestRoot {
+            return true;
+        }
+        match self.notices.announce(change).await {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::warn!(error = %reason, "a latest-root change could not be announced to the copies");
+                *lock(&self.last_error) = reason;
+                false
+            }
+        }
+    }
+
     /// Deletes one key; true when it existed.
     pub async fn delete(self: &Arc<Self>, ns: Namespace, key: &str) -> Result<bool, Unavailable> {
         let redis_key = self.keys().key(ns, key);
         let deleted = self
-            .redis("UNLINK", Some(ns), |mut c| async move {
-                redis::cmd("UNLINK")
-                    .arg(&redis_key)
-                    .query_async::<u64>(&mut c)
-                    .await
-            })
+            .redis(
+                "UNLINK",
+                Some(ns),
+                ns == Namespace::LatestRoot,
+                |mut c| async move {
+                    redis::cmd("UNLINK")
+                        .arg(&redis_key)
+                        .query_async::<u64>(&mut c)
+                        .await
+                },
+            )
             .await;
         match deleted {
             Ok(n) => {
                 self.stats.count(ns, Event::Deletes(n));
+                if !self.announce(ns, Change::Keys(vec![key.to_owned()])).await {
+                    return Err(Unavailable::Failed(
+                        "deleted, but the copies of latest roots did not confirm it".into(),
+                    ));
+                }
                 Ok(n > 0)
             }
             Err(err) => {
@@ -457,9 +556,16 @@ impl Store {
         glob: &str,
     ) -> Result<u64, Unavailable> {
         let pattern = self.keys().pattern(ns, glob);
-        self.delete_matching(&pattern, Some(ns))
+        let deleted = self
+            .delete_matching(&pattern, Some(ns))
             .await
-            .inspect_err(|_| self.write_failed(ns))
+            .inspect_err(|_| self.write_failed(ns))?;
+        if !self.announce(ns, Change::All).await {
+            return Err(Unavailable::Failed(
+                "deleted, but the copies of latest roots did not confirm it".into(),
+            ));
+        }
+        Ok(deleted)
     }
 
     /// Deletes this deployment's keys: of one namespace, or all (older schema versions too).
@@ -475,6 +581,11 @@ impl Store {
                     .inspect_err(|_| self.write_failed(Namespace::LatestRoot))?;
                 // Every entry is gone: none from before an outage is left to distrust.
                 self.latest_root.clean.fetch_max(epoch, Ordering::AcqRel);
+                if !self.announce(Namespace::LatestRoot, Change::All).await {
+                    return Err(Unavailable::Failed(
+                        "deleted, but the copies of latest roots did not confirm it".into(),
+                    ));
+                }
                 Ok(deleted)
             }
         }
@@ -488,16 +599,23 @@ impl Store {
         pattern: &str,
         ns: Option<Namespace>,
     ) -> Result<u64, Unavailable> {
+        let holders = self.keys().channels().holders;
         let mut deleted = 0;
         let mut cursor = 0;
         loop {
-            let (next, batch) = self.scan_step(pattern, cursor, ns).await?;
+            let (next, mut batch) = self.scan_step(pattern, cursor, ns).await?;
+            // The holders of latest-root copies are not cached values: a Clear keeps them,
+            // or a writer would stop waiting for copies that still exist.
+            batch.retain(|key| key.as_slice() != holders.as_bytes());
             if !batch.is_empty() {
                 let unlink = redis::cmd("UNLINK").arg(&batch).clone();
                 let n = self
-                    .redis("UNLINK", ns, |mut c| async move {
-                        unlink.query_async::<u64>(&mut c).await
-                    })
+                    .redis(
+                        "UNLINK",
+                        ns,
+                        ns == Some(Namespace::LatestRoot),
+                        |mut c| async move { unlink.query_async::<u64>(&mut c).await },
+                    )
                     .await?;
                 deleted += n;
                 match ns {
@@ -525,22 +643,32 @@ impl Store {
         cursor: u64,
         ns: Option<Namespace>,
     ) -> Result<(u64, Vec<Vec<u8>>), Unavailable> {
-        self.redis("SCAN", ns, |mut c| async move {
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_BATCH)
-                .query_async::<(u64, Vec<Vec<u8>>)>(&mut c)
-                .await
-        })
+        self.redis(
+            "SCAN",
+            ns,
+            ns == Some(Namespace::LatestRoot),
+            |mut c| async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_BATCH)
+                    .query_async::<(u64, Vec<Vec<u8>>)>(&mut c)
+                    .await
+            },
+        )
         .await
     }
 
     /// Pings Redis (the health probe): records reachability and latency.
-    pub async fn ping(&self) -> Result<(), String> {
+    pub async fn ping(self: &Arc<Self>) -> Result<(), String> {
         let result = crate::redis::ping(&self.pool, self.settings.timeout).await;
+        if result.is_ok() {
+            // Redis is back: entries a lost write left untrusted are deleted now, not at the
+            // next call that happens to come.
+            self.resume_invalidation();
+        }
         *lock(&self.ping) = Ping {
             reachable: result.is_ok(),
             latency: result.as_ref().ok().copied(),
@@ -554,7 +682,7 @@ impl Store {
     /// Redis' own figures and this deployment's key count.
     pub async fn info(self: &Arc<Self>) -> Result<RedisInfo, Unavailable> {
         let text = self
-            .redis("INFO", None, |mut c| async move {
+            .redis("INFO", None, false, |mut c| async move {
                 redis::cmd("INFO").query_async::<String>(&mut c).await
             })
             .await?;

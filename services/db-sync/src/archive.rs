@@ -13,7 +13,7 @@ use std::{collections::HashMap, sync::Arc};
 use merkle_core::Digest;
 use merkle_proto::{cache::v1::Namespace, dbsync::v1 as pb};
 use merkle_shared::{
-    cache::{CacheClient, Loaded},
+    cache::{COPY_LEASE, CacheClient, CacheSource, Loaded},
     names::SourceName,
     page_token::PageTokens,
     postgres::PgPool,
@@ -23,6 +23,7 @@ use tonic::Status;
 
 use crate::{
     error::Error,
+    latest_copy::LatestCopy,
     nodes::{CachedNode, NodeRow, NodeStore, decode},
     store::{self, Retention, queries},
     sync::{self, Header, Outcome},
@@ -42,6 +43,8 @@ pub struct ArchiveSettings {
 pub struct Archive {
     pub pool: PgPool,
     pub cache: CacheClient,
+    /// The latest snapshots in this process's memory, when kept (LATEST_COPY_ENTRIES).
+    pub copy: Option<Arc<LatestCopy>>,
     pub nodes: NodeStore,
     pub settings: ArchiveSettings,
     /// The history's keys (docs/merkle-spec.md section 10).
@@ -67,6 +70,7 @@ impl Archive {
     pub fn new(
         pool: PgPool,
         cache: CacheClient,
+        copy: Option<Arc<LatestCopy>>,
         settings: ArchiveSettings,
         signer: Arc<crate::history::Signer>,
     ) -> Arc<Self> {
@@ -74,6 +78,7 @@ impl Archive {
             nodes: NodeStore::new(pool.clone(), cache.clone(), settings.node_cache_bytes),
             pool,
             cache,
+            copy,
             settings,
             signer,
             tokens: OnceCell::new(),
@@ -90,8 +95,29 @@ impl Archive {
             .await
     }
 
-    /// The latest snapshot of `source`, cache-first (concurrent misses share one read).
+    /// The latest snapshot of `source`: from this process's copy, else cache-first
+    /// (concurrent misses share one read).
     pub async fn latest(
+        self: &Arc<Self>,
+        source: &SourceName,
+    ) -> Result<Loaded<pb::Snapshot>, Status> {
+        let Some(copy) = &self.copy else {
+            return self.latest_shared(source).await;
+        };
+        if let Some(value) = copy.get(source.as_str()) {
+            return Ok(Loaded {
+                value,
+                source: CacheSource::Local,
+            });
+        }
+        let epoch = copy.epoch();
+        let loaded = self.latest_shared(source).await?;
+        copy.offer(source.as_str(), &loaded.value, epoch);
+        Ok(loaded)
+    }
+
+    /// The latest snapshot of `source` from the cache, else PostgreSQL.
+    async fn latest_shared(
         self: &Arc<Self>,
         source: &SourceName,
     ) -> Result<Loaded<pb::Snapshot>, Status> {
@@ -160,17 +186,23 @@ impl Archive {
             stored_sequence = latest.as_ref().map_or(0, |l| l.sequence),
             "SECURITY: the cached latest snapshot is {verdict} (a lost write-through, or a replayed value); replaced"
         );
-        match &latest {
-            Some(l) => {
-                self.cache
-                    .set(Namespace::LatestRoot, source.as_str(), l, None)
-                    .await;
-            }
-            None => {
-                self.cache
-                    .delete(Namespace::LatestRoot, source.as_str())
-                    .await;
-            }
+        self.write_latest(source.as_str(), latest.as_ref()).await;
+    }
+
+    /// Writes the latest snapshot of `source` through to the cache (deletes it for `None`).
+    /// The Cache service confirms a change once every replica's copy has dropped the old one;
+    /// without that confirmation this waits out the copies' lease, so that no replica serves
+    /// the old root once this returns.
+    async fn write_latest(&self, source: &str, latest: Option<&pb::Snapshot>) {
+        if let Some(copy) = &self.copy {
+            copy.forget(source);
+        }
+        let confirmed = match latest {
+            Some(l) => self.cache.set(Namespace::LatestRoot, source, l, None).await,
+            None => self.cache.delete(Namespace::LatestRoot, source).await,
+        };
+        if !confirmed && self.cache.is_enabled() {
+            tokio::time::sleep(COPY_LEASE).await;
         }
     }
 
@@ -240,9 +272,7 @@ impl Archive {
         if let Outcome::Stored { snapshot, .. } = &outcome {
             // Written through before answering, so the next read of the latest root sees it;
             // a cache that is down costs nothing here (the client counts and logs it).
-            self.cache
-                .set(Namespace::LatestRoot, &snapshot.source, snapshot, None)
-                .await;
+            self.write_latest(&snapshot.source, Some(snapshot)).await;
             if let Some(row) = root_row
                 && let Some(node) = decode(&row.hash, &row.encoded, &row.sizes)
             {
@@ -344,10 +374,20 @@ impl Archive {
                 .map(|s| (s.source.clone(), s.to_proto()))
                 .collect();
             attempted += entries.len() as u64;
-            written += self
+            if let Some(copy) = &self.copy {
+                for (source, _) in &entries {
+                    copy.forget(source);
+                }
+            }
+            let stored = self
                 .cache
                 .set_many(Namespace::LatestRoot, &entries, None)
                 .await;
+            if stored < entries.len() as u64 {
+                // As in `write_latest`: no copy may outlive what this wrote.
+                tokio::time::sleep(COPY_LEASE).await;
+            }
+            written += stored;
             let roots: Vec<Digest> = chunk.iter().map(|s| s.root).collect();
             let (tried, stored) = self.nodes.warm(&roots).await?;
             attempted += tried;

@@ -28,6 +28,12 @@ pub struct Config {
     /// invalidated), in bytes; 0 keeps none.
     #[arg(long, env = "NODE_CACHE_BYTES", default_value_t = 64 << 20)]
     pub node_cache_bytes: u64,
+    /// Sources whose latest snapshot is kept in this process's memory (a few hundred bytes each),
+    /// kept coherent across replicas by the Cache service; 0 keeps none (every read asks the
+    /// cache). Needs CACHE_ADDR.
+    #[arg(long, env = "LATEST_COPY_ENTRIES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub latest_copy_entries: u32,
     /// Most bytes of nodes one SyncTree may send (their canonical encodings).
     #[arg(long, env = "SYNC_MAX_BYTES", default_value_t = 256 << 20,
           value_parser = clap::value_parser!(u64).range(1024..))]

@@ -9,6 +9,7 @@
 //!
 //! - `sync`: receiving, checking and storing a tree (one transaction);
 //! - `archive`: what is read from the cache, what from PostgreSQL, what is written through;
+//! - `latest_copy`: the latest snapshots in this process, kept coherent by the Cache service;
 //! - `nodes`: the node store (process memory, the cache, PostgreSQL);
 //! - `browse`: directories, diffs and proofs of stored trees;
 //! - `gc`: retention and garbage collection;
@@ -22,6 +23,7 @@ pub mod config;
 mod error;
 mod gc;
 mod history;
+mod latest_copy;
 mod nodes;
 mod store;
 mod sync;
@@ -117,9 +119,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         },
     );
 
+    // The copy of the latest roots needs the Cache service's notices to stay coherent.
+    let copy = (cache.is_enabled() && config.latest_copy_entries > 0).then(|| {
+        let copy = latest_copy::LatestCopy::new(config.latest_copy_entries as usize);
+        copy.observe();
+        tokio::spawn(latest_copy::follow(
+            copy.clone(),
+            cache.clone(),
+            shutdown.clone(),
+        ));
+        copy
+    });
     let archive = archive::Archive::new(
         pool,
         cache,
+        copy,
         archive::ArchiveSettings {
             sync_max_bytes: config.sync_max_bytes,
             node_cache_bytes: config.node_cache_bytes,

@@ -107,6 +107,7 @@ pub const RULES: &[Rule] = &[
     r(CACHE, "Warmup",            OPERATOR, NONE,    WRITES, ""),
     r(CACHE, "GetStats",          READER,   NONE,    READS,  ""),
     r(CACHE, "GetStatus",         READER,   NONE,    READS,  ""),
+    r(CACHE, "WatchLatestRoots",  NO_HUMAN, &[DbSync], READS, "its acknowledgements hold back writes of latest roots"),
 
     r(DISCOVERY, "ListClients",  READER, &[Scheduler], READS, ""),
     r(DISCOVERY, "GetClient",    READER, &[Scheduler], READS, ""),
@@ -194,7 +195,7 @@ mod tests {
     #[test]
     fn every_rpc_of_the_contract_has_exactly_one_rule() {
         let rpcs = contract_rpcs();
-        assert_eq!(rpcs.len(), 39, "the contract's RPCs: {rpcs:?}");
+        assert_eq!(rpcs.len(), 40, "the contract's RPCs: {rpcs:?}");
         for rpc in &rpcs {
             let rows = RULES.iter().filter(|r| &r.path() == rpc).count();
             assert_eq!(rows, 1, "{rpc} has {rows} rules");

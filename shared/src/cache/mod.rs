@@ -34,7 +34,8 @@ use std::{
 use clap::Args;
 use merkle_proto::cache::v1::{
     ClearRequest, DeleteRequest, Entry, GetManyRequest, GetRequest, Namespace, SetManyRequest,
-    SetRequest, cache_service_client::CacheServiceClient,
+    SetRequest, WatchLatestRootsRequest, WatchLatestRootsResponse,
+    cache_service_client::CacheServiceClient,
 };
 use prost::{Message, bytes::Bytes};
 use tonic::{Code, Status};
@@ -46,6 +47,11 @@ use crate::{
     single_flight::SingleFlight,
 };
 use seal::{Refused, Seal};
+
+/// How long a copy of the latest roots (`WatchLatestRoots`) stays valid past the last lease
+/// the Cache service handed out; a writer that could not confirm a change of a latest root
+/// waits this long before relying on it, so no copy outlives it.
+pub const COPY_LEASE: Duration = Duration::from_millis(500);
 
 /// Keys remembered as not written through, before a whole namespace is distrusted instead.
 pub const MAX_PENDING: usize = 10_000;
@@ -105,6 +111,8 @@ impl CacheArgs {
 /// Where a value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheSource {
+    /// From the caller's own coherent copy in memory (one hop fewer than `Hit`).
+    Local,
     /// From the cache.
     Hit,
     /// From the loader (the database).
@@ -112,9 +120,10 @@ pub enum CacheSource {
 }
 
 impl CacheSource {
-    /// `HIT` or `MISS`, as in the `x-cache` response header.
+    /// `LOCAL`, `HIT` or `MISS`, as in the `x-cache` response header.
     pub fn as_str(self) -> &'static str {
         match self {
+            CacheSource::Local => "LOCAL",
             CacheSource::Hit => "HIT",
             CacheSource::Miss => "MISS",
         }
@@ -165,6 +174,18 @@ struct Pending {
 }
 
 type Flight = Result<(Bytes, CacheSource), Status>;
+
+/// What a read of one key found, and so how a value loaded after it is put back.
+enum Read {
+    Found(Bytes),
+    /// No value: put back only into an empty key.
+    Absent,
+    /// A value that must be overwritten: refused (forged, another key's seal), or one this
+    /// process failed to replace.
+    Replace,
+    /// The cache could not be asked: put back only into an empty key.
+    Unknown,
+}
 
 struct Inner {
     client: Option<CacheServiceClient<Channel>>,
@@ -246,6 +267,24 @@ impl CacheClient {
         }
     }
 
+    /// Opens the stream that keeps a copy of the latest roots coherent (`WatchLatestRoots`);
+    /// `acks` must begin with an empty message. Not bounded by the call timeout: it lasts
+    /// until either side ends it. An error when the cache is disabled or refuses.
+    pub async fn watch_latest_roots(
+        &self,
+        acks: impl tokio_stream::Stream<Item = WatchLatestRootsRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<WatchLatestRootsResponse>, Status> {
+        let mut client = self
+            .inner
+            .client
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("CACHE_ADDR is not set"))?;
+        let opened = tokio::time::timeout(self.inner.timeout, client.watch_latest_roots(acks))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the Cache service did not open the stream"))?;
+        Ok(opened?.into_inner())
+    }
+
     /// Reads and decodes one value; a miss when absent, undecodable or unreachable.
     pub async fn get<M: Message + Default>(&self, ns: Namespace, key: &str) -> Option<M> {
         let bytes = self.get_bytes(ns, key).await?;
@@ -305,7 +344,7 @@ impl CacheClient {
         value: &M,
         ttl: Option<Duration>,
     ) -> bool {
-        self.set_bytes(ns, key, Bytes::from(value.encode_to_vec()), ttl)
+        self.set_bytes(ns, key, Bytes::from(value.encode_to_vec()), ttl, false)
             .await
     }
 
@@ -338,7 +377,9 @@ impl CacheClient {
             ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
         };
         let stored = self
-            .call("SetMany", |mut c| async move { c.set_many(request).await })
+            .call_within("SetMany", self.write_timeout(ns), |mut c| async move {
+                c.set_many(request).await
+            })
             .await
             .map_or(0, |r| r.stored);
         let all = stored == entries.len() as u64;
@@ -356,7 +397,9 @@ impl CacheClient {
             key: key.to_owned(),
         };
         let ok = self
-            .call("Delete", |mut c| async move { c.delete(request).await })
+            .call_within("Delete", self.write_timeout(ns), |mut c| async move {
+                c.delete(request).await
+            })
             .await
             .is_some();
         self.settle(ns, key, ok);
@@ -395,15 +438,21 @@ impl CacheClient {
             .inner
             .flights
             .run((ns as i32, key.to_owned()), move || async move {
-                if let Some(bytes) = this.get_bytes(ns, &owned_key).await
-                    && this.decode::<M>(ns, &owned_key, &bytes).is_some()
-                {
-                    return Ok((bytes, CacheSource::Hit));
-                }
+                let replace = match this.read(ns, &owned_key).await {
+                    Read::Found(bytes) if this.decode::<M>(ns, &owned_key, &bytes).is_some() => {
+                        return Ok((bytes, CacheSource::Hit));
+                    }
+                    Read::Found(_) | Read::Replace => true,
+                    Read::Absent | Read::Unknown => false,
+                };
                 this.inner.counters.loads.fetch_add(1, Relaxed);
                 let value = load().await.map_err(Into::into)?;
                 let bytes = Bytes::from(value.encode_to_vec());
-                this.set_bytes(ns, &owned_key, bytes.clone(), ttl).await;
+                // Put back only into an empty key: a writer may have stored a newer value
+                // since this one was loaded, and must not be overwritten by it. A value that
+                // was refused, or that this process failed to replace, is overwritten.
+                this.set_bytes(ns, &owned_key, bytes.clone(), ttl, !replace)
+                    .await;
                 Ok((bytes, CacheSource::Miss))
             })
             .await?;
@@ -413,9 +462,20 @@ impl CacheClient {
     }
 
     async fn get_bytes(&self, ns: Namespace, key: &str) -> Option<Bytes> {
-        if self.is_pending(ns, key) || self.inner.seal.get().is_none() {
+        match self.read(ns, key).await {
+            Read::Found(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    async fn read(&self, ns: Namespace, key: &str) -> Read {
+        if self.inner.seal.get().is_none() {
             self.count_misses(1);
-            return None;
+            return Read::Unknown;
+        }
+        if self.is_pending(ns, key) {
+            self.count_misses(1);
+            return Read::Replace;
         }
         let request = GetRequest {
             namespace: ns as i32,
@@ -428,31 +488,34 @@ impl CacheClient {
             Some(answer) if answer.found => match self.unseal(ns, key, &answer.value) {
                 Some(message) => {
                     self.inner.counters.hits.fetch_add(1, Relaxed);
-                    Some(Bytes::copy_from_slice(message))
+                    Read::Found(Bytes::copy_from_slice(message))
                 }
                 None => {
                     self.count_misses(1);
-                    None
+                    Read::Replace
                 }
             },
             Some(_) => {
                 self.count_misses(1);
-                None
+                Read::Absent
             }
             None => {
                 self.inner.counters.failed_reads.fetch_add(1, Relaxed);
                 self.count_misses(1);
-                None
+                Read::Unknown
             }
         }
     }
 
+    /// `if_absent`: only into a key without a value; one that had a value counts as written
+    /// (nothing of this process's was lost).
     async fn set_bytes(
         &self,
         ns: Namespace,
         key: &str,
         value: Bytes,
         ttl: Option<Duration>,
+        if_absent: bool,
     ) -> bool {
         let Some(seal) = self.inner.seal.get() else {
             self.settle(ns, key, false);
@@ -463,11 +526,14 @@ impl CacheClient {
             key: key.to_owned(),
             value: seal.seal(ns as i32, key, &value),
             ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+            if_absent,
         };
         let stored = self
-            .call("Set", |mut c| async move { c.set(request).await })
+            .call_within("Set", self.write_timeout(ns), |mut c| async move {
+                c.set(request).await
+            })
             .await
-            .is_some_and(|r| r.stored);
+            .is_some_and(|r| r.stored || r.existed);
         self.settle(ns, key, stored);
         stored
     }
@@ -560,7 +626,9 @@ impl CacheClient {
                         namespace: ns as i32,
                     };
                     if this
-                        .call("Clear", |mut c| async move { c.clear(request).await })
+                        .call_within("Clear", this.write_timeout(ns), |mut c| async move {
+                            c.clear(request).await
+                        })
                         .await
                         .is_some()
                     {
@@ -580,9 +648,26 @@ impl CacheClient {
         F: FnOnce(CacheServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_within(rpc, self.inner.timeout, f).await
+    }
+
+    /// The deadline of a write to `ns`: a change of a latest root returns only once every
+    /// copy of it has been told (or its lease ran out), which may take up to [`COPY_LEASE`].
+    fn write_timeout(&self, ns: Namespace) -> Duration {
+        match ns {
+            Namespace::LatestRoot => self.inner.timeout + COPY_LEASE,
+            _ => self.inner.timeout,
+        }
+    }
+
+    async fn call_within<T, F, Fut>(&self, rpc: &'static str, timeout: Duration, f: F) -> Option<T>
+    where
+        F: FnOnce(CacheServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let client = self.inner.client.clone()?;
         let permit = self.inner.breaker.acquire()?;
-        match tokio::time::timeout(self.inner.timeout, f(client)).await {
+        match tokio::time::timeout(timeout, f(client)).await {
             Ok(Ok(response)) => {
                 permit.success();
                 Some(response.into_inner())
@@ -611,7 +696,11 @@ impl CacheClient {
             }
             Err(_) => {
                 permit.failure();
-                tracing::warn!(rpc, timeout = ?self.inner.timeout, "cache call timed out; carrying on without the cache");
+                tracing::warn!(
+                    rpc,
+                    ?timeout,
+                    "cache call timed out; carrying on without the cache"
+                );
                 None
             }
         }

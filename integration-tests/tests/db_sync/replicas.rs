@@ -1,0 +1,160 @@
+//! Two DbSync replicas, each with its own Cache replica, over one PostgreSQL and one Redis:
+//! latest roots answered from each replica's own copy (`x-cache: LOCAL`), and never a stale
+//! one, whatever happens between a write through one and a read through the other.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{ServingStatus, TestStack, signal};
+use merkle_proto::dbsync::v1::GetLatestRootRequest;
+use nix::sys::signal::Signal;
+
+use super::support::*;
+
+/// The latest root of `source` and where it came from (`x-cache`).
+async fn latest(c: &mut Client, source: &str) -> (String, String) {
+    let answer = c
+        .get_latest_root(GetLatestRootRequest {
+            source: source.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("GetLatestRoot");
+    let from = answer
+        .metadata()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let root = answer.into_inner().snapshot.expect("snapshot").root_hash;
+    (root, from)
+}
+
+/// PostgreSQL, Redis, two Cache replicas and a DbSync on each; returns the clients of the
+/// two DbSyncs (A, B).
+async fn two_replicas(stack: &mut TestStack) -> (Client, Client) {
+    stack.start_postgres().await;
+    stack.start_redis().await;
+    let mut dbs = Vec::new();
+    for _ in 0..2 {
+        let cache = stack.start_serving("cache").await.uri();
+        let db_sync = stack.start_service("db-sync", &[("CACHE_ADDR", cache)]);
+        db_sync.wait_for(ServingStatus::Serving).await;
+        dbs.push(client(&db_sync.uri()));
+    }
+    let b = dbs.pop().expect("B");
+    let a = dbs.pop().expect("A");
+    (a, b)
+}
+
+/// Reads `source` through `c` until it is answered from the copy (the copy fills on the first
+/// read after its stream opened), checking every answer is `root`.
+async fn until_local(c: &mut Client, source: &str, root: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (got, from) = latest(c, source).await;
+        assert_eq!(got, root, "never a stale root (answered {from})");
+        if from == "LOCAL" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the copy serves again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_through_one_replica_is_read_at_once_through_the_other() {
+    let mut stack = TestStack::new();
+    let (mut a, mut b) = two_replicas(&mut stack).await;
+    let mut t = Tree::new(&[("f", "0")]);
+    push(&mut a, "docs", &t).await;
+    until_local(&mut b, "docs", &t.tree.root.to_hex()).await;
+    until_local(&mut a, "docs", &t.tree.root.to_hex()).await;
+    let mut local = 0;
+    for i in 1..=40 {
+        t.edit("f", &i.to_string());
+        // Alternate the writer: each replica's copy must hear the other's writes.
+        let (writer, reader) = if i % 2 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        assert!(push(writer, "docs", &t).await.changed);
+        let root = t.tree.root.to_hex();
+        for _ in 0..3 {
+            let (got, from) = latest(reader, "docs").await;
+            assert_eq!(
+                got, root,
+                "write {i}: the other replica answered a stale root ({from})"
+            );
+            local += usize::from(from == "LOCAL");
+        }
+    }
+    assert!(
+        local >= 40,
+        "between writes reads come from the copy: {local} of 120"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_stream_never_leaves_a_stale_root_behind() {
+    let mut stack = TestStack::new();
+    let (mut a, mut b) = two_replicas(&mut stack).await;
+    let mut t = Tree::new(&[("f", "0")]);
+    push(&mut a, "docs", &t).await;
+    until_local(&mut b, "docs", &t.tree.root.to_hex()).await;
+
+    // B's Cache replica frozen: B's stream stalls without an error. A's write waits until
+    // B's lease has run out, so B's copy is not served once A has answered.
+    // The newest Cache replica is B's.
+    let frozen = stack.service("cache").process.pid();
+    signal(frozen, Signal::SIGSTOP);
+    t.edit("f", "frozen");
+    assert!(push(&mut a, "docs", &t).await.changed);
+    let (got, from) = latest(&mut b, "docs").await;
+    assert_eq!(
+        got,
+        t.tree.root.to_hex(),
+        "stale after a frozen stream ({from})"
+    );
+    assert_ne!(from, "LOCAL");
+    signal(frozen, Signal::SIGCONT);
+    until_local(&mut b, "docs", &t.tree.root.to_hex()).await;
+
+    // B's Cache replica killed: B's stream ends; B reads from PostgreSQL meanwhile.
+    stack.service_mut("cache").process.signal(Signal::SIGKILL);
+    t.edit("f", "killed");
+    assert!(push(&mut a, "docs", &t).await.changed);
+    let (got, from) = latest(&mut b, "docs").await;
+    assert_eq!(
+        got,
+        t.tree.root.to_hex(),
+        "stale after a killed stream ({from})"
+    );
+    assert_eq!(from, "MISS");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_the_copies_are_dropped_and_they_serve_again_once_it_is_back() {
+    let mut stack = TestStack::new();
+    let (mut a, mut b) = two_replicas(&mut stack).await;
+    let mut t = Tree::new(&[("f", "0")]);
+    push(&mut a, "docs", &t).await;
+    until_local(&mut b, "docs", &t.tree.root.to_hex()).await;
+
+    stack.redis.as_mut().expect("redis").stop();
+    t.edit("f", "while Redis is down");
+    assert!(push(&mut a, "docs", &t).await.changed);
+    for _ in 0..5 {
+        let (got, from) = latest(&mut b, "docs").await;
+        assert_eq!(got, t.tree.root.to_hex(), "stale with Redis down ({from})");
+        assert_eq!(from, "MISS", "from PostgreSQL");
+    }
+    stack.restart_redis().await;
+    for c in [&mut a, &mut b] {
+        until_local(c, "docs", &t.tree.root.to_hex()).await;
+    }
+    t.edit("f", "after");
+    assert!(push(&mut b, "docs", &t).await.changed);
+    let (got, _) = latest(&mut a, "docs").await;
+    assert_eq!(got, t.tree.root.to_hex());
+}
