@@ -75,6 +75,7 @@ fn load(mut times: Vec<Duration>) -> Load {
         p50: percentile(&times, 0.5),
         p99: percentile(&times, 0.99),
         calls_per_sec: times.len() as f64 / total.as_secs_f64(),
+        peak_rss: None,
     }
 }
 
@@ -349,6 +350,7 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
         p50: d,
         p99: d,
         calls_per_sec: 1.0 / d.as_secs_f64(),
+        peak_rss: None,
     };
     let rows = vec![
         Row {

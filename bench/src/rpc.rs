@@ -89,6 +89,7 @@ pub fn serve_echo(args: EchoArgs) -> anyhow::Result<()> {
 /// A running echo server process (stopped when dropped).
 pub struct EchoProcess {
     pub uri: String,
+    pub pid: u32,
     _process: ManagedProcess,
 }
 
@@ -118,6 +119,7 @@ pub async fn start_echo(work: &Path, forward: Option<&str>) -> anyhow::Result<Ec
     }
     Ok(EchoProcess {
         uri,
+        pid: process.pid(),
         _process: process,
     })
 }
@@ -228,6 +230,18 @@ pub fn channel(uri: &str) -> anyhow::Result<Channel> {
     ))
 }
 
+/// A fresh connection to `uri` presenting `identity`'s token (e.g. `db-sync`, to write into a
+/// cache namespace only that service owns), from the credentials in `work`.
+pub fn channel_as(work: &Path, uri: &str, identity: &str) -> anyhow::Result<Channel> {
+    let token = merklectl::credentials::Credentials::ensure(work)?.token(identity)?;
+    let plain = tonic::transport::Endpoint::from_shared(uri.to_owned())?
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let layer = merkle_shared::auth::token::ClientAuthLayer::with_token(&token)
+        .map_err(anyhow::Error::msg)?;
+    Ok(tower::Layer::layer(&layer, plain))
+}
+
 /// One echo call.
 pub async fn echo_call(mut client: HealthClient<Channel>) -> anyhow::Result<()> {
     client.check(HealthCheckRequest::default()).await?;
@@ -262,6 +276,24 @@ pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
         * 1024)
 }
 
+/// Resets a process's peak resident memory (VmHWM) to what it uses now, so that the next
+/// reading is the peak of what ran in between.
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of process {pid}"))
+}
+
+/// Runs `measuring` and records the peak RSS of process `pid` (the server measured) during it.
+pub async fn on(
+    pid: u32,
+    measuring: impl Future<Output = anyhow::Result<Load>>,
+) -> anyhow::Result<Load> {
+    reset_peak_rss(pid)?;
+    let mut load = measuring.await?;
+    load.peak_rss = Some(peak_rss(pid)?);
+    Ok(load)
+}
+
 /// What a load run measured.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {
@@ -269,6 +301,8 @@ pub struct Load {
     pub p50: Duration,
     pub p99: Duration,
     pub calls_per_sec: f64,
+    /// The peak RSS of the process that served it, during the run (see [`on`]).
+    pub peak_rss: Option<u64>,
 }
 
 /// Runs `clients` concurrent clients, each calling `call` back to back on its own connection
@@ -321,6 +355,7 @@ where
         p50: at(0.50),
         p99: at(0.99),
         calls_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+        peak_rss: None,
     })
 }
 
@@ -385,6 +420,7 @@ pub fn redis_benchmark(port: u16, clients: usize, requests: usize) -> anyhow::Re
         p50: ms(p50)?,
         p99: ms(p99)?,
         calls_per_sec: get[rps].parse()?,
+        peak_rss: None,
     })
 }
 
@@ -397,16 +433,19 @@ pub struct Row {
 /// Prints the rows and the targets as Markdown tables.
 pub fn print(title: &str, rows: &[Row], targets: &[(String, bool)]) {
     println!("\n{title}\n");
-    println!("| call | clients | p50 (ms) | p99 (ms) | calls/s |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| call | clients | p50 (ms) | p99 (ms) | calls/s | server peak RSS (MiB) |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.0} |",
+            "| {} | {} | {:.3} | {:.3} | {:.0} | {} |",
             r.what,
             r.load.clients,
             r.load.p50.as_secs_f64() * 1000.0,
             r.load.p99.as_secs_f64() * 1000.0,
-            r.load.calls_per_sec
+            r.load.calls_per_sec,
+            r.load
+                .peak_rss
+                .map_or("-".to_owned(), |b| format!("{:.1}", b as f64 / 1048576.0))
         );
     }
     if targets.is_empty() {

@@ -240,7 +240,7 @@ where
         } else {
             tracing::info_span!(
             "grpc.server",
-            otel.name = %format!("{service}/{method}"),
+            otel.name = request.uri().path().trim_start_matches('/'),
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = %service,
@@ -302,7 +302,7 @@ where
         let (service, method) = rpc_names(request.uri().path());
         let span = tracing::info_span!(
             "grpc.client",
-            otel.name = %format!("{service}/{method}"),
+            otel.name = request.uri().path().trim_start_matches('/'),
             otel.kind = "client",
             rpc.system = "grpc",
             rpc.service = %service,

@@ -326,11 +326,16 @@ where
     }
 }
 
-/// A span that only exists inside a trace: `make()` when there is a current span, else no
-/// span. Database and backend calls made by background work (leases, heartbeats, garbage
-/// collection) would otherwise each start a trace of their own.
+/// A span that only exists inside a sampled trace: `make()` when the current span is sampled,
+/// else no span. Database and backend calls made by background work (leases, heartbeats,
+/// garbage collection) would otherwise each start a trace of their own, and inside a trace the
+/// sampler dropped a child would be built only to be thrown away (a Redis command per cache
+/// read).
 pub fn child_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
-    if tracing::Span::current().is_none() {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let current = tracing::Span::current();
+    if current.is_none() || !current.context().span().span_context().is_sampled() {
         tracing::Span::none()
     } else {
         make()
@@ -360,4 +365,36 @@ pub fn current_trace_id() -> Option<String> {
     span_context
         .is_valid()
         .then(|| span_context.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::child_span;
+
+    /// Whether `child_span` made a span inside a server span, under `sampler`.
+    fn child_made(sampler: Sampler) -> bool {
+        let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let outside = child_span(|| tracing::info_span!("redis"));
+            assert!(outside.is_none(), "no span outside a trace");
+            let server = tracing::info_span!("grpc.server");
+            let _entered = server.enter();
+            !child_span(|| tracing::info_span!("redis")).is_none()
+        })
+    }
+
+    #[test]
+    fn a_child_span_exists_only_inside_a_sampled_trace() {
+        assert!(child_made(Sampler::AlwaysOn));
+        assert!(!child_made(Sampler::AlwaysOff));
+        assert!(!child_made(Sampler::ParentBased(Box::new(
+            Sampler::AlwaysOff
+        ))));
+    }
 }

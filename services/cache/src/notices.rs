@@ -211,10 +211,11 @@ impl Notices {
     }
 
     async fn run_pipe<T: redis::FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, String> {
-        let mut conn = crate::redis::checkout(&self.pool, self.timeout)
+        let conn = crate::redis::checkout(&self.pool, self.timeout)
             .await
             .map_err(|e| e.to_string())?;
-        let outcome = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn.redis))
+        let mut redis = conn.redis.clone();
+        let outcome = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut redis))
             .await
             .map_err(|_| crate::redis::Failure::TimedOut(self.timeout))
             .and_then(|r| r.map_err(crate::redis::Failure::Redis));

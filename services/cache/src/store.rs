@@ -217,9 +217,7 @@ impl Store {
         let _in_flight = crate::redis::InFlight::start();
         let started = Instant::now();
         let outcome = match crate::redis::checkout(&self.pool, timeout).await {
-            Ok(mut conn) => {
-                // The command's own handle (a clone is cheap); the checkout is held until it
-                // ends, so the pool counts it as in use.
+            Ok(conn) => {
                 let command = op(conn.redis.clone());
                 let left = timeout.saturating_sub(started.elapsed());
                 let outcome = match tokio::time::timeout(
