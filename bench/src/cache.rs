@@ -29,8 +29,8 @@ use crate::rpc::{self, Load, Row};
 /// Options of `merkle-bench cache`.
 #[derive(Debug, clap::Args)]
 pub struct CacheBenchArgs {
-    /// Seconds each measurement runs.
-    #[arg(long, default_value_t = 3)]
+    /// Seconds each measurement runs (the echo and Get rows: in rounds that add up to it).
+    #[arg(long, default_value_t = 6)]
     seconds: u64,
     /// Concurrent clients of the throughput rows.
     #[arg(long, default_value_t = 32)]
@@ -38,6 +38,8 @@ pub struct CacheBenchArgs {
 }
 
 const VALUE_BYTES: usize = 64;
+/// Alternating rounds of the echo and the Get rows.
+const ROUNDS: u32 = 3;
 
 type Cache = CacheServiceClient<Channel>;
 
@@ -120,18 +122,8 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
 
     let echo = rpc::start_echo(work.path(), None).await?;
     let connect_echo = || rpc::channel(&echo.uri).map(HealthClient::new);
-    eprintln!("measuring (about {} s) ...", 14 * args.seconds + 15);
+    eprintln!("measuring (about {} s) ...", 12 * args.seconds + 15);
 
-    let echo_1 = rpc::on(
-        echo.pid,
-        rpc::measure(1, duration, connect_echo, rpc::echo_call),
-    )
-    .await?;
-    let echo_n = rpc::on(
-        echo.pid,
-        rpc::measure(args.clients, duration, connect_echo, rpc::echo_call),
-    )
-    .await?;
     let redis_pid = redis.pid().unwrap_or_default();
     rpc::reset_peak_rss(redis_pid)?;
     let redis_1 = rpc::redis_benchmark(redis.port(), 1, 20_000)?;
@@ -139,19 +131,22 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
         peak_rss: Some(rpc::peak_rss(redis_pid)?),
         ..rpc::redis_benchmark(redis.port(), args.clients, 200_000)?
     };
+    // The echo and the Get paths in alternating rounds, so that this machine's drifts in speed
+    // fall on all alike; each is reported by its median round.
     let get = |c| get_key(c, true);
-    let get_1 = rpc::on(cache.pid, rpc::measure(1, duration, connect_cache, get)).await?;
-    let get_1_quiet = rpc::on(quiet.pid, rpc::measure(1, duration, connect_quiet, get)).await?;
-    let get_n = rpc::on(
-        cache.pid,
-        rpc::measure(args.clients, duration, connect_cache, get),
-    )
-    .await?;
-    let get_n_quiet = rpc::on(
-        quiet.pid,
-        rpc::measure(args.clients, duration, connect_quiet, get),
-    )
-    .await?;
+    let round = duration / ROUNDS;
+    let mut rounds: [Vec<Load>; 6] = Default::default();
+    for _ in 0..ROUNDS {
+        for (i, clients) in [(0, 1), (3, args.clients)] {
+            let echo_run = rpc::measure(clients, round, connect_echo, rpc::echo_call);
+            rounds[i].push(rpc::on(echo.pid, echo_run).await?);
+            let get_run = rpc::measure(clients, round, connect_cache, get);
+            rounds[i + 1].push(rpc::on(cache.pid, get_run).await?);
+            let quiet_run = rpc::measure(clients, round, connect_quiet, get);
+            rounds[i + 2].push(rpc::on(quiet.pid, quiet_run).await?);
+        }
+    }
+    let [echo_1, get_1, get_1_quiet, echo_n, get_n, get_n_quiet] = rounds.map(rpc::median);
     let many_1 = rpc::on(
         cache.pid,
         rpc::measure(1, duration, connect_cache, get_hundred),
