@@ -80,11 +80,24 @@ fn load(mut times: Vec<Duration>) -> Load {
 }
 
 /// Runs `merklectl` `times` times; the fastest run.
-fn best_run(merklectl: &Path, args: &[&str], times: usize) -> anyhow::Result<Duration> {
+/// `merklectl` calling as the admin of the credentials in `work` (the services require a token).
+fn merklectl_as_admin(merklectl: &Path, work: &Path) -> anyhow::Result<Command> {
+    let token = merklectl::credentials::Credentials::ensure(work)?.token_file("admin");
+    let mut command = Command::new(merklectl);
+    command.env("MERKLE_TOKEN_FILE", token);
+    Ok(command)
+}
+
+fn best_run(
+    merklectl: &Path,
+    work: &Path,
+    args: &[&str],
+    times: usize,
+) -> anyhow::Result<Duration> {
     let mut best = Duration::MAX;
     for _ in 0..times {
         let started = Instant::now();
-        let out = Command::new(merklectl).args(args).output()?;
+        let out = merklectl_as_admin(merklectl, work)?.args(args).output()?;
         let took = started.elapsed();
         if !out.status.success() {
             bail!(
@@ -316,6 +329,7 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
     let public_arg = public.to_str().context("utf-8 path")?;
     let verify_server = best_run(
         &merklectl,
+        w,
         &[
             "verify-history",
             "hundred-k",
@@ -326,7 +340,7 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
         ],
         3,
     )?;
-    let export = Command::new(&merklectl)
+    let export = merklectl_as_admin(&merklectl, w)?
         .args(["export-history", "hundred-k", "--addr", &signed.uri])
         .output()?;
     anyhow::ensure!(export.status.success(), "export-history failed");
@@ -335,6 +349,7 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
     let file_arg = file.to_str().context("utf-8 path")?;
     let verify_file = best_run(
         &merklectl,
+        w,
         &[
             "verify-history",
             "--file",
