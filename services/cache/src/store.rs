@@ -483,6 +483,9 @@ impl Store {
             Ok(()) => {
                 let n = entries.len() as u64;
                 self.stats.count(ns, Event::Sets(n));
+                if ns != Namespace::LatestRoot {
+                    return n;
+                }
                 let keys = entries.iter().map(|(key, _)| (*key).to_owned()).collect();
                 if self.announce(ns, Change::Keys(keys)).await {
                     n
