@@ -265,9 +265,11 @@ async fn pools(redis: &Redis, clients: usize, duration: Duration) -> anyhow::Res
     const ROUNDS: u32 = 3;
     let timeout = Duration::from_secs(1);
     let args = merkle_cache::redis::RedisArgs {
-        redis_url: redis.url(),
+        redis_url: Some(redis.url()),
+        redis_cluster_nodes: Vec::new(),
         redis_pool_size: 4,
         redis_timeout: timeout,
+        redis_wait_replicas: None,
     };
     let pool = merkle_cache::redis::pool(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
     let client = redis::Client::open(redis.url())?;

@@ -21,7 +21,8 @@ pub mod raw;
 pub use merkle_shared::auth::token::ClientAuth;
 pub use merklectl::credentials::Credentials;
 pub use merklectl::stack::{
-    self, ManagedProcess, Postgres, Redis, SERVICES, ServiceSpec, free_port, wait_for_status,
+    self, ManagedProcess, Postgres, Redis, RedisCluster, SERVICES, ServiceSpec, free_port,
+    wait_for_status,
 };
 use tower::Layer as _;
 
@@ -109,11 +110,37 @@ impl RunningService {
     }
 }
 
+/// Which Redis a test runs on: one server, or a Redis Cluster of six nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisKind {
+    Standalone,
+    Cluster,
+}
+
+/// Runs an `async fn(RedisKind)` test once on a standalone Redis and once on a Redis Cluster:
+/// `on_both_redis_kinds!(name)` makes the tests `name::standalone` and `name::cluster`.
+#[macro_export]
+macro_rules! on_both_redis_kinds {
+    ($($test:ident),+ $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn standalone() {
+                super::$test($crate::RedisKind::Standalone).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn cluster() {
+                super::$test($crate::RedisKind::Cluster).await
+            }
+        }
+    )+};
+}
+
 /// PostgreSQL, Redis and services of one test, in one temporary folder.
 pub struct TestStack {
     // Field order is drop order: services stop before the servers they use.
     services: Vec<RunningService>,
     pub redis: Option<Redis>,
+    pub redis_cluster: Option<RedisCluster>,
     pub postgres: Option<Postgres>,
     dir: tempfile::TempDir,
 }
@@ -130,6 +157,7 @@ impl TestStack {
         TestStack {
             services: Vec::new(),
             redis: None,
+            redis_cluster: None,
             postgres: None,
             dir,
         }
@@ -160,6 +188,51 @@ impl TestStack {
             .await
             .unwrap_or_else(|e| panic!("starting Redis: {e}"));
         self.redis.insert(redis)
+    }
+
+    /// Starts a Redis Cluster (three masters, three replicas) on free ports; the services of
+    /// this stack then get `REDIS_CLUSTER_NODES` instead of `REDIS_URL`.
+    pub async fn start_redis_cluster(&mut self) -> &mut RedisCluster {
+        let ports = [(); 6].map(|()| free_port().expect("free port"));
+        let bus_ports = [(); 6].map(|()| free_port().expect("free port"));
+        let cluster = RedisCluster::start(&self.dir.path().join("redis-cluster"), ports, bus_ports)
+            .await
+            .unwrap_or_else(|e| panic!("starting a Redis Cluster: {e}"));
+        self.redis_cluster.insert(cluster)
+    }
+
+    /// Starts the Redis of `kind`, unless one is running.
+    pub async fn start_redis_of(&mut self, kind: RedisKind) {
+        match kind {
+            RedisKind::Standalone if self.redis.is_none() => {
+                self.start_redis().await;
+            }
+            RedisKind::Cluster if self.redis_cluster.is_none() => {
+                self.start_redis_cluster().await;
+            }
+            _ => {}
+        }
+    }
+
+    /// A raw connection to this stack's Redis (either kind), to look at what was stored.
+    pub async fn raw_redis(&self) -> merkle_cache::redis::Conn {
+        use merkle_cache::redis::Conn;
+        if let Some(redis) = &self.redis {
+            let conn = redis::Client::open(redis.url())
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to redis");
+            return Conn::Standalone(conn);
+        }
+        let cluster = self.redis_cluster.as_ref().expect("a Redis started");
+        let urls: Vec<String> = cluster.urls().split(',').map(str::to_owned).collect();
+        let conn = redis::cluster::ClusterClient::new(urls)
+            .expect("cluster urls")
+            .get_async_connection()
+            .await
+            .expect("connect to the cluster");
+        Conn::Cluster(conn)
     }
 
     /// Starts this stack's Redis again after it was stopped, on its port and data.
@@ -209,6 +282,8 @@ impl TestStack {
         }
         if let Some(redis) = &self.redis {
             all_env.push(("REDIS_URL", redis.url()));
+        } else if let Some(cluster) = &self.redis_cluster {
+            all_env.push(("REDIS_CLUSTER_NODES", cluster.urls()));
         }
         all_env.extend(env.iter().cloned());
         let port = free_port().expect("free port");
@@ -238,7 +313,7 @@ impl TestStack {
         if spec.needs_postgres && self.postgres.is_none() {
             self.start_postgres().await;
         }
-        if spec.needs_redis && self.redis.is_none() {
+        if spec.needs_redis && self.redis.is_none() && self.redis_cluster.is_none() {
             self.start_redis().await;
         }
         self.start_service(name, &[]);
@@ -253,7 +328,7 @@ impl TestStack {
         if self.postgres.is_none() {
             self.start_postgres().await;
         }
-        if self.redis.is_none() {
+        if self.redis.is_none() && self.redis_cluster.is_none() {
             self.start_redis().await;
         }
         let cache = self.start_serving("cache").await.uri();

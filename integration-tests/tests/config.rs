@@ -123,6 +123,43 @@ fn bad_redis_url_is_named() {
 }
 
 #[test]
+fn redis_is_named_once_either_as_a_server_or_as_a_cluster() {
+    let (code, stderr) = run("merkle-cache", &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "REDIS_URL");
+    assert!(stderr.contains("REDIS_CLUSTER_NODES"), "{stderr}");
+    let (code, stderr) = run(
+        "merkle-cache",
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1/0"),
+            ("REDIS_CLUSTER_NODES", "redis://127.0.0.1:2"),
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "REDIS_CLUSTER_NODES");
+    assert!(stderr.contains("not both"), "{stderr}");
+    let (code, stderr) = run(
+        "merkle-cache",
+        &[(
+            "REDIS_CLUSTER_NODES",
+            "redis://127.0.0.1:2,http://127.0.0.1:3",
+        )],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "REDIS_CLUSTER_NODES");
+    assert!(stderr.contains("redis://"), "{stderr}");
+    let (code, stderr) = run(
+        "merkle-cache",
+        &[
+            ("REDIS_CLUSTER_NODES", "redis://127.0.0.1:2"),
+            ("REDIS_WAIT_REPLICAS", "99"),
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_line_naming(&stderr, "REDIS_WAIT_REPLICAS");
+}
+
+#[test]
 fn bad_cache_settings_are_named() {
     let redis = ("REDIS_URL", "redis://127.0.0.1:1/0");
     for (variable, value, rule) in [

@@ -451,15 +451,22 @@ impl Drop for Postgres {
 pub struct Redis {
     dir: PathBuf,
     port: u16,
+    /// Arguments beyond the defaults (cluster mode).
+    extra: Vec<String>,
     process: Option<ManagedProcess>,
 }
 
 impl Redis {
     /// Starts `redis-server` on `port`, working in `dir`.
     pub async fn start(dir: &Path, port: u16) -> Result<Self, StackError> {
+        Self::start_with(dir, port, Vec::new()).await
+    }
+
+    async fn start_with(dir: &Path, port: u16, extra: Vec<String>) -> Result<Self, StackError> {
         let mut redis = Redis {
             dir: dir.to_owned(),
             port,
+            extra,
             process: None,
         };
         redis.start_again().await?;
@@ -475,6 +482,7 @@ impl Redis {
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(dir);
         let log = dir.join("redis.log");
@@ -519,6 +527,196 @@ impl Redis {
             process.signal(Signal::SIGKILL);
             process.wait_timeout(Duration::from_secs(10));
         }
+    }
+}
+
+/// A Redis Cluster of our own: three masters and three replicas of `redis-server` in cluster
+/// mode on 127.0.0.1, formed by `redis-cli --cluster create`. The node timeout is short
+/// (1 s), so a killed master's replica takes over within a few seconds.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// How long a node may be unreachable before the cluster fails it over.
+    pub const NODE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+    /// Starts six nodes on `ports` (and their cluster bus on `bus_ports`), working in `dir`,
+    /// forms the cluster and waits until every node reports `cluster_state:ok`.
+    pub async fn start(
+        dir: &Path,
+        ports: [u16; 6],
+        bus_ports: [u16; 6],
+    ) -> Result<Self, StackError> {
+        let mut nodes = Vec::new();
+        for (port, bus_port) in ports.into_iter().zip(bus_ports) {
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                // Not port + 10000, the default, which may be taken or past 65535.
+                "--cluster-port",
+                &bus_port.to_string(),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &Self::NODE_TIMEOUT.as_millis().to_string(),
+                // A replica takes over however long its master was gone.
+                "--cluster-replica-validity-factor",
+                "0",
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            nodes.push(Redis::start_with(&dir.join(port.to_string()), port, extra).await?);
+        }
+        let cluster = RedisCluster { nodes };
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new(redis_cli_path()?)
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .map_err(io_err("running redis-cli --cluster create".to_owned()))?;
+        if !out.status.success() {
+            return Err(StackError::Failed(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        cluster.wait_ok(Duration::from_secs(30)).await?;
+        cluster.wait_replicated(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every master has a replica that finished its first sync (the cluster reports
+    /// `cluster_state:ok` before that, and a WAIT would count no replica).
+    async fn wait_replicated(&self, within: Duration) -> Result<(), StackError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let masters = self
+                .nodes
+                .iter()
+                .filter_map(|n| cli(n.port(), &["info", "replication"]))
+                .filter(|info| info.lines().any(|l| l.trim_end() == "role:master"))
+                .collect::<Vec<_>>();
+            let online = masters.iter().all(|info| {
+                info.lines()
+                    .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+            });
+            if masters.len() == 3 && online {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(StackError::Failed(format!(
+                    "the Redis Cluster's replicas did not come online within {within:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The nodes' URLs, comma-separated: the value of `REDIS_CLUSTER_NODES`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn nodes(&self) -> &[Redis] {
+        &self.nodes
+    }
+
+    pub fn nodes_mut(&mut self) -> &mut [Redis] {
+        &mut self.nodes
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and knows the same masters.
+    pub async fn wait_ok(&self, within: Duration) -> Result<(), StackError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let running: Vec<&Redis> = self.nodes.iter().filter(|n| n.pid().is_some()).collect();
+            let ok = running.iter().all(|n| {
+                cli(n.port(), &["cluster", "info"])
+                    .is_some_and(|info| info.lines().any(|l| l.trim_end() == "cluster_state:ok"))
+            });
+            let masters: Vec<Vec<u16>> = running.iter().map(|n| self.masters_seen_by(n)).collect();
+            if ok && masters.windows(2).all(|w| w[0] == w[1]) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(StackError::Failed(format!(
+                    "the Redis Cluster did not report cluster_state:ok within {within:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The ports of the masters that serve slots, as `node` sees them (sorted).
+    fn masters_seen_by(&self, node: &Redis) -> Vec<u16> {
+        let nodes = cli(node.port(), &["cluster", "nodes"]).unwrap_or_default();
+        let mut ports: Vec<u16> = nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let serving =
+                    fields.len() > 8 && fields[2].contains("master") && !fields[2].contains("fail");
+                let port = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                serving.then_some(port)
+            })
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// The index in [`RedisCluster::nodes`] of the master serving `key` now.
+    pub fn master_of(&self, key: &str) -> Option<usize> {
+        let asker = self.nodes.iter().find(|n| n.pid().is_some())?;
+        let slot: u16 = cli(asker.port(), &["cluster", "keyslot", key])?
+            .trim()
+            .parse()
+            .ok()?;
+        let slots = cli(asker.port(), &["cluster", "nodes"])?;
+        let port: u16 = slots.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields.get(2)?.contains("master") || fields[2].contains("fail") {
+                return None;
+            }
+            let serves = fields.iter().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            serves.then(|| fields[1].split(['@', ':']).nth(1)?.parse().ok())?
+        })?;
+        self.nodes.iter().position(|n| n.port() == port)
+    }
+}
+
+/// `redis-cli -p port args...`'s output, or `None` when it failed.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new(redis_cli_path().ok()?)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `redis-cli`, installed beside `redis-server` (Debian's redis-tools).
+pub fn redis_cli_path() -> Result<PathBuf, StackError> {
+    let server = redis_server_path()?;
+    let cli = server.with_file_name("redis-cli");
+    if cli.is_file() {
+        Ok(cli)
+    } else {
+        Err(StackError::Missing {
+            binary: "redis-cli",
+            package: "redis-tools",
+        })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Invalidation by pattern (SCAN, never KEYS) and warm-up from DbSync.
 
-use integration_tests::TestStack;
+use integration_tests::{RedisKind, TestStack};
 use merkle_proto::cache::v1::{
     Entry, InvalidatePatternRequest, Namespace, SetManyRequest, WarmupRequest,
 };
@@ -8,10 +8,11 @@ use tonic::Code;
 
 use super::support::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn invalidate_pattern_deletes_10000_keys_with_scan_never_keys() {
+integration_tests::on_both_redis_kinds!(invalidate_pattern_deletes_10000_keys_with_scan_never_keys);
+
+async fn invalidate_pattern_deletes_10000_keys_with_scan_never_keys(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[]).await;
+    let mut c = start_cache_on(&mut stack, kind, &[]).await;
     for batch in 0..10 {
         let entries = (0..1000)
             .map(|i| Entry {
@@ -75,11 +76,13 @@ async fn invalidate_pattern_deletes_10000_keys_with_scan_never_keys() {
     );
 
     let mut raw = raw_redis(&stack).await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut raw)
-        .await
-        .expect("INFO");
+    let info = info_of_every_master(&mut raw, "commandstats").await;
+    assert_eq!(
+        info.len(),
+        if kind == RedisKind::Cluster { 3 } else { 1 },
+        "INFO of each master"
+    );
+    let info = info.join("\n");
     assert!(info.contains("cmdstat_scan:"), "SCAN was used:\n{info}");
     assert!(
         !info.contains("cmdstat_keys:"),

@@ -2,6 +2,7 @@
 //! layout, invalidation, statistics, compression, bad input, the circuit breaker through Redis
 //! outages, the connection pool, warm-up, the shared typed client, and `merklectl cache`.
 
+mod cluster;
 mod degradation;
 mod invalidation;
 mod pool;

@@ -1,6 +1,6 @@
 //! What the Cache tests share: the service's clients, raw Redis, and small calls.
 
-use integration_tests::{ClientAuth, RunningService, ServingStatus, TestStack};
+use integration_tests::{ClientAuth, RedisKind, RunningService, ServingStatus, TestStack};
 use merkle_proto::cache::v1::{
     GetRequest, GetStatsRequest, GetStatsResponse, GetStatusRequest, GetStatusResponse, Namespace,
     SetRequest, cache_service_client::CacheServiceClient,
@@ -12,6 +12,7 @@ pub(crate) type Client = CacheServiceClient<ClientAuth<Channel>>;
 /// Clients of one Cache service, one per identity: a namespace is written only by the service
 /// that owns it, so writes go as the owner ([`Clients::owner`]); everything else goes as the
 /// admin (the `Deref`).
+#[derive(Clone)]
 pub(crate) struct Clients {
     admin: Client,
     db_sync: Client,
@@ -53,17 +54,15 @@ pub(crate) fn client(service: &RunningService) -> Clients {
     }
 }
 
-/// A raw connection to the test's Redis, to look at what the service stored.
-pub(crate) async fn raw_redis(stack: &TestStack) -> redis::aio::MultiplexedConnection {
-    let url = stack.redis.as_ref().expect("redis started").url();
-    redis::Client::open(url)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis")
+/// A raw connection to the test's Redis (either kind), to look at what the service stored.
+pub(crate) async fn raw_redis(stack: &TestStack) -> Raw {
+    stack.raw_redis().await
 }
 
-pub(crate) async fn redis_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+pub(crate) type Raw = merkle_cache::redis::Conn;
+
+/// Every key in Redis (of a cluster: on every master), sorted.
+pub(crate) async fn redis_keys(conn: &mut Raw) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
         .query_async(conn)
@@ -71,6 +70,16 @@ pub(crate) async fn redis_keys(conn: &mut redis::aio::MultiplexedConnection) -> 
         .expect("KEYS");
     keys.sort();
     keys
+}
+
+/// `INFO <section>` of every server holding keys (each master of a cluster).
+pub(crate) async fn info_of_every_master(conn: &mut Raw, section: &str) -> Vec<String> {
+    conn.on_masters(redis::cmd("INFO").arg(section).clone())
+        .await
+        .expect("INFO")
+        .into_iter()
+        .map(|(_, answer)| redis::from_redis_value(answer).expect("INFO text"))
+        .collect()
 }
 
 pub(crate) async fn set(c: &mut Clients, ns: Namespace, key: &str, value: &[u8]) -> bool {
@@ -127,9 +136,16 @@ pub(crate) fn ns_stats(
 }
 
 pub(crate) async fn start_cache(stack: &mut TestStack, env: &[(&str, String)]) -> Clients {
-    if stack.redis.is_none() {
-        stack.start_redis().await;
-    }
+    start_cache_on(stack, RedisKind::Standalone, env).await
+}
+
+/// The Cache service on a Redis of `kind` (started unless one runs).
+pub(crate) async fn start_cache_on(
+    stack: &mut TestStack,
+    kind: RedisKind,
+    env: &[(&str, String)],
+) -> Clients {
+    stack.start_redis_of(kind).await;
     let cache = stack.start_service("cache", env);
     cache.wait_for(ServingStatus::Serving).await;
     client(cache)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{TestStack, run_merklectl};
+use integration_tests::{RedisKind, TestStack, run_merklectl};
 use merkle_proto::cache::v1::{
     ClearRequest, DeleteRequest, Entry, GetManyRequest, GetRequest, InvalidatePatternRequest,
     Namespace, SetManyRequest, SetRequest,
@@ -12,11 +12,21 @@ use tonic::Code;
 
 use super::support::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_namespace_has_its_default_ttl_and_a_request_ttl_overrides_it() {
+integration_tests::on_both_redis_kinds!(
+    each_namespace_has_its_default_ttl_and_a_request_ttl_overrides_it,
+    keys_follow_the_layout_and_clear_leaves_other_deployments_alone,
+    statistics_are_counted_exactly,
+    values_over_the_threshold_are_stored_compressed_and_read_back_whole,
+    bad_input_is_rejected_naming_the_field_and_nothing_is_written,
+    merklectl_cache_commands_talk_to_the_running_service,
+    an_if_absent_write_never_replaces_a_value
+);
+
+async fn each_namespace_has_its_default_ttl_and_a_request_ttl_overrides_it(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(
+    let mut c = start_cache_on(
         &mut stack,
+        kind,
         &[
             ("CACHE_TTL_TREE_META", "1s".into()),
             ("CACHE_TTL_DISCOVERY_LIST", "30s".into()),
@@ -92,10 +102,9 @@ async fn each_namespace_has_its_default_ttl_and_a_request_ttl_overrides_it() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn keys_follow_the_layout_and_clear_leaves_other_deployments_alone() {
+async fn keys_follow_the_layout_and_clear_leaves_other_deployments_alone(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[("CACHE_KEY_PREFIX", "team-a".into())]).await;
+    let mut c = start_cache_on(&mut stack, kind, &[("CACHE_KEY_PREFIX", "team-a".into())]).await;
     let mut raw = raw_redis(&stack).await;
     // Keys of others: another prefix, a prefix that merely starts the same, no prefix at all.
     for key in [
@@ -180,10 +189,9 @@ async fn keys_follow_the_layout_and_clear_leaves_other_deployments_alone() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn statistics_are_counted_exactly() {
+async fn statistics_are_counted_exactly(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[]).await;
+    let mut c = start_cache_on(&mut stack, kind, &[]).await;
     assert!(set(&mut c, Namespace::TreeMeta, "a", b"1").await);
     assert!(set(&mut c, Namespace::TreeMeta, "b", b"2").await);
     assert!(get(&mut c, Namespace::TreeMeta, "a").await.is_some());
@@ -241,12 +249,29 @@ async fn statistics_are_counted_exactly() {
     assert_eq!(s.redis_keys, 1, "only b is left");
     assert!(s.redis_used_memory_bytes > 0);
     assert!(!s.redis_version.is_empty());
+    // Each server's own figures: the one server, or each of the cluster's three masters.
+    assert_eq!(s.redis_cluster, kind == RedisKind::Cluster);
+    let masters = if kind == RedisKind::Cluster { 3 } else { 1 };
+    assert_eq!(s.redis_nodes.len(), masters, "{:?}", s.redis_nodes);
+    assert_eq!(s.redis_nodes.iter().map(|n| n.keys).sum::<u64>(), 1);
+    assert_eq!(
+        s.redis_nodes
+            .iter()
+            .map(|n| n.used_memory_bytes)
+            .sum::<u64>(),
+        s.redis_used_memory_bytes
+    );
+    assert!(s.redis_nodes.iter().all(|n| n.used_memory_bytes > 0));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn values_over_the_threshold_are_stored_compressed_and_read_back_whole() {
+async fn values_over_the_threshold_are_stored_compressed_and_read_back_whole(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[("CACHE_COMPRESS_THRESHOLD", "1024".into())]).await;
+    let mut c = start_cache_on(
+        &mut stack,
+        kind,
+        &[("CACHE_COMPRESS_THRESHOLD", "1024".into())],
+    )
+    .await;
     let mut raw = raw_redis(&stack).await;
     let text = |len: usize| -> Vec<u8> { (0..len).map(|i| b"merkle mesh "[i % 12]).collect() };
     for (len, compressed) in [
@@ -293,10 +318,9 @@ async fn values_over_the_threshold_are_stored_compressed_and_read_back_whole() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_input_is_rejected_naming_the_field_and_nothing_is_written() {
+async fn bad_input_is_rejected_naming_the_field_and_nothing_is_written(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[]).await;
+    let mut c = start_cache_on(&mut stack, kind, &[]).await;
     let ns = Namespace::TreeMeta as i32;
     let set_req = |key: &str, value: Vec<u8>, ttl: Option<(i64, i32)>| SetRequest {
         namespace: ns,
@@ -414,10 +438,9 @@ async fn bad_input_is_rejected_naming_the_field_and_nothing_is_written() {
     assert!(s.namespaces.iter().all(|n| n.sets == 0));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn merklectl_cache_commands_talk_to_the_running_service() {
+async fn merklectl_cache_commands_talk_to_the_running_service(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[]).await;
+    let mut c = start_cache_on(&mut stack, kind, &[]).await;
     assert!(set(&mut c, Namespace::TreeMeta, "a", b"1").await);
     assert!(get(&mut c, Namespace::TreeMeta, "a").await.is_some());
     let addr = stack.service_mut("cache").uri();
@@ -472,10 +495,9 @@ async fn merklectl_cache_commands_talk_to_the_running_service() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_if_absent_write_never_replaces_a_value() {
+async fn an_if_absent_write_never_replaces_a_value(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let mut c = start_cache(&mut stack, &[]).await;
+    let mut c = start_cache_on(&mut stack, kind, &[]).await;
     let put = |value: &'static [u8]| SetRequest {
         namespace: Namespace::LatestRoot as i32,
         key: "docs".into(),

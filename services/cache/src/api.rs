@@ -7,8 +7,9 @@ use merkle_proto::cache::v1::{
     CircuitState, ClearRequest, ClearResponse, DeleteRequest, DeleteResponse, Entry,
     GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetStatsRequest, GetStatsResponse,
     GetStatusRequest, GetStatusResponse, InvalidatePatternRequest, InvalidatePatternResponse,
-    SetManyRequest, SetManyResponse, SetRequest, SetResponse, WarmupRequest, WarmupResponse,
-    WatchLatestRootsRequest, WatchLatestRootsResponse, cache_service_server::CacheService,
+    RedisNodeStats, SetManyRequest, SetManyResponse, SetRequest, SetResponse, WarmupRequest,
+    WarmupResponse, WatchLatestRootsRequest, WatchLatestRootsResponse,
+    cache_service_server::CacheService,
 };
 use merkle_shared::{
     auth::{self, Role},
@@ -219,6 +220,7 @@ impl CacheService for CacheApi {
     ) -> Result<Response<GetStatsResponse>, Status> {
         let mut response = GetStatsResponse {
             namespaces: self.store.stats().snapshot(),
+            redis_cluster: self.store.clustered(),
             ..Default::default()
         };
         if let Ok(info) = self.store.info().await {
@@ -229,6 +231,17 @@ impl CacheService for CacheApi {
             response.redis_version = info.version;
             response.redis_maxmemory_bytes = info.maxmemory;
             response.redis_maxmemory_policy = info.maxmemory_policy;
+            response.redis_nodes = info
+                .nodes
+                .into_iter()
+                .map(|node| RedisNodeStats {
+                    address: node.address,
+                    used_memory_bytes: node.used_memory,
+                    keys: node.deployment_keys,
+                    maxmemory_bytes: node.maxmemory,
+                    evicted_keys: node.evicted_keys,
+                })
+                .collect();
         }
         Ok(Response::new(response))
     }

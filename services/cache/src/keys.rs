@@ -244,13 +244,15 @@ impl KeySpace {
         format!("{}:*", self.prefix)
     }
 
-    /// The channels and the set of holders of the latest-root notices (`notices`).
+    /// The channels and the set of holders of the latest-root notices (`notices`). The hash
+    /// tag `{notices}` puts the three in one slot of a Redis Cluster, so that one pipeline
+    /// reads the holders and publishes a notice (a cluster routes PUBLISH by its channel).
     pub fn channels(&self) -> crate::notices::Channels {
-        let base = format!("{}:v{SCHEMA_VERSION}", self.prefix);
+        let base = format!("{}:v{SCHEMA_VERSION}:{{notices}}", self.prefix);
         crate::notices::Channels {
-            notices: format!("{base}:notices:latest_root"),
-            acks: format!("{base}:acks:latest_root"),
-            holders: format!("{base}:holders:latest_root"),
+            notices: format!("{base}:latest_root"),
+            acks: format!("{base}:acks"),
+            holders: format!("{base}:holders"),
         }
     }
 

@@ -7,6 +7,7 @@
 //! writes are dropped, so the other services carry on with PostgreSQL alone.
 
 mod api;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -73,6 +74,7 @@ fn observe(store: &std::sync::Arc<store::Store>) {
 
 /// Serves Cache until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    redis::check_mode(&config.redis).await?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
     let pool = redis::pool(&config.redis)?;
     let settings = store::StoreSettings {
@@ -82,9 +84,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         timeout: config.redis.redis_timeout,
         breaker_failures: config.redis_breaker_failures,
         breaker_cooldown: config.redis_breaker_cooldown,
+        wait_replicas: config.redis.wait_replicas(),
     };
     let notices = notices::Notices::new(
-        config.redis.client()?,
+        config.redis.subscribers()?,
         pool.clone(),
         settings.keys.channels(),
         config.redis.redis_timeout,

@@ -64,7 +64,9 @@ struct Waiter {
 
 /// This replica's side of the notices.
 pub struct Notices {
-    client: redis::Client,
+    /// Servers to subscribe to, tried in turn (any node of a cluster hears every PUBLISH).
+    subscribers: Vec<redis::Client>,
+    next_subscriber: AtomicU64,
     pool: RedisPool,
     channels: Channels,
     timeout: Duration,
@@ -81,14 +83,15 @@ pub struct Notices {
 
 impl Notices {
     pub fn new(
-        client: redis::Client,
+        subscribers: Vec<redis::Client>,
         pool: RedisPool,
         channels: Channels,
         timeout: Duration,
     ) -> Arc<Self> {
         let hasher = RandomState::new();
         Arc::new(Notices {
-            client,
+            subscribers,
+            next_subscriber: AtomicU64::new(0),
             pool,
             channels,
             timeout,
@@ -158,8 +161,11 @@ impl Notices {
     }
 
     async fn subscribe(&self) -> Result<redis::aio::PubSub, String> {
+        // After a loss, the next server: the one that went away may not come back.
+        let turn = self.next_subscriber.fetch_add(1, Ordering::Relaxed) as usize;
+        let client = &self.subscribers[turn % self.subscribers.len()];
         let subscribing = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub
                 .subscribe(&[&self.channels.notices, &self.channels.acks])
                 .await?;

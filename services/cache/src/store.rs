@@ -12,6 +12,7 @@
 //! deletion runs marks it untrusted again.
 
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{
         Arc, Mutex,
@@ -21,13 +22,13 @@ use std::{
 };
 
 use merkle_shared::breaker::{BreakerState, CircuitBreaker};
-use redis::{RedisResult, aio::MultiplexedConnection};
+use redis::RedisResult;
 
 use crate::{
     codec,
     keys::{KeySpace, Namespace},
     notices::{Change, Notices},
-    redis::RedisPool,
+    redis::{Conn, Node, RedisPool},
     stats::{Event, Stats},
 };
 
@@ -71,6 +72,8 @@ pub struct StoreSettings {
     pub timeout: Duration,
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
+    /// Replicas a latest-root write waits for (WAIT); 0 for none.
+    pub wait_replicas: u32,
 }
 
 /// The last health ping.
@@ -89,6 +92,18 @@ pub struct RedisInfo {
     pub maxmemory: u64,
     pub maxmemory_policy: String,
     pub deployment_keys: u64,
+    /// Each server's own figures (one for a single server, each master of a cluster).
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// One server's figures.
+#[derive(Debug, Default)]
+pub struct NodeInfo {
+    pub address: String,
+    pub used_memory: u64,
+    pub deployment_keys: u64,
+    pub maxmemory: u64,
+    pub evicted_keys: u64,
 }
 
 #[derive(Default)]
@@ -186,7 +201,7 @@ impl Store {
         op: F,
     ) -> Result<T, Unavailable>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let permit = if always {
@@ -416,23 +431,35 @@ impl Store {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Written {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.keys().key(ns, key))
+        let redis_key = self.keys().key(ns, key);
+        let wanted = self.replicas_for_key(&redis_key);
+        let mut pipe = redis::pipe();
+        let cmd = pipe
+            .cmd("SET")
+            .arg(redis_key)
             .arg(codec::encode(value, self.settings.compress_threshold))
             .arg("NX");
         if let Some(ttl) = self.ttl_for(ns, ttl) {
             cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
         }
+        let waits = self.add_wait(ns, wanted, &mut pipe);
         let written = self
             .redis(
                 "SET",
                 Some(ns),
                 ns == Namespace::LatestRoot,
-                |mut c| async move { cmd.query_async::<Option<String>>(&mut c).await },
+                |mut c| async move {
+                    let answers: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                    let stored = !matches!(answers.first(), Some(redis::Value::Nil) | None);
+                    if waits && stored {
+                        replicated(answers.last(), wanted)?;
+                    }
+                    Ok(stored)
+                },
             )
             .await;
         match written {
-            Ok(Some(_)) => {
+            Ok(true) => {
                 self.stats.count(ns, Event::Sets(1));
                 if self.announce(ns, Change::Keys(vec![key.to_owned()])).await {
                     Written::Stored
@@ -440,7 +467,7 @@ impl Store {
                     Written::Dropped
                 }
             }
-            Ok(None) => Written::Existed,
+            Ok(false) => Written::Existed,
             Err(_) => {
                 self.write_failed(ns);
                 Written::Dropped
@@ -448,7 +475,10 @@ impl Store {
         }
     }
 
-    /// Writes many keys in one pipeline; returns how many were stored (all or none).
+    /// Writes many keys; returns how many were stored (all or none). One pipeline per slot of
+    /// a cluster (one in all for a single server), sent at once: the cluster client writes
+    /// those bound for one node together on that node's connection, so a batch costs a round
+    /// trip per node, and never meets CROSSSLOT.
     pub async fn set_many(
         self: &Arc<Self>,
         ns: Namespace,
@@ -459,11 +489,27 @@ impl Store {
             return 0;
         }
         let ttl = self.ttl_for(ns, ttl);
-        let mut pipe = redis::pipe();
+        // Each pipeline with the replicas its writes wait for.
+        let mut pipes: Vec<(redis::Pipeline, u32)> = Vec::new();
+        let mut slots: HashMap<u16, usize> = HashMap::new();
         for (key, value) in entries {
-            let cmd = pipe
+            let redis_key = self.keys().key(ns, key);
+            let index = if self.clustered() {
+                let slot = crate::cluster::slot_of(redis_key.as_bytes());
+                *slots.entry(slot).or_insert_with(|| {
+                    pipes.push((redis::pipe(), self.replicas_for_key(&redis_key)));
+                    pipes.len() - 1
+                })
+            } else {
+                if pipes.is_empty() {
+                    pipes.push((redis::pipe(), self.settings.wait_replicas));
+                }
+                0
+            };
+            let cmd = pipes[index]
+                .0
                 .cmd("SET")
-                .arg(self.keys().key(ns, key))
+                .arg(redis_key)
                 .arg(codec::encode(value, self.settings.compress_threshold));
             if let Some(ttl) = ttl {
                 // PX takes whole milliseconds; round a sub-millisecond TTL up, never to 0.
@@ -471,12 +517,31 @@ impl Store {
             }
             cmd.ignore();
         }
+        let pipes: Vec<(redis::Pipeline, u32, bool)> = pipes
+            .into_iter()
+            .map(|(mut pipe, wanted)| {
+                let waits = self.add_wait(ns, wanted, &mut pipe);
+                (pipe, wanted, waits)
+            })
+            .collect();
         let written = self
             .redis(
                 "SET",
                 Some(ns),
                 ns == Namespace::LatestRoot,
-                |mut c| async move { pipe.query_async::<()>(&mut c).await },
+                |c| async move {
+                    let each = pipes.into_iter().map(|(pipe, wanted, waits)| {
+                        let mut c = c.clone();
+                        async move {
+                            let answers: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                            if waits {
+                                replicated(answers.last(), wanted)?;
+                            }
+                            Ok::<_, redis::RedisError>(())
+                        }
+                    });
+                    futures::future::try_join_all(each).await.map(drop)
+                },
             )
             .await;
         match written {
@@ -500,6 +565,53 @@ impl Store {
         }
     }
 
+    /// True when the keys live in a Redis Cluster.
+    pub fn clustered(&self) -> bool {
+        matches!(self.pool, RedisPool::Cluster(..))
+    }
+
+    /// The replicas a latest-root write to `redis_key` waits for: REDIS_WAIT_REPLICAS, but in
+    /// a cluster no more than its master has online (after a failover the new master has
+    /// none until one comes back: waiting would fail every write to it, and with no replica
+    /// there is nothing an older value could be promoted from).
+    fn replicas_for_key(&self, redis_key: &str) -> u32 {
+        let wanted = self.settings.wait_replicas;
+        match &self.pool {
+            RedisPool::Cluster(_, topology) => topology
+                .replicas_of_slot(crate::cluster::slot_of(redis_key.as_bytes()))
+                .map_or(wanted, |online| online.min(wanted)),
+            RedisPool::Standalone(_) => wanted,
+        }
+    }
+
+    /// [`Store::replicas_for_key`] for the keys of one master.
+    fn replicas_for_node(&self, node: &Node) -> u32 {
+        let wanted = self.settings.wait_replicas;
+        match (&self.pool, node) {
+            (RedisPool::Cluster(_, topology), Node::Master { host, port }) => topology
+                .replicas_of_master(host, *port)
+                .map_or(wanted, |online| online.min(wanted)),
+            _ => wanted,
+        }
+    }
+
+    /// Ends a write of `ns` with the WAIT that confirms it reached the replicas, for latest
+    /// roots when REDIS_WAIT_REPLICAS asks for it: a failover then never brings an older root
+    /// back. True when one was added (its answer is the pipeline's last).
+    fn add_wait(&self, ns: Namespace, replicas: u32, pipe: &mut redis::Pipeline) -> bool {
+        if ns != Namespace::LatestRoot || replicas == 0 {
+            return false;
+        }
+        pipe.add_command(self.wait_command(replicas));
+        true
+    }
+
+    fn wait_command(&self, replicas: u32) -> redis::Cmd {
+        // Half the command timeout, so that a missing replica is reported, not timed out.
+        let millis = (self.settings.timeout.as_millis() / 2).max(1) as u64;
+        redis::cmd("WAIT").arg(replicas).arg(millis).clone()
+    }
+
     /// Tells the holders of latest-root copies about a change of `ns` (a no-op for the other
     /// namespaces). False when they may not have heard: the write is then reported as failed,
     /// so the writer waits out the copies' lease before relying on it.
@@ -520,16 +632,28 @@ impl Store {
     /// Deletes one key; true when it existed.
     pub async fn delete(self: &Arc<Self>, ns: Namespace, key: &str) -> Result<bool, Unavailable> {
         let redis_key = self.keys().key(ns, key);
+        let wanted = self.replicas_for_key(&redis_key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("UNLINK").arg(redis_key);
+        let waits = self.add_wait(ns, wanted, &mut pipe);
         let deleted = self
             .redis(
                 "UNLINK",
                 Some(ns),
                 ns == Namespace::LatestRoot,
                 |mut c| async move {
-                    redis::cmd("UNLINK")
-                        .arg(&redis_key)
-                        .query_async::<u64>(&mut c)
-                        .await
+                    let answers: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                    if waits {
+                        replicated(answers.last(), wanted)?;
+                    }
+                    match answers.first() {
+                        Some(redis::Value::Int(n)) => Ok(*n as u64),
+                        other => Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "UNLINK answered",
+                            format!("{other:?}"),
+                        ))),
+                    }
                 },
             )
             .await;
@@ -593,71 +717,92 @@ impl Store {
     }
 
     /// SCANs for `pattern` and UNLINKs what it finds, a batch at a time (never KEYS, so Redis
-    /// never blocks on a large keyspace). Deletions are counted under `ns`, or under each key's
-    /// own namespace when `ns` is `None`.
+    /// never blocks on a large keyspace), on every server holding keys (each master of a
+    /// cluster). Deletions are counted under `ns`, or under each key's own namespace when `ns`
+    /// is `None`.
     async fn delete_matching(
         self: &Arc<Self>,
         pattern: &str,
         ns: Option<Namespace>,
     ) -> Result<u64, Unavailable> {
         let holders = self.keys().channels().holders;
+        let latest = ns == Some(Namespace::LatestRoot);
         let mut deleted = 0;
-        let mut cursor = 0;
-        loop {
-            let (next, mut batch) = self.scan_step(pattern, cursor, ns).await?;
-            // The holders of latest-root copies are not cached values: a Clear keeps them,
-            // or a writer would stop waiting for copies that still exist.
-            batch.retain(|key| key.as_slice() != holders.as_bytes());
-            if !batch.is_empty() {
-                let unlink = redis::cmd("UNLINK").arg(&batch).clone();
-                let n = self
-                    .redis(
-                        "UNLINK",
-                        ns,
-                        ns == Some(Namespace::LatestRoot),
-                        |mut c| async move { unlink.query_async::<u64>(&mut c).await },
-                    )
-                    .await?;
-                deleted += n;
-                match ns {
-                    Some(ns) => self.stats.count(ns, Event::Deletes(n)),
-                    None => {
-                        for key in &batch {
-                            if let Some(ns) = self.keys().namespace_of(key) {
-                                self.stats.count(ns, Event::Deletes(1));
+        for node in self.masters(ns).await? {
+            let mut cursor = 0;
+            loop {
+                let (next, mut batch) = self.scan_step(&node, pattern, cursor, ns).await?;
+                // The holders of latest-root copies are not cached values: a Clear keeps
+                // them, or a writer would stop waiting for copies that still exist.
+                batch.retain(|key| key.as_slice() != holders.as_bytes());
+                if !batch.is_empty() {
+                    let unlink = redis::cmd("UNLINK").arg(&batch).clone();
+                    // Latest roots deleted must stay deleted through a failover.
+                    let wanted = self.replicas_for_node(&node);
+                    let wait = (latest && wanted > 0).then(|| self.wait_command(wanted));
+                    let target = node.clone();
+                    let n = self
+                        .redis("UNLINK", ns, latest, |mut c| async move {
+                            let n: u64 = unlink.query_async(&mut c).await?;
+                            if let Some(wait) = wait {
+                                let replicas: redis::Value = c.on(&target, wait).await?;
+                                replicated(Some(&replicas), wanted)?;
+                            }
+                            Ok(n)
+                        })
+                        .await?;
+                    deleted += n;
+                    match ns {
+                        Some(ns) => self.stats.count(ns, Event::Deletes(n)),
+                        None => {
+                            for key in &batch {
+                                if let Some(ns) = self.keys().namespace_of(key) {
+                                    self.stats.count(ns, Event::Deletes(1));
+                                }
                             }
                         }
                     }
                 }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
         }
+        Ok(deleted)
     }
 
-    /// One SCAN step from `cursor`: the next cursor (0 at the end) and the keys found.
+    /// The servers holding keys: the one server, or every master of the cluster.
+    async fn masters(self: &Arc<Self>, ns: Option<Namespace>) -> Result<Vec<Node>, Unavailable> {
+        self.redis(
+            "PING",
+            ns,
+            ns == Some(Namespace::LatestRoot),
+            |mut c| async move { c.masters().await },
+        )
+        .await
+    }
+
+    /// One SCAN step on `node` from `cursor`: the next cursor (0 at the end) and the keys.
     async fn scan_step(
         self: &Arc<Self>,
+        node: &Node,
         pattern: &str,
         cursor: u64,
         ns: Option<Namespace>,
     ) -> Result<(u64, Vec<Vec<u8>>), Unavailable> {
+        let scan = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH)
+            .clone();
         self.redis(
             "SCAN",
             ns,
             ns == Some(Namespace::LatestRoot),
-            |mut c| async move {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_BATCH)
-                    .query_async::<(u64, Vec<Vec<u8>>)>(&mut c)
-                    .await
-            },
+            |mut c| async move { c.on(node, scan).await },
         )
         .await
     }
@@ -680,25 +825,59 @@ impl Store {
         result.map(drop)
     }
 
-    /// Redis' own figures and this deployment's key count.
+    /// Redis' own figures and this deployment's key count: per server (each master of a
+    /// cluster) and in total.
     pub async fn info(self: &Arc<Self>) -> Result<RedisInfo, Unavailable> {
-        let text = self
+        let answers = self
             .redis("INFO", None, false, |mut c| async move {
-                redis::cmd("INFO").query_async::<String>(&mut c).await
+                c.on_masters(redis::cmd("INFO")).await
             })
             .await?;
-        let mut info = parse_info(&text);
         let pattern = self.keys().deployment_pattern();
-        let mut cursor = 0;
-        loop {
-            let (next, batch) = self.scan_step(&pattern, cursor, None).await?;
-            info.deployment_keys += batch.len() as u64;
-            if next == 0 {
-                break;
+        let mut total = RedisInfo::default();
+        for (node, answer) in answers {
+            let text: String = redis::from_redis_value(answer)
+                .map_err(|e| Unavailable::Failed(format!("INFO of {node}: {e}")))?;
+            let mut info = parse_info(&text);
+            let mut cursor = 0;
+            loop {
+                let (next, batch) = self.scan_step(&node, &pattern, cursor, None).await?;
+                info.deployment_keys += batch.len() as u64;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
+            total.used_memory += info.used_memory;
+            total.evicted_keys += info.evicted_keys;
+            total.maxmemory += info.maxmemory;
+            total.deployment_keys += info.deployment_keys;
+            if total.version.is_empty() {
+                total.version = info.version.clone();
+                total.maxmemory_policy = info.maxmemory_policy.clone();
+            }
+            total.nodes.push(NodeInfo {
+                address: node.to_string(),
+                used_memory: info.used_memory,
+                deployment_keys: info.deployment_keys,
+                maxmemory: info.maxmemory,
+                evicted_keys: info.evicted_keys,
+            });
         }
-        Ok(info)
+        total.nodes.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(total)
+    }
+}
+
+/// Checks a WAIT's answer: at least `wanted` replicas hold the write.
+fn replicated(answer: Option<&redis::Value>, wanted: u32) -> RedisResult<()> {
+    match answer {
+        Some(redis::Value::Int(n)) if *n >= i64::from(wanted) => Ok(()),
+        other => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "the write did not reach the replicas REDIS_WAIT_REPLICAS asks for",
+            format!("wanted {wanted}, WAIT answered {other:?}"),
+        ))),
     }
 }
 
