@@ -671,6 +671,15 @@ impl RedisCluster {
         ports
     }
 
+    /// True when the master `index` has a replica that finished its sync (one that a failover
+    /// can promote).
+    pub fn has_online_replica(&self, index: usize) -> bool {
+        cli(self.nodes[index].port(), &["info", "replication"]).is_some_and(|info| {
+            info.lines()
+                .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+        })
+    }
+
     /// The index in [`RedisCluster::nodes`] of the master serving `key` now.
     pub fn master_of(&self, key: &str) -> Option<usize> {
         let asker = self.nodes.iter().find(|n| n.pid().is_some())?;

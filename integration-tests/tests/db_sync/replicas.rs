@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{ServingStatus, TestStack, signal};
+use integration_tests::{RedisKind, ServingStatus, TestStack, signal};
 use merkle_proto::dbsync::v1::GetLatestRootRequest;
 use nix::sys::signal::Signal;
 
@@ -32,8 +32,13 @@ async fn latest(c: &mut Client, source: &str) -> (String, String) {
 /// PostgreSQL, Redis, two Cache replicas and a DbSync on each; returns the clients of the
 /// two DbSyncs (A, B).
 async fn two_replicas(stack: &mut TestStack) -> (Client, Client) {
+    two_replicas_on(stack, RedisKind::Standalone).await
+}
+
+/// [`two_replicas`] on a Redis of `kind`.
+async fn two_replicas_on(stack: &mut TestStack, kind: RedisKind) -> (Client, Client) {
     stack.start_postgres().await;
-    stack.start_redis().await;
+    stack.start_redis_of(kind).await;
     let mut dbs = Vec::new();
     for _ in 0..2 {
         let cache = stack.start_serving("cache").await.uri();
@@ -61,10 +66,13 @@ async fn until_local(c: &mut Client, source: &str, root: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_write_through_one_replica_is_read_at_once_through_the_other() {
+integration_tests::on_both_redis_kinds!(
+    a_write_through_one_replica_is_read_at_once_through_the_other
+);
+
+async fn a_write_through_one_replica_is_read_at_once_through_the_other(kind: RedisKind) {
     let mut stack = TestStack::new();
-    let (mut a, mut b) = two_replicas(&mut stack).await;
+    let (mut a, mut b) = two_replicas_on(&mut stack, kind).await;
     let mut t = Tree::new(&[("f", "0")]);
     push(&mut a, "docs", &t).await;
     until_local(&mut b, "docs", &t.tree.root.to_hex()).await;
@@ -157,4 +165,64 @@ async fn with_redis_down_the_copies_are_dropped_and_they_serve_again_once_it_is_
     assert!(push(&mut b, "docs", &t).await.changed);
     let (got, _) = latest(&mut a, "docs").await;
     assert_eq!(got, t.tree.root.to_hex());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_redis_masters_never_bring_an_older_root_back() {
+    let mut stack = TestStack::new();
+    let (mut a, mut b) = two_replicas_on(&mut stack, RedisKind::Cluster).await;
+    let mut t = Tree::new(&[("f", "0")]);
+    push(&mut a, "docs", &t).await;
+    until_local(&mut b, "docs", &t.tree.root.to_hex()).await;
+    let mut local = 0;
+    let mut killed = Vec::new();
+    for i in 1..=30 {
+        // The master of the notices (every copy's lease), then the master of the latest root
+        // itself (if it is another one and still has its replica to promote).
+        let victim = match i {
+            5 => Some("merkle:v2:{notices}:holders"),
+            15 => Some("merkle:v2:latest_root:docs"),
+            _ => None,
+        };
+        if let Some(key) = victim {
+            let cluster = stack.redis_cluster.as_mut().expect("cluster");
+            let master = cluster.master_of(key).expect("a master serves the key");
+            if !killed.contains(&master) && cluster.has_online_replica(master) {
+                cluster.nodes_mut()[master].kill();
+                killed.push(master);
+            }
+        }
+        t.edit("f", &i.to_string());
+        let (writer, reader) = if i % 2 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        assert!(
+            push(writer, "docs", &t).await.changed,
+            "write {i} is stored"
+        );
+        let root = t.tree.root.to_hex();
+        for _ in 0..3 {
+            let (got, from) = latest(reader, "docs").await;
+            assert_eq!(
+                got, root,
+                "write {i}: a stale root through the other replica ({from})"
+            );
+            local += usize::from(from == "LOCAL");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!killed.is_empty(), "a master was killed");
+    stack
+        .redis_cluster
+        .as_ref()
+        .expect("cluster")
+        .wait_ok(Duration::from_secs(30))
+        .await
+        .expect("the cluster serves every slot again");
+    for c in [&mut a, &mut b] {
+        until_local(c, "docs", &t.tree.root.to_hex()).await;
+    }
+    println!("{local} of 90 reads from the copies; masters killed: {killed:?}");
 }
