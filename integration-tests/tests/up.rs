@@ -62,6 +62,11 @@ fn descendants(root: u32) -> Vec<u32> {
 /// PostgreSQL, Redis and OTLP ports, and its stderr in `data/merklectl.stderr`; nothing of the
 /// caller's environment picked up.
 fn up(data: &Path, base: u16) -> Command {
+    up_with_redis_port(data, base, free_port().expect("port"))
+}
+
+/// [`up`] with its Redis (or the first node of its Redis Cluster) on `redis_port`.
+fn up_with_redis_port(data: &Path, base: u16, redis_port: u16) -> Command {
     let stderr = std::fs::File::create(data.join("merklectl.stderr")).expect("log file");
     let mut command = Command::new(binary("merklectl"));
     command
@@ -69,7 +74,7 @@ fn up(data: &Path, base: u16) -> Command {
         .arg("--data-dir")
         .arg(data.join("stack"))
         .args(["--postgres-port", &free_port().expect("port").to_string()])
-        .args(["--redis-port", &free_port().expect("port").to_string()])
+        .args(["--redis-port", &redis_port.to_string()])
         .args(["--base-port", &base.to_string(), "--no-build"])
         .args(["--otlp-port", &free_port().expect("port").to_string()])
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -497,4 +502,80 @@ async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
         .filter(|c| c.contains(&folder))
         .collect();
     assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_with_a_redis_cluster_serves_on_it_and_stops_all_six_nodes() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let base = free_port_block(30_000);
+    // Six node ports and their six bus ports (+10): sixteen in a row, searched apart.
+    let redis_port = (40_000..50_000)
+        .step_by(41)
+        .find(|&p| (p..p + 16).all(|q| TcpListener::bind(("127.0.0.1", q)).is_ok()))
+        .expect("sixteen free ports");
+    let child = up_with_redis_port(data.path(), base, redis_port)
+        .arg("--redis-cluster")
+        .spawn()
+        .expect("start merklectl up --redis-cluster");
+    let pid = child.id();
+    let mut child = StopOnDrop(child);
+    let admin = data.path().join("stack/auth/admin.token");
+    let stdout = child.0.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let cache = ([127, 0, 0, 1], base + 3).into();
+    stack::wait_for_status(
+        cache,
+        "merkle.cache.v1.CacheService",
+        ServingStatus::Serving,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let addr = format!("http://127.0.0.1:{}", base + 3);
+    let (code, out, err) =
+        run_merklectl_with_token(&admin, &["cache", "stats", "--json", "--addr", &addr]);
+    assert_eq!(code, Some(0), "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(stats["redis"]["cluster"], true, "{out}");
+    assert_eq!(
+        stats["redis"]["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{out}"
+    );
+    let servers: Vec<u32> = descendants(pid)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "redis-server")
+        })
+        .collect();
+    assert_eq!(servers.len(), 6, "six redis-server nodes: {servers:?}");
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGINT).expect("send SIGINT");
+    let started = Instant::now();
+    while child.0.try_wait().expect("wait").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "merklectl up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = reader.join().expect("reader");
+    assert_eq!(
+        output
+            .iter()
+            .filter(|l| l.starts_with("redis-cluster "))
+            .count(),
+        6,
+        "{}",
+        output.join("\n")
+    );
+    for server in servers {
+        assert!(!process_exists(server), "redis-server {server} still runs");
+    }
 }

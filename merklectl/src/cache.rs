@@ -121,6 +121,14 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<()> {
                         "maxmemory_policy": stats.redis_maxmemory_policy,
                         "keys": stats.redis_keys,
                         "evicted_keys": stats.redis_evicted_keys,
+                        "cluster": stats.redis_cluster,
+                        "nodes": stats.redis_nodes.iter().map(|n| json!({
+                            "address": n.address,
+                            "used_memory_bytes": n.used_memory_bytes,
+                            "maxmemory_bytes": n.maxmemory_bytes,
+                            "keys": n.keys,
+                            "evicted_keys": n.evicted_keys,
+                        })).collect::<Vec<_>>(),
                     },
                 });
                 println!("{out}");
@@ -148,14 +156,34 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<()> {
                     0 => "no limit".to_owned(),
                     m => format!("limit {:.1} MiB", m as f64 / 1048576.0),
                 };
+                let kind = if stats.redis_cluster {
+                    format!(" cluster of {} masters", stats.redis_nodes.len())
+                } else {
+                    String::new()
+                };
                 println!(
-                    "\nredis {}: {:.1} MiB used ({max}, policy {}), {} keys of this deployment, {} evicted",
+                    "\nredis {}{kind}: {:.1} MiB used ({max}, policy {}), {} keys of this deployment, {} evicted",
                     stats.redis_version,
                     stats.redis_used_memory_bytes as f64 / 1048576.0,
                     stats.redis_maxmemory_policy,
                     stats.redis_keys,
                     stats.redis_evicted_keys
                 );
+                if stats.redis_cluster {
+                    println!(
+                        "{:<24} {:>10} {:>10} {:>9}",
+                        "MASTER", "USED MiB", "KEYS", "EVICTED"
+                    );
+                    for n in &stats.redis_nodes {
+                        println!(
+                            "{:<24} {:>10.1} {:>10} {:>9}",
+                            n.address,
+                            n.used_memory_bytes as f64 / 1048576.0,
+                            n.keys,
+                            n.evicted_keys
+                        );
+                    }
+                }
             } else {
                 println!("\nredis: unavailable (figures above are the service's own counters)");
             }

@@ -19,7 +19,7 @@ use nix::{sys::signal::kill, unistd::Pid};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    stack::{self, Postgres, Redis, SERVICES, ServiceSpec, StackError},
+    stack::{self, Postgres, Redis, RedisCluster, SERVICES, ServiceSpec, StackError},
     supervise::{NotServing, Supervised},
 };
 
@@ -41,6 +41,11 @@ pub struct UpArgs {
     /// Use this Redis instead of starting one.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Start a local Redis Cluster instead of one Redis: three masters and three replicas on
+    /// --redis-port and the five ports after it (cluster bus on those ports + 10), handed to
+    /// the Cache as REDIS_CLUSTER_NODES.
+    #[arg(long, conflicts_with = "redis_url")]
+    pub redis_cluster: bool,
     /// Port of the Scheduler; the others follow in the documented order (TreeBuilder +1,
     /// DbSync +2, Cache +3, Discovery +4).
     #[arg(long, default_value_t = merkle_shared::ports::SCHEDULER)]
@@ -128,14 +133,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let mut redis = None;
+    let mut redis_cluster = None;
     let redis_url = match &args.redis_url {
-        Some(url) => url.clone(),
+        Some(url) => RedisAt::Url(url.clone()),
+        None if args.redis_cluster => {
+            ensure_installed(stack::redis_cli_path().map(drop), "redis-server")?;
+            let port = |i: u16| args.redis_port.saturating_add(i);
+            let ports = [0, 1, 2, 3, 4, 5].map(port);
+            let bus_ports = [10, 11, 12, 13, 14, 15].map(port);
+            // A cluster's nodes keep their identity in nodes.conf: a new one each time.
+            let dir = data_dir.join("redis-cluster");
+            let _ = std::fs::remove_dir_all(&dir);
+            let cluster = RedisCluster::start(&dir, ports, bus_ports).await?;
+            let urls = cluster.urls();
+            redis_cluster = Some(cluster);
+            RedisAt::Cluster(urls)
+        }
         None => {
             ensure_installed(stack::redis_server_path().map(drop), "redis-server")?;
             let r = Redis::start(&data_dir.join("redis"), args.redis_port).await?;
             let url = r.url();
             redis = Some(r);
-            url
+            RedisAt::Url(url)
         }
     };
 
@@ -273,6 +292,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &statuses,
         postgres.as_ref(),
         redis.as_ref(),
+        redis_cluster.as_ref(),
         &database_url,
         &redis_url,
     );
@@ -355,12 +375,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let status = service.stop(Duration::from_secs(25));
         println!("  {:<13} stopped ({})", service.name, describe(status));
     }
-    if let Some(mut r) = redis {
+    let cluster_nodes = redis_cluster
+        .as_mut()
+        .map(|c| c.nodes_mut().iter_mut().collect::<Vec<_>>())
+        .unwrap_or_default();
+    for r in redis.iter_mut().chain(cluster_nodes) {
         if let Some(pid) = r.pid() {
             pids.push(("redis-server".into(), pid));
         }
         r.stop();
-        println!("  {:<13} stopped", "redis-server");
+        println!("  {:<13} stopped (port {})", "redis-server", r.port());
     }
     if let Some(mut pg) = postgres {
         if let Some(pid) = pg.pid() {
@@ -472,14 +496,17 @@ fn service_env(
     spec: &ServiceSpec,
     args: &UpArgs,
     database_url: &str,
-    redis_url: &str,
+    redis_url: &RedisAt,
 ) -> Vec<(&'static str, String)> {
     let mut env = vec![("LOG_FORMAT", "json".to_owned())];
     if spec.needs_postgres {
         env.push(("DATABASE_URL", database_url.to_owned()));
     }
     if spec.needs_redis {
-        env.push(("REDIS_URL", redis_url.to_owned()));
+        env.push(match redis_url {
+            RedisAt::Url(url) => ("REDIS_URL", url.clone()),
+            RedisAt::Cluster(urls) => ("REDIS_CLUSTER_NODES", urls.clone()),
+        });
     }
     for peer in &SERVICES {
         env.push((
@@ -495,8 +522,9 @@ fn print_table(
     statuses: &[&str],
     postgres: Option<&Postgres>,
     redis: Option<&Redis>,
+    redis_cluster: Option<&RedisCluster>,
     database_url: &str,
-    redis_url: &str,
+    redis_url: &RedisAt,
 ) {
     println!(
         "\n{:<14} {:<18} {:>8}  {:<11} {:<34} SERVICE",
@@ -519,11 +547,28 @@ fn print_table(
         postgres.map(|pg| (pg.port(), pg.pid(), pg.url())),
         database_url,
     );
-    dependency_row(
-        "redis",
-        redis.map(|r| (r.port(), r.pid(), r.url())),
-        redis_url,
-    );
+    match (redis_cluster, redis_url) {
+        (Some(cluster), _) => {
+            for node in cluster.nodes() {
+                dependency_row(
+                    "redis-cluster",
+                    Some((node.port(), node.pid(), node.url())),
+                    "",
+                );
+            }
+        }
+        (None, RedisAt::Url(url) | RedisAt::Cluster(url)) => {
+            dependency_row("redis", redis.map(|r| (r.port(), r.pid(), r.url())), url)
+        }
+    }
+}
+
+/// Where the Cache finds Redis.
+enum RedisAt {
+    /// One server (`REDIS_URL`).
+    Url(String),
+    /// A cluster's nodes, comma-separated (`REDIS_CLUSTER_NODES`).
+    Cluster(String),
 }
 
 /// One table row for PostgreSQL or Redis: ours (port, pid, URL) or an external one.

@@ -453,6 +453,14 @@ async fn merklectl_cache_commands_talk_to_the_running_service(kind: RedisKind) {
         .expect("tree_meta row");
     assert!(tree.contains("100.0%"), "{out}");
     assert!(out.contains("keys of this deployment"), "{out}");
+    if kind == RedisKind::Cluster {
+        assert!(out.contains("cluster of 3 masters"), "{out}");
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("127.0.0.1:")).count(),
+            3,
+            "{out}"
+        );
+    }
 
     let (code, out, _) = run_merklectl(&["cache", "stats", "--addr", &addr, "--json"]);
     assert_eq!(code, Some(0));
@@ -460,6 +468,12 @@ async fn merklectl_cache_commands_talk_to_the_running_service(kind: RedisKind) {
     assert_eq!(json["namespaces"][1]["namespace"], "tree_meta");
     assert_eq!(json["namespaces"][1]["hits"], 1);
     assert_eq!(json["redis"]["keys"], 1);
+    assert_eq!(json["redis"]["cluster"], kind == RedisKind::Cluster);
+    let masters = if kind == RedisKind::Cluster { 3 } else { 1 };
+    assert_eq!(
+        json["redis"]["nodes"].as_array().map(Vec::len),
+        Some(masters)
+    );
 
     let (code, out, _) = run_merklectl(&["cache", "status", "--addr", &addr]);
     assert_eq!(code, Some(0));
