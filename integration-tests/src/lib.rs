@@ -141,6 +141,8 @@ pub struct TestStack {
     services: Vec<RunningService>,
     pub redis: Option<Redis>,
     pub redis_cluster: Option<RedisCluster>,
+    /// Streaming replicas of `postgres`; stopped before it.
+    pub postgres_replicas: Vec<Postgres>,
     pub postgres: Option<Postgres>,
     dir: tempfile::TempDir,
 }
@@ -158,6 +160,7 @@ impl TestStack {
             services: Vec::new(),
             redis: None,
             redis_cluster: None,
+            postgres_replicas: Vec::new(),
             postgres: None,
             dir,
         }
@@ -173,12 +176,35 @@ impl TestStack {
         self.start_postgres_on(port).await
     }
 
+    /// Starts PostgreSQL on a free port with extra server settings (`-c name=value`).
+    pub async fn start_postgres_with(&mut self, settings: &[(&str, &str)]) -> &mut Postgres {
+        let port = free_port().expect("free port");
+        let pg = Postgres::start_with(&self.dir.path().join("postgres"), port, settings)
+            .await
+            .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"));
+        self.postgres.insert(pg)
+    }
+
     /// Starts PostgreSQL on `port` (e.g. one a service was already told about).
     pub async fn start_postgres_on(&mut self, port: u16) -> &mut Postgres {
         let pg = Postgres::start(&self.dir.path().join("postgres"), port)
             .await
             .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"));
         self.postgres.insert(pg)
+    }
+
+    /// Starts a streaming replica of this stack's PostgreSQL (`pg_basebackup -R -X stream`)
+    /// on a free port, with `settings`; returns its index in [`TestStack::postgres_replicas`].
+    pub async fn start_postgres_replica(&mut self, settings: &[(&str, &str)]) -> usize {
+        let primary = self.postgres.as_ref().expect("postgres started").port();
+        let port = free_port().expect("free port");
+        let index = self.postgres_replicas.len();
+        let dir = self.dir.path().join(format!("postgres-replica-{index}"));
+        let replica = Postgres::start_replica(&dir, primary, port, settings)
+            .await
+            .unwrap_or_else(|e| panic!("starting a PostgreSQL replica: {e}"));
+        self.postgres_replicas.push(replica);
+        index
     }
 
     /// Starts Redis on a free port.
@@ -655,4 +681,22 @@ pub async fn wait_build_end(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `GET /metrics` of a service's admin listener (`METRICS_LISTEN_ADDR`) over plain HTTP/1.1.
+pub fn get_metrics(addr: SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }

@@ -7,7 +7,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{Read as _, Write as _},
     net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
@@ -302,7 +301,7 @@ async fn one_build_is_one_trace_across_all_five_services() {
     assert!(line.contains("span_id="), "{line}");
 
     // /metrics after this traffic: RPC durations by method and status, cache lookups.
-    let db_sync = get_metrics(system.metrics["db-sync"]);
+    let db_sync = integration_tests::get_metrics(system.metrics["db-sync"]);
     assert!(
         db_sync
             .lines()
@@ -312,7 +311,7 @@ async fn one_build_is_one_trace_across_all_five_services() {
         "{db_sync}"
     );
     assert!(db_sync.contains("db_client_connection_count"), "{db_sync}");
-    let cache = get_metrics(system.metrics["cache"]);
+    let cache = integration_tests::get_metrics(system.metrics["cache"]);
     assert!(
         cache
             .lines()
@@ -359,23 +358,6 @@ async fn median_build(c: &mut Client, label: &str) -> Duration {
     }
     times.sort();
     times[2]
-}
-
-/// `GET /metrics` over plain HTTP/1.1.
-fn get_metrics(addr: SocketAddr) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[tokio::test(flavor = "multi_thread")]

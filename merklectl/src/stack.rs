@@ -280,6 +280,59 @@ impl Postgres {
         Ok(postgres)
     }
 
+    /// Starts a streaming replica of the server on `primary_port`: its data copied by
+    /// `pg_basebackup -R -X stream` into `data_dir` (run as the server's user), then served
+    /// read-only on `port` with `settings`, following the primary.
+    pub async fn start_replica(
+        data_dir: &Path,
+        primary_port: u16,
+        port: u16,
+        settings: &[(&str, &str)],
+    ) -> Result<Self, StackError> {
+        let bindir = postgres_bindir()?;
+        let identity = postgres_identity()?;
+        // An empty folder of the server's user, private as PostgreSQL requires: pg_basebackup
+        // fills it.
+        fs::create_dir_all(data_dir).map_err(io_err(format!("creating {}", data_dir.display())))?;
+        fs::set_permissions(
+            data_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(io_err(format!("chmod 0700 {}", data_dir.display())))?;
+        if let Some((uid, gid)) = identity {
+            chown(data_dir, Some(uid.into()), Some(gid.into())).map_err(|e| {
+                StackError::Failed(format!("chown {} to postgres: {e}", data_dir.display()))
+            })?;
+        }
+        let mut backup = Command::new(bindir.join("pg_basebackup"));
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port.to_string(),
+                "-U",
+                Self::USER,
+            ])
+            .arg("-D")
+            .arg(data_dir)
+            // A fast checkpoint: the copy starts at once, not at the next spread checkpoint.
+            .args(["-R", "-X", "stream", "--no-sync", "--checkpoint=fast"])
+            .current_dir("/")
+            .stdout(Stdio::null());
+        if let Some((uid, gid)) = identity {
+            backup.uid(uid).gid(gid);
+        }
+        let out = backup.output().map_err(io_err("running pg_basebackup"))?;
+        if !out.status.success() {
+            return Err(StackError::Failed(format!(
+                "pg_basebackup of port {primary_port} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Self::start_with(data_dir, port, settings).await
+    }
+
     /// Starts the server again after [`Postgres::stop`], on the same port and data.
     pub async fn start_again(&mut self) -> Result<(), StackError> {
         let bindir = postgres_bindir()?;
@@ -368,6 +421,15 @@ impl Postgres {
             .await
             .map_err(|e| StackError::Failed(format!("connecting to PostgreSQL: {e}")))?;
         let driver = tokio::spawn(connection);
+        // A replica has the primary's databases and takes no writes.
+        let replica: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| StackError::Failed(format!("querying PostgreSQL: {e}")))?
+            .get(0);
+        if replica {
+            return Ok(());
+        }
         let exists = client
             .query_opt(
                 "SELECT 1 FROM pg_database WHERE datname = $1",

@@ -33,6 +33,7 @@ pub mod page_token;
 pub mod peer_loss;
 pub mod postgres;
 pub mod propagation;
+pub mod read_replicas;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -74,8 +74,9 @@ pub fn rpc_call(server: bool, service: &str, method: &str, code: i32, took: Dura
 
 /// Reports a bb8 pool's connections (`idle`, `used`) and its gets that had to wait, as
 /// `db.client.connection.count` and `db.client.connection.wait_count`, under `pool_name`.
-pub fn observe_pool<M: bb8::ManageConnection>(pool_name: &'static str, pool: bb8::Pool<M>) {
+pub fn observe_pool<M: bb8::ManageConnection>(pool_name: String, pool: bb8::Pool<M>) {
     let connections = pool.clone();
+    let waits_of = pool_name.clone();
     meter()
         .i64_observable_up_down_counter("db.client.connection.count")
         .with_description("Connections of the pool, by state (idle, used)")
@@ -87,7 +88,7 @@ pub fn observe_pool<M: bb8::ManageConnection>(pool_name: &'static str, pool: bb8
                 observer.observe(
                     value,
                     &[
-                        KeyValue::new("db.client.connection.pool.name", pool_name),
+                        KeyValue::new("db.client.connection.pool.name", pool_name.clone()),
                         KeyValue::new("db.client.connection.state", name),
                     ],
                 );
@@ -100,7 +101,10 @@ pub fn observe_pool<M: bb8::ManageConnection>(pool_name: &'static str, pool: bb8
         .with_callback(move |observer| {
             observer.observe(
                 pool.state().statistics.get_waited,
-                &[KeyValue::new("db.client.connection.pool.name", pool_name)],
+                &[KeyValue::new(
+                    "db.client.connection.pool.name",
+                    waits_of.clone(),
+                )],
             );
         })
         .build();

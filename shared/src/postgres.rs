@@ -108,30 +108,42 @@ impl PostgresArgs {
     }
 
     fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        crate::config::require_scheme(
-            "DATABASE_URL (--database-url)",
-            &self.database_url,
-            &["postgres", "postgresql"],
-        )?;
-        tokio_postgres::Config::from_str(&self.database_url).map_err(|e| {
-            ConfigError::new(
-                "DATABASE_URL (--database-url)",
-                format!("not a valid PostgreSQL URL: {e}"),
-            )
-        })
+        parse_url("DATABASE_URL (--database-url)", &self.database_url)
     }
 }
 
 /// A lazily connecting pool; fails only on a malformed URL, naming `DATABASE_URL`.
 pub fn pool(args: &PostgresArgs) -> Result<PgPool, ConfigError> {
-    let mut config = args.parse()?;
+    pool_at(
+        "postgresql".to_owned(),
+        "DATABASE_URL (--database-url)",
+        &args.database_url,
+        args,
+    )
+}
+
+/// A lazily connecting pool of `url` (named `pool_name` in metrics) with `args`' sizes and
+/// timeouts; a malformed URL is refused naming `variable`.
+pub fn pool_at(
+    pool_name: String,
+    variable: &str,
+    url: &str,
+    args: &PostgresArgs,
+) -> Result<PgPool, ConfigError> {
+    let mut config = parse_url(variable, url)?;
     config.connect_timeout(args.database_connect_timeout);
     let pool = bb8::Pool::builder()
         .max_size(args.database_pool_size)
         .connection_timeout(args.database_connect_timeout)
         .build_unchecked(PostgresConnectionManager::new(config, NoTls));
-    crate::metrics::observe_pool("postgresql", pool.clone());
+    crate::metrics::observe_pool(pool_name, pool.clone());
     Ok(pool)
+}
+
+fn parse_url(variable: &str, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
+    crate::config::require_scheme(variable, url, &["postgres", "postgresql"])?;
+    tokio_postgres::Config::from_str(url)
+        .map_err(|e| ConfigError::new(variable, format!("not a valid PostgreSQL URL: {e}")))
 }
 
 /// Checks that PostgreSQL answers, within `timeout`.

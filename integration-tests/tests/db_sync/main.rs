@@ -6,6 +6,7 @@
 
 mod degradation;
 mod input;
+mod read_replicas;
 mod reading;
 mod replicas;
 mod retention;

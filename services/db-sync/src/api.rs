@@ -296,19 +296,26 @@ impl DbSyncService for DbSyncApi {
         let before =
             position_u64(tokens.check("page_token", binding.as_bytes(), &request.page_token)?)
                 .map_or(i64::MAX, |s| s as i64);
-        let conn = self.archive.pool.get().await.map_err(Error::from)?;
-        if before == i64::MAX && store::source(&*conn, name.as_str()).await?.is_none() {
-            return Err(Error::NotFound(format!("source: {name} has no snapshots")).into());
-        }
-        let mut snapshots = store::page(
-            &*conn,
-            name.as_str(),
-            before,
-            start,
-            end,
-            i64::from(size) + 1,
-        )
-        .await?;
+        let page = async |pool: &merkle_shared::postgres::PgPool| {
+            let conn = pool.get().await?;
+            if before == i64::MAX && store::source(&*conn, name.as_str()).await?.is_none() {
+                return Err(Error::NotFound(format!("source: {name} has no snapshots")));
+            }
+            store::page(
+                &*conn,
+                name.as_str(),
+                before,
+                start,
+                end,
+                i64::from(size) + 1,
+            )
+            .await
+        };
+        let target = self.archive.read_target().await;
+        let mut snapshots = match page(target.pool).await {
+            failed if self.archive.read_again(&target, &failed) => page(&self.archive.pool).await,
+            outcome => outcome,
+        }?;
         let next_page_token = if snapshots.len() > size as usize {
             snapshots.truncate(size as usize);
             let last = snapshots.last().map_or(0, |s| s.sequence as u64);
@@ -499,7 +506,13 @@ impl DbSyncService for DbSyncApi {
                 }
                 None => (request.from_sequence, request.to_sequence),
             };
-        let page = history::page(&self.archive.pool, name.as_str(), from, to, size).await?;
+        let target = self.archive.read_target().await;
+        let page = match history::page(target.pool, name.as_str(), from, to, size).await {
+            failed if self.archive.read_again(&target, &failed) => {
+                history::page(&self.archive.pool, name.as_str(), from, to, size).await
+            }
+            outcome => outcome,
+        }?;
         let signer = &self.archive.signer;
         let next_page_token = match page.next {
             Some(next) => {

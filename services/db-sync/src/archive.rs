@@ -14,9 +14,11 @@ use merkle_core::Digest;
 use merkle_proto::{cache::v1::Namespace, dbsync::v1 as pb};
 use merkle_shared::{
     cache::{COPY_LEASE, CacheClient, CacheSource, Loaded},
+    error::ErrorCode,
     names::SourceName,
     page_token::PageTokens,
     postgres::PgPool,
+    read_replicas::{ReadOn, ReadReplicas, Replica},
 };
 use tokio::sync::OnceCell;
 use tonic::Status;
@@ -39,9 +41,18 @@ pub struct ArchiveSettings {
     pub touch_after: std::time::Duration,
 }
 
+/// Where one read goes: [`Archive::read_target`].
+pub struct ReadTarget<'a> {
+    pub pool: &'a PgPool,
+    replica: Option<&'a Replica>,
+}
+
 /// Snapshots and nodes, cache-first.
 pub struct Archive {
+    /// The primary: every write, and every read that decides one.
     pub pool: PgPool,
+    /// Streaming replicas for heavy reads (DATABASE_READ_URL), when configured.
+    pub replicas: Option<Arc<ReadReplicas>>,
     pub cache: CacheClient,
     /// The latest snapshots in this process's memory, when kept (LATEST_COPY_ENTRIES).
     pub copy: Option<Arc<LatestCopy>>,
@@ -69,14 +80,21 @@ fn stale_counter() -> &'static opentelemetry::metrics::Counter<u64> {
 impl Archive {
     pub fn new(
         pool: PgPool,
+        replicas: Option<Arc<ReadReplicas>>,
         cache: CacheClient,
         copy: Option<Arc<LatestCopy>>,
         settings: ArchiveSettings,
         signer: Arc<crate::history::Signer>,
     ) -> Arc<Self> {
         Arc::new(Archive {
-            nodes: NodeStore::new(pool.clone(), cache.clone(), settings.node_cache_bytes),
+            nodes: NodeStore::new(
+                pool.clone(),
+                replicas.clone(),
+                cache.clone(),
+                settings.node_cache_bytes,
+            ),
             pool,
+            replicas,
             cache,
             copy,
             settings,
@@ -84,6 +102,44 @@ impl Archive {
             tokens: OnceCell::new(),
             collect: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Where a read of rows that change (snapshots, history) goes: a replica that has caught up
+    /// with the primary, else the primary.
+    pub async fn read_target(&self) -> ReadTarget<'_> {
+        if let Some(replicas) = &self.replicas {
+            if let Some(replica) = replicas.caught_up(&self.pool).await {
+                return ReadTarget {
+                    pool: &replica.pool,
+                    replica: Some(replica),
+                };
+            }
+            replicas.count(ReadOn::Primary);
+        }
+        ReadTarget {
+            pool: &self.pool,
+            replica: None,
+        }
+    }
+
+    /// Records how a read on `target` went; true when it failed on a replica the way a lost
+    /// server does, so the caller runs it again on the primary (a replica going away costs
+    /// no caller an error).
+    pub fn read_again<T>(&self, target: &ReadTarget<'_>, outcome: &Result<T, Error>) -> bool {
+        let (Some(replicas), Some(replica)) = (&self.replicas, target.replica) else {
+            return false;
+        };
+        match outcome {
+            Err(Error::Postgres(e)) if e.error_code() == ErrorCode::Unavailable => {
+                replicas.failed(replica, e);
+                replicas.count(ReadOn::Primary);
+                true
+            }
+            _ => {
+                replicas.count(ReadOn::Replica);
+                false
+            }
+        }
     }
 
     /// The page-token signer (its key is read from PostgreSQL once).

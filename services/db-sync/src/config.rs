@@ -7,6 +7,7 @@ use merkle_shared::{
     cache::CacheArgs,
     config::{CommonArgs, ConfigError, Validate, parse_duration},
     postgres::PostgresArgs,
+    read_replicas::ReadReplicaArgs,
     service::ServiceConfig,
 };
 
@@ -22,6 +23,8 @@ pub struct Config {
     pub common: CommonArgs,
     #[command(flatten)]
     pub postgres: PostgresArgs,
+    #[command(flatten)]
+    pub read_replicas: ReadReplicaArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
     /// Memory for directory nodes kept in this process (they never change, so they are never
@@ -64,6 +67,7 @@ pub struct Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.postgres.validate()?;
+        self.read_replicas.validate(&self.postgres)?;
         self.cache.validate()?;
         if self.gc_grace < self.common.server.request_timeout * 2 {
             return Err(ConfigError::new(

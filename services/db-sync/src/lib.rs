@@ -38,7 +38,9 @@ use merkle_proto::dbsync::v1::db_sync_service_server::DbSyncServiceServer;
 use merkle_shared::{
     cache::{CacheClient, seal::Seal},
     health::Health,
-    postgres, server,
+    postgres,
+    read_replicas::ReadReplicas,
+    server,
     service::RunError,
     shutdown::Shutdown,
 };
@@ -56,6 +58,12 @@ pub const SERVICE_NAME: &str = merkle_proto::service_names::DB_SYNC;
 /// Serves DbSync until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let pool = postgres::pool(&config.postgres)?;
+    let replicas = ReadReplicas::new(&config.read_replicas, &config.postgres)?;
+    if let Some(replicas) = &replicas {
+        replicas.refuse_wrong(&pool, "merkle_roots").await?;
+        replicas.measure(&pool).await;
+        replicas.monitor(pool.clone(), shutdown.clone());
+    }
     let signer = Arc::new(history::Signer::load(
         config.signing_key_file.as_deref(),
         &config.previous_public_keys,
@@ -132,6 +140,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     });
     let archive = archive::Archive::new(
         pool,
+        replicas,
         cache,
         copy,
         archive::ArchiveSettings {

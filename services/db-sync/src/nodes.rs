@@ -12,7 +12,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use merkle_core::{Digest, DirNode, EntryKind, Profile, digest::sha256};
 use merkle_proto::cache::v1::Namespace;
-use merkle_shared::{cache::CacheClient, postgres::PgPool};
+use merkle_shared::{
+    cache::CacheClient,
+    postgres::PgPool,
+    read_replicas::{ReadOn, ReadReplicas},
+};
 
 use crate::error::Error;
 
@@ -110,9 +114,12 @@ impl quick_cache::Weighter<Digest, Arc<StoredNode>> for Weight {
     }
 }
 
-/// Reads nodes: process memory, then the Cache service, then PostgreSQL.
+/// Reads nodes: process memory, then the Cache service, then PostgreSQL (a read replica
+/// first when there is one: a node is there or not yet, never different; what it lacks is
+/// read from the primary).
 pub struct NodeStore {
     pool: PgPool,
+    replicas: Option<Arc<ReadReplicas>>,
     cache: CacheClient,
     memory: Option<quick_cache::sync::Cache<Digest, Arc<StoredNode>, Weight>>,
 }
@@ -121,7 +128,12 @@ pub struct NodeStore {
 const TYPICAL_NODE_BYTES: u64 = 4096;
 
 impl NodeStore {
-    pub fn new(pool: PgPool, cache: CacheClient, memory_bytes: u64) -> Self {
+    pub fn new(
+        pool: PgPool,
+        replicas: Option<Arc<ReadReplicas>>,
+        cache: CacheClient,
+        memory_bytes: u64,
+    ) -> Self {
         let memory = (memory_bytes > 0).then(|| {
             quick_cache::sync::Cache::with_weighter(
                 (memory_bytes / TYPICAL_NODE_BYTES).max(16) as usize,
@@ -131,6 +143,7 @@ impl NodeStore {
         });
         NodeStore {
             pool,
+            replicas,
             cache,
             memory,
         }
@@ -192,12 +205,7 @@ impl NodeStore {
         }
 
         // PostgreSQL, then fill the layers above.
-        let conn = self.pool.get().await?;
-        let keys: Vec<&[u8]> = still.iter().map(|h| h.0.as_slice()).collect();
-        let rows = conn
-            .query_traced(crate::store::queries::NODE, &[&keys])
-            .await?;
-        drop(conn);
+        let rows = self.load(&still).await?;
         let mut fill = Vec::with_capacity(rows.len());
         for row in rows {
             let hash_bytes: &[u8] = row.get(0);
@@ -222,6 +230,46 @@ impl NodeStore {
 }
 
 impl NodeStore {
+    /// The rows of `hashes` that are stored: from a replica, then from the primary for those
+    /// the replica lacks (or all of them, when it fails).
+    async fn load(&self, hashes: &[Digest]) -> Result<Vec<tokio_postgres::Row>, Error> {
+        async fn rows(pool: &PgPool, hashes: &[Digest]) -> Result<Vec<tokio_postgres::Row>, Error> {
+            let conn = pool.get().await?;
+            let keys: Vec<&[u8]> = hashes.iter().map(|h| h.0.as_slice()).collect();
+            Ok(conn
+                .query_traced(crate::store::queries::NODE, &[&keys])
+                .await?)
+        }
+        let Some((replicas, replica)) = self.replicas.as_ref().and_then(|r| Some((r, r.pick()?)))
+        else {
+            if let Some(replicas) = &self.replicas {
+                replicas.count(ReadOn::Primary);
+            }
+            return rows(&self.pool, hashes).await;
+        };
+        let mut found = match rows(&replica.pool, hashes).await {
+            Ok(found) => found,
+            Err(e) => {
+                replicas.failed(replica, &e);
+                replicas.count(ReadOn::Primary);
+                return rows(&self.pool, hashes).await;
+            }
+        };
+        replicas.count(ReadOn::Replica);
+        if found.len() < hashes.len() {
+            let have: std::collections::HashSet<&[u8]> =
+                found.iter().map(|row| row.get::<_, &[u8]>(0)).collect();
+            let lacking: Vec<Digest> = hashes
+                .iter()
+                .filter(|h| !have.contains(h.0.as_slice()))
+                .copied()
+                .collect();
+            // Too new for the replica (or not stored at all): the primary decides.
+            found.extend(rows(&self.pool, &lacking).await?);
+        }
+        Ok(found)
+    }
+
     /// Copies `hashes` from PostgreSQL into the cache; returns (entries tried, entries stored).
     pub async fn warm(&self, hashes: &[Digest]) -> Result<(u64, u64), Error> {
         let conn = self.pool.get().await?;
