@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{RedisKind, ServingStatus, TestStack, signal};
+use integration_tests::{RedisKind, RoundRobin, ServingStatus, TestStack, signal};
 use merkle_proto::dbsync::v1::GetLatestRootRequest;
 use nix::sys::signal::Signal;
 
@@ -225,4 +225,80 @@ async fn killed_redis_masters_never_bring_an_older_root_back() {
         until_local(c, "docs", &t.tree.root.to_hex()).await;
     }
     println!("{local} of 90 reads from the copies; masters killed: {killed:?}");
+}
+
+/// The latest root of `source` through a new connection to `addr` (a new backend behind a
+/// balancer).
+async fn latest_via(addr: &str, source: &str) -> String {
+    latest(&mut client(addr), source).await.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_of_each_behind_one_address_answer_as_one() {
+    let mut stack = TestStack::new();
+    stack.start_postgres().await;
+    stack.start_redis().await;
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        caches.push(stack.start_serving("cache").await.addr);
+    }
+    let cache = RoundRobin::start(caches).await;
+    let mut dbs = Vec::new();
+    for _ in 0..2 {
+        let db_sync = stack.start_service("db-sync", &[("CACHE_ADDR", cache.uri())]);
+        db_sync.wait_for(ServingStatus::Serving).await;
+        dbs.push(db_sync.addr);
+    }
+    let db_sync = RoundRobin::start(dbs).await;
+    let addr = db_sync.uri();
+
+    let mut t = Tree::new(&[("f", "0")]);
+    let mut stored = 1;
+    assert!(push(&mut client(&addr), "docs", &t).await.changed);
+    for i in 1..=20 {
+        t.edit("f", &i.to_string());
+        // The same tree pushed twice at once, through different replicas: stored once.
+        let (a, b) = tokio::join!(
+            async { push(&mut client(&addr), "docs", &t).await },
+            async { push(&mut client(&addr), "docs", &t).await },
+        );
+        assert_eq!(
+            u32::from(a.changed) + u32::from(b.changed),
+            1,
+            "write {i}: one of two equal pushes stores"
+        );
+        stored += 1;
+        let root = t.tree.root.to_hex();
+        for _ in 0..4 {
+            assert_eq!(
+                latest_via(&addr, "docs").await,
+                root,
+                "write {i}: a stale root"
+            );
+        }
+    }
+    let listed = client(&addr)
+        .list_snapshots(merkle_proto::dbsync::v1::ListSnapshotsRequest {
+            source: "docs".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("ListSnapshots")
+        .into_inner()
+        .snapshots;
+    let sequences: Vec<u64> = listed.iter().rev().map(|s| s.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=stored).collect::<Vec<_>>(),
+        "no duplicate, no gap"
+    );
+    let (code, out, err) = integration_tests::run_merklectl(&[
+        "verify-history",
+        "docs",
+        "--allow-unsigned",
+        "--addr",
+        &addr,
+    ]);
+    assert_eq!(code, Some(0), "one history chain: {out}{err}");
 }
