@@ -6,7 +6,9 @@
 //! sampler (the hot-path issue; each Get row also with `OTEL_TRACES_SAMPLER=always_off`);
 //! `GetMany` of 100 keys under 3x one `Get`; with Redis stopped and the breaker open, a `Get`
 //! (a miss) under 5 ms p99. And the service's Redis pool (bb8 with bb8-redis) beside the
-//! multiplexed connections it replaced, GETs from this process, in alternating rounds.
+//! multiplexed connections it replaced, GETs from this process, in alternating rounds. And the
+//! same service on a Redis Cluster of six real nodes (three masters, three replicas): `Get`
+//! and `GetMany` beside the standalone rows of the same run.
 
 use std::{
     sync::{
@@ -21,7 +23,7 @@ use merkle_proto::cache::v1::{
     CircuitState, Entry, GetManyRequest, GetRequest, GetStatusRequest, Namespace, SetManyRequest,
     cache_service_client::CacheServiceClient,
 };
-use merklectl::stack::{self, Redis};
+use merklectl::stack::{self, Redis, RedisCluster};
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::rpc::{self, Load, Row};
@@ -73,6 +75,32 @@ async fn get_hundred(mut c: Cache) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the benchmark's 100 keys through the Cache service at `uri`.
+async fn fill(work: &std::path::Path, uri: &str) -> anyhow::Result<()> {
+    let entries = (0..100)
+        .map(|i| Entry {
+            key: format!("bench-{i}"),
+            found: true,
+            value: vec![b'v'; VALUE_BYTES],
+        })
+        .collect();
+    // TREE_META is DbSync's namespace: only its identity may write it.
+    let stored = CacheServiceClient::new(rpc::channel_as(work, uri, "db-sync")?)
+        .set_many(SetManyRequest {
+            namespace: Namespace::TreeMeta as i32,
+            entries,
+            ttl: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        })
+        .await?
+        .into_inner()
+        .stored;
+    anyhow::ensure!(stored == 100, "SetMany stored {stored} of 100");
+    Ok(())
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(args: CacheBenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -88,24 +116,7 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
     let cache = rpc::start_service(work.path(), "cache", &[("REDIS_URL", redis.url())]).await?;
     let uri = cache.uri.clone();
     let connect_cache = || rpc::channel(&uri).map(CacheServiceClient::new);
-    let entries = (0..100)
-        .map(|i| Entry {
-            key: format!("bench-{i}"),
-            found: true,
-            value: vec![b'v'; VALUE_BYTES],
-        })
-        .collect();
-    // TREE_META is DbSync's namespace: only its identity may write it.
-    CacheServiceClient::new(rpc::channel_as(work.path(), &uri, "db-sync")?)
-        .set_many(SetManyRequest {
-            namespace: Namespace::TreeMeta as i32,
-            entries,
-            ttl: Some(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            }),
-        })
-        .await?;
+    fill(work.path(), &uri).await?;
 
     // The same service with the tracer's sampler off, on the same Redis.
     let quiet = rpc::start_service(
@@ -120,9 +131,23 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
     let quiet_uri = quiet.uri.clone();
     let connect_quiet = || rpc::channel(&quiet_uri).map(CacheServiceClient::new);
 
+    // The same service on a Redis Cluster of three masters and three replicas.
+    let ports = [(); 6].map(|()| stack::free_port().unwrap_or_default());
+    let bus_ports = [(); 6].map(|()| stack::free_port().unwrap_or_default());
+    let cluster = RedisCluster::start(&work.path().join("cluster"), ports, bus_ports).await?;
+    let clustered = rpc::start_service(
+        work.path(),
+        "cache",
+        &[("REDIS_CLUSTER_NODES", cluster.urls())],
+    )
+    .await?;
+    let clustered_uri = clustered.uri.clone();
+    let connect_clustered = || rpc::channel(&clustered_uri).map(CacheServiceClient::new);
+    fill(work.path(), &clustered_uri).await?;
+
     let echo = rpc::start_echo(work.path(), None).await?;
     let connect_echo = || rpc::channel(&echo.uri).map(HealthClient::new);
-    eprintln!("measuring (about {} s) ...", 12 * args.seconds + 15);
+    eprintln!("measuring (about {} s) ...", 15 * args.seconds + 15);
 
     let redis_pid = redis.pid().unwrap_or_default();
     rpc::reset_peak_rss(redis_pid)?;
@@ -135,23 +160,41 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
     // fall on all alike; each is reported by its median round.
     let get = |c| get_key(c, true);
     let round = duration / ROUNDS;
-    let mut rounds: [Vec<Load>; 6] = Default::default();
+    let mut rounds: [Vec<Load>; 8] = Default::default();
     for _ in 0..ROUNDS {
-        for (i, clients) in [(0, 1), (3, args.clients)] {
+        for (i, clients) in [(0, 1), (4, args.clients)] {
             let echo_run = rpc::measure(clients, round, connect_echo, rpc::echo_call);
             rounds[i].push(rpc::on(echo.pid, echo_run).await?);
             let get_run = rpc::measure(clients, round, connect_cache, get);
             rounds[i + 1].push(rpc::on(cache.pid, get_run).await?);
             let quiet_run = rpc::measure(clients, round, connect_quiet, get);
             rounds[i + 2].push(rpc::on(quiet.pid, quiet_run).await?);
+            let cluster_run = rpc::measure(clients, round, connect_clustered, get);
+            rounds[i + 3].push(rpc::on(clustered.pid, cluster_run).await?);
         }
     }
-    let [echo_1, get_1, get_1_quiet, echo_n, get_n, get_n_quiet] = rounds.map(rpc::median);
+    let [
+        echo_1,
+        get_1,
+        get_1_quiet,
+        get_1_cluster,
+        echo_n,
+        get_n,
+        get_n_quiet,
+        get_n_cluster,
+    ] = rounds.map(rpc::median);
     let many_1 = rpc::on(
         cache.pid,
         rpc::measure(1, duration, connect_cache, get_hundred),
     )
     .await?;
+    // 100 keys in about 100 slots over three masters: one MGET split by slot.
+    let many_1_cluster = rpc::on(
+        clustered.pid,
+        rpc::measure(1, duration, connect_clustered, get_hundred),
+    )
+    .await?;
+    drop(cluster);
     let (pooled, multiplexed) = pools(&redis, args.clients, duration).await?;
 
     // Redis stopped: wait until the breaker is open, then time the misses.
@@ -243,7 +286,16 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
             "Redis GET from this process: 4 multiplexed ConnectionManagers, round-robin (the old design)",
             multiplexed,
         ),
+        row(
+            "Cache Get on a Redis Cluster (3 masters, 3 replicas)",
+            get_1_cluster,
+        ),
+        row("Cache Get on the Redis Cluster", get_n_cluster),
         row("Cache GetMany, 100 keys", many_1),
+        row(
+            "Cache GetMany, 100 keys on the Redis Cluster (spread over 3 masters)",
+            many_1_cluster,
+        ),
         row("Cache Get, Redis stopped, breaker open (a miss)", down),
     ];
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -219,12 +219,26 @@ impl TestStack {
     /// Starts a Redis Cluster (three masters, three replicas) on free ports; the services of
     /// this stack then get `REDIS_CLUSTER_NODES` instead of `REDIS_URL`.
     pub async fn start_redis_cluster(&mut self) -> &mut RedisCluster {
-        let ports = [(); 6].map(|()| free_port().expect("free port"));
-        let bus_ports = [(); 6].map(|()| free_port().expect("free port"));
-        let cluster = RedisCluster::start(&self.dir.path().join("redis-cluster"), ports, bus_ports)
-            .await
-            .unwrap_or_else(|e| panic!("starting a Redis Cluster: {e}"));
-        self.redis_cluster.insert(cluster)
+        // Twelve ports found free may be taken by a test running beside this one before the
+        // nodes bind them: then again, on others.
+        for attempt in 1.. {
+            let mut ports: Vec<u16> = Vec::new();
+            while ports.len() < 12 {
+                let port = free_port().expect("free port");
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+            let node_ports: [u16; 6] = ports[..6].try_into().expect("six");
+            let bus_ports: [u16; 6] = ports[6..].try_into().expect("six");
+            let dir = self.dir.path().join(format!("redis-cluster-{attempt}"));
+            match RedisCluster::start(&dir, node_ports, bus_ports).await {
+                Ok(cluster) => return self.redis_cluster.insert(cluster),
+                Err(e) if attempt < 3 => eprintln!("a Redis Cluster did not start ({e}); again"),
+                Err(e) => panic!("starting a Redis Cluster: {e}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Starts the Redis of `kind`, unless one is running.

@@ -508,8 +508,9 @@ async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
 async fn up_with_a_redis_cluster_serves_on_it_and_stops_all_six_nodes() {
     let data = tempfile::tempdir().expect("temporary folder");
     let base = free_port_block(30_000);
-    // Six node ports and their six bus ports (+10): sixteen in a row, searched apart.
-    let redis_port = (40_000..50_000)
+    // Six node ports and their six bus ports (+10): sixteen in a row, below the ephemeral
+    // ports (which any test's connections take) and apart from the other tests' blocks.
+    let redis_port = (26_000..30_000)
         .step_by(41)
         .find(|&p| (p..p + 16).all(|q| TcpListener::bind(("127.0.0.1", q)).is_ok()))
         .expect("sixteen free ports");
@@ -535,7 +536,10 @@ async fn up_with_a_redis_cluster_serves_on_it_and_stops_all_six_nodes() {
         Duration::from_secs(120),
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap_or_else(|e| {
+        let stderr = std::fs::read_to_string(data.path().join("merklectl.stderr"));
+        panic!("{e}\nmerklectl up said: {}", stderr.unwrap_or_default())
+    });
     let addr = format!("http://127.0.0.1:{}", base + 3);
     let (code, out, err) =
         run_merklectl_with_token(&admin, &["cache", "stats", "--json", "--addr", &addr]);
