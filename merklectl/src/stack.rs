@@ -742,6 +742,30 @@ impl RedisCluster {
         })
     }
 
+    /// The index in [`RedisCluster::nodes`] of the first replica of the master `index`.
+    pub fn replica_of(&self, index: usize) -> Option<usize> {
+        let info = cli(self.nodes[index].port(), &["info", "replication"])?;
+        let port: u16 = info.lines().find_map(|l| {
+            let fields = l.strip_prefix("slave0:")?;
+            fields
+                .split(',')
+                .find_map(|f| f.strip_prefix("port="))?
+                .parse()
+                .ok()
+        })?;
+        self.nodes.iter().position(|n| n.port() == port)
+    }
+
+    /// Runs `CONFIG SET name value` on every running node.
+    pub fn config_set(&self, name: &str, value: &str) -> Result<(), StackError> {
+        for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
+            cli(node.port(), &["config", "set", name, value]).ok_or_else(|| {
+                StackError::Failed(format!("CONFIG SET {name} on port {}", node.port()))
+            })?;
+        }
+        Ok(())
+    }
+
     /// The index in [`RedisCluster::nodes`] of the master serving `key` now.
     pub fn master_of(&self, key: &str) -> Option<usize> {
         let asker = self.nodes.iter().find(|n| n.pid().is_some())?;

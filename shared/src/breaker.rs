@@ -43,7 +43,7 @@ enum State {
 /// A circuit breaker; share it behind an `Arc` (or in a struct that is).
 #[derive(Debug)]
 pub struct CircuitBreaker {
-    name: &'static str,
+    name: std::borrow::Cow<'static, str>,
     failure_threshold: u32,
     cooldown: Duration,
     state: Mutex<State>,
@@ -62,9 +62,13 @@ pub struct Permit<'a> {
 
 impl CircuitBreaker {
     /// A closed breaker named `name` (for its log lines).
-    pub fn new(name: &'static str, failure_threshold: u32, cooldown: Duration) -> Self {
+    pub fn new(
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        failure_threshold: u32,
+        cooldown: Duration,
+    ) -> Self {
         CircuitBreaker {
-            name,
+            name: name.into(),
             failure_threshold: failure_threshold.max(1),
             cooldown,
             state: Mutex::new(State::Closed { failures: 0 }),
@@ -129,7 +133,7 @@ impl CircuitBreaker {
             (Some(true), _) if probe => {
                 *state = State::Closed { failures: 0 };
                 tracing::info!(
-                    breaker = self.name,
+                    breaker = %self.name,
                     "circuit breaker closed: the dependency answers again"
                 );
             }
@@ -143,7 +147,7 @@ impl CircuitBreaker {
                     self.opened
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(
-                        breaker = self.name,
+                        breaker = %self.name,
                         failures = threshold,
                         cooldown = ?self.cooldown,
                         "circuit breaker opened: calls are skipped until a probe succeeds"

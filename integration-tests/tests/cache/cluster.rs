@@ -211,3 +211,91 @@ async fn a_redis_of_the_wrong_kind_is_refused_at_start_naming_the_variable() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_that_does_not_answer_is_skipped_by_its_own_breaker_while_the_others_serve() {
+    let mut stack = TestStack::new();
+    let mut c = start_cache_on(
+        &mut stack,
+        RedisKind::Cluster,
+        &[
+            ("REDIS_TIMEOUT", "300ms".into()),
+            ("REDIS_BREAKER_FAILURES", "2".into()),
+            ("REDIS_BREAKER_COOLDOWN", "1s".into()),
+        ],
+    )
+    .await;
+    let cluster = stack.redis_cluster.as_ref().expect("cluster");
+    // The other masters serve their slots while one is gone (no failover below).
+    cluster
+        .config_set("cluster-require-full-coverage", "no")
+        .expect("config");
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        assert!(set(&mut c, Namespace::TreeMeta, key, b"v").await);
+    }
+    let victim = cluster
+        .master_of("merkle:v2:tree_meta:k0")
+        .expect("a master");
+    let replica = cluster.replica_of(victim).expect("its replica");
+    let (on_victim, elsewhere): (Vec<&String>, Vec<&String>) = keys
+        .iter()
+        .partition(|k| cluster.master_of(&format!("merkle:v2:tree_meta:{k}")) == Some(victim));
+    assert!(!on_victim.is_empty() && !elsewhere.is_empty());
+    // The health probe has read the cluster's shape by now (every 200 ms in tests).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The master and its replica frozen: nothing answers for its slots, and no replica can
+    // take over.
+    let pids = [victim, replica].map(|i| cluster.nodes()[i].pid().expect("running"));
+    for pid in pids {
+        integration_tests::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    }
+    let mut slow = 0;
+    for round in 0..4 {
+        for key in &on_victim {
+            let started = Instant::now();
+            assert_eq!(get(&mut c, Namespace::TreeMeta, key).await, None, "a miss");
+            if started.elapsed() >= Duration::from_millis(250) {
+                slow += 1;
+            }
+        }
+        for key in &elsewhere {
+            let started = Instant::now();
+            assert_eq!(
+                get(&mut c, Namespace::TreeMeta, key).await.as_deref(),
+                Some(&b"v"[..]),
+                "round {round}: {key} on another master is served"
+            );
+            assert!(
+                started.elapsed() < Duration::from_millis(250),
+                "not held up"
+            );
+        }
+    }
+    assert!(
+        slow <= 3,
+        "after two timeouts the master's breaker skips it: {slow} slow misses"
+    );
+    let status = status(&mut c).await;
+    assert_eq!(
+        status.circuit_state,
+        merkle_proto::cache::v1::CircuitState::Open as i32,
+        "GetStatus shows the open one"
+    );
+
+    for pid in pids {
+        integration_tests::signal(pid, nix::sys::signal::Signal::SIGCONT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&mut c, Namespace::TreeMeta, on_victim[0])
+        .await
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the master serves again after the cooldown"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -57,6 +57,15 @@ impl Topology {
             .map(|r| r.replicas)
     }
 
+    /// The master serving `slot` (`host`, `port`); `None` when not known yet.
+    pub fn master_of_slot(&self, slot: u16) -> Option<(String, u16)> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        ranges
+            .iter()
+            .find(|r| (r.first..=r.last).contains(&slot))
+            .map(|r| r.master.clone())
+    }
+
     /// The online replicas of the master at `host:port`; `None` when not known.
     pub fn replicas_of_master(&self, host: &str, port: u16) -> Option<u32> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
@@ -160,6 +169,10 @@ mod tests {
         assert_eq!(topology.replicas_of_slot(100), Some(1));
         assert_eq!(topology.replicas_of_slot(16383), Some(0));
         assert_eq!(topology.replicas_of_master("127.0.0.1", 7001), Some(0));
+        assert_eq!(
+            topology.master_of_slot(5461),
+            Some(("127.0.0.1".to_owned(), 7001))
+        );
         assert!(topology.update(&Value::Int(3)).is_err());
     }
 }

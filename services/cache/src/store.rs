@@ -62,6 +62,17 @@ pub struct Found {
     pub ttl: Option<Duration>,
 }
 
+/// Where a Redis call goes, for choosing its circuit breaker.
+#[derive(Debug, Clone, Copy)]
+enum Route<'a> {
+    /// Several masters, or none in particular.
+    Any,
+    /// The master of this Redis key's slot.
+    Key(&'a str),
+    /// This server.
+    Node(&'a Node),
+}
+
 /// Settings of the store.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
@@ -130,7 +141,12 @@ pub struct Store {
     pool: RedisPool,
     notices: Arc<Notices>,
     settings: StoreSettings,
-    breaker: CircuitBreaker,
+    /// The breaker of a standalone Redis, and of a cluster's calls that no single master
+    /// serves.
+    breaker: Arc<CircuitBreaker>,
+    /// A cluster's breakers, one per master (by address), so a master that is down is
+    /// skipped while the others serve.
+    master_breakers: Mutex<HashMap<(String, u16), Arc<CircuitBreaker>>>,
     stats: Stats,
     latest_root: Epochs,
     ping: Mutex<Ping>,
@@ -143,11 +159,12 @@ impl Store {
         Arc::new(Store {
             pool,
             notices,
-            breaker: CircuitBreaker::new(
+            breaker: Arc::new(CircuitBreaker::new(
                 "redis",
                 settings.breaker_failures,
                 settings.breaker_cooldown,
-            ),
+            )),
+            master_breakers: Mutex::new(HashMap::new()),
             settings,
             stats: Stats::default(),
             latest_root: Epochs::default(),
@@ -165,12 +182,51 @@ impl Store {
         &self.stats
     }
 
+    /// The worst state of the breakers (of a cluster: any master's).
     pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
+        let rank = |state: BreakerState| match state {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        };
+        let masters = lock(&self.master_breakers);
+        std::iter::once(&self.breaker)
+            .chain(masters.values())
+            .map(|b| b.state())
+            .max_by_key(|s| rank(*s))
+            .unwrap_or(BreakerState::Closed)
     }
 
+    /// How often the breakers opened, all together.
     pub fn breaker_opened(&self) -> u64 {
-        self.breaker.times_opened()
+        let masters = lock(&self.master_breakers);
+        self.breaker.times_opened() + masters.values().map(|b| b.times_opened()).sum::<u64>()
+    }
+
+    /// The breaker of a call to `route`: of a cluster, that of the master serving it when the
+    /// last health probe's `CLUSTER SLOTS` tells which; else the one breaker.
+    fn breaker_for(&self, route: Route<'_>) -> Arc<CircuitBreaker> {
+        let RedisPool::Cluster(_, topology) = &self.pool else {
+            return self.breaker.clone();
+        };
+        let master = match route {
+            Route::Key(key) => topology.master_of_slot(crate::cluster::slot_of(key.as_bytes())),
+            Route::Node(Node::Master { host, port }) => Some((host.clone(), *port)),
+            Route::Node(Node::Only) | Route::Any => None,
+        };
+        let Some(master) = master else {
+            return self.breaker.clone();
+        };
+        lock(&self.master_breakers)
+            .entry(master)
+            .or_insert_with_key(|(host, port)| {
+                Arc::new(CircuitBreaker::new(
+                    format!("redis {host}:{port}"),
+                    self.settings.breaker_failures,
+                    self.settings.breaker_cooldown,
+                ))
+            })
+            .clone()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -204,10 +260,27 @@ impl Store {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.redis_at(Route::Any, operation, ns, always, op).await
+    }
+
+    /// [`Store::redis`] through the breaker of `route`'s master.
+    async fn redis_at<T, F, Fut>(
+        self: &Arc<Self>,
+        route: Route<'_>,
+        operation: &'static str,
+        ns: Option<Namespace>,
+        always: bool,
+        op: F,
+    ) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let breaker = self.breaker_for(route);
         let permit = if always {
-            self.breaker.force()
+            breaker.force()
         } else {
-            let Some(permit) = self.breaker.acquire() else {
+            let Some(permit) = breaker.acquire() else {
                 if let Some(ns) = ns {
                     self.stats.count(ns, Event::Skipped);
                 }
@@ -263,7 +336,7 @@ impl Store {
                     opentelemetry::trace::Status::error(reason.clone()),
                 );
                 permit.failure();
-                if self.breaker.state() == BreakerState::Open {
+                if breaker.state() == BreakerState::Open {
                     // Writes may have been lost by this outage: trust no latest root from before.
                     self.latest_root.mark();
                 }
@@ -325,16 +398,16 @@ impl Store {
             return None;
         }
         let redis_key = self.keys().key(ns, key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key);
         let read = self
-            .redis("GET", Some(ns), false, |mut c| async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(&redis_key)
-                    .cmd("PTTL")
-                    .arg(&redis_key)
-                    .query_async::<(Option<Vec<u8>>, i64)>(&mut c)
-                    .await
-            })
+            .redis_at(
+                Route::Key(&redis_key),
+                "GET",
+                Some(ns),
+                false,
+                |mut c| async move { pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut c).await },
+            )
             .await;
         let (stored, pttl) = match read {
             Ok((Some(stored), pttl)) => (stored, pttl),
@@ -436,7 +509,7 @@ impl Store {
         let mut pipe = redis::pipe();
         let cmd = pipe
             .cmd("SET")
-            .arg(redis_key)
+            .arg(&redis_key)
             .arg(codec::encode(value, self.settings.compress_threshold))
             .arg("NX");
         if let Some(ttl) = self.ttl_for(ns, ttl) {
@@ -444,7 +517,8 @@ impl Store {
         }
         let waits = self.add_wait(ns, wanted, &mut pipe);
         let written = self
-            .redis(
+            .redis_at(
+                Route::Key(&redis_key),
                 "SET",
                 Some(ns),
                 ns == Namespace::LatestRoot,
@@ -634,10 +708,11 @@ impl Store {
         let redis_key = self.keys().key(ns, key);
         let wanted = self.replicas_for_key(&redis_key);
         let mut pipe = redis::pipe();
-        pipe.cmd("UNLINK").arg(redis_key);
+        pipe.cmd("UNLINK").arg(&redis_key);
         let waits = self.add_wait(ns, wanted, &mut pipe);
         let deleted = self
-            .redis(
+            .redis_at(
+                Route::Key(&redis_key),
                 "UNLINK",
                 Some(ns),
                 ns == Namespace::LatestRoot,
@@ -742,14 +817,20 @@ impl Store {
                     let wait = (latest && wanted > 0).then(|| self.wait_command(wanted));
                     let target = node.clone();
                     let n = self
-                        .redis("UNLINK", ns, latest, |mut c| async move {
-                            let n: u64 = unlink.query_async(&mut c).await?;
-                            if let Some(wait) = wait {
-                                let replicas: redis::Value = c.on(&target, wait).await?;
-                                replicated(Some(&replicas), wanted)?;
-                            }
-                            Ok(n)
-                        })
+                        .redis_at(
+                            Route::Node(&node),
+                            "UNLINK",
+                            ns,
+                            latest,
+                            |mut c| async move {
+                                let n: u64 = unlink.query_async(&mut c).await?;
+                                if let Some(wait) = wait {
+                                    let replicas: redis::Value = c.on(&target, wait).await?;
+                                    replicated(Some(&replicas), wanted)?;
+                                }
+                                Ok(n)
+                            },
+                        )
                         .await?;
                     deleted += n;
                     match ns {
@@ -798,7 +879,8 @@ impl Store {
             .arg("COUNT")
             .arg(SCAN_BATCH)
             .clone();
-        self.redis(
+        self.redis_at(
+            Route::Node(node),
             "SCAN",
             ns,
             ns == Some(Namespace::LatestRoot),
