@@ -246,24 +246,10 @@ impl Store {
         self.latest_root.is_dirty()
     }
 
-    /// Runs one Redis operation through the breaker, with the timeout. `ns` is charged with
-    /// the error or skip. `always`: tried even while the breaker is open (writes of latest
-    /// roots: a skipped one would leave another replica's copy of the old root standing).
-    async fn redis<T, F, Fut>(
-        self: &Arc<Self>,
-        operation: &'static str,
-        ns: Option<Namespace>,
-        always: bool,
-        op: F,
-    ) -> Result<T, Unavailable>
-    where
-        F: FnOnce(Conn) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        self.redis_at(Route::Any, operation, ns, always, op).await
-    }
-
-    /// [`Store::redis`] through the breaker of `route`'s master.
+    /// Runs one Redis operation through the breaker of `route`'s master (the one breaker for
+    /// [`Route::Any`]), with the timeout. `ns` is charged with the error or skip. `always`: tried
+    /// even while the breaker is open (writes of latest roots: a skipped one would leave another
+    /// replica's copy of the old root standing).
     async fn redis_at<T, F, Fut>(
         self: &Arc<Self>,
         route: Route<'_>,
@@ -446,7 +432,7 @@ impl Store {
             Err(Unavailable::Skipped)
         } else {
             let redis_keys: Vec<String> = keys.iter().map(|k| self.keys().key(ns, k)).collect();
-            self.redis("MGET", Some(ns), false, |mut c| async move {
+            self.redis_at(Route::Any, "MGET", Some(ns), false, |mut c| async move {
                 redis::cmd("MGET")
                     .arg(&redis_keys)
                     .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
@@ -599,7 +585,8 @@ impl Store {
             })
             .collect();
         let written = self
-            .redis(
+            .redis_at(
+                Route::Any,
                 "SET",
                 Some(ns),
                 ns == Namespace::LatestRoot,
@@ -855,7 +842,8 @@ impl Store {
 
     /// The servers holding keys: the one server, or every master of the cluster.
     async fn masters(self: &Arc<Self>, ns: Option<Namespace>) -> Result<Vec<Node>, Unavailable> {
-        self.redis(
+        self.redis_at(
+            Route::Any,
             "PING",
             ns,
             ns == Some(Namespace::LatestRoot),
@@ -911,7 +899,7 @@ impl Store {
     /// cluster) and in total.
     pub async fn info(self: &Arc<Self>) -> Result<RedisInfo, Unavailable> {
         let answers = self
-            .redis("INFO", None, false, |mut c| async move {
+            .redis_at(Route::Any, "INFO", None, false, |mut c| async move {
                 c.on_masters(redis::cmd("INFO")).await
             })
             .await?;
