@@ -780,3 +780,84 @@ async fn nomad_over_mutual_tls_with_nomads_own_variables() {
     assert_eq!(answer.clients.len(), 1);
     assert_eq!(answer.clients[0].name, "client-1");
 }
+
+/// Changed events on `events` until none came for `quiet`: the ids of the changed clients.
+async fn changed_until_quiet(
+    events: &mut Streaming<WatchClientsResponse>,
+    quiet: Duration,
+) -> std::collections::HashSet<String> {
+    let mut ids = std::collections::HashSet::new();
+    while let Ok(event) = tokio::time::timeout(quiet, events.message()).await {
+        let event = event.expect("stream open").expect("an event");
+        if event.event_type == ClientEventType::Changed as i32 {
+            ids.insert(event.client.expect("client").id);
+        }
+    }
+    ids
+}
+
+/// A watch of `c`'s clients, past the first `nodes` (each ADDED).
+async fn watch_past_added(c: &mut Client, nodes: usize) -> Streaming<WatchClientsResponse> {
+    let mut events = c
+        .watch_clients(WatchClientsRequest {})
+        .await
+        .expect("WatchClients")
+        .into_inner();
+    for _ in 0..nodes {
+        assert_eq!(next_event(&mut events).await.0, ClientEventType::Added);
+    }
+    events
+}
+
+/// Lets `churn` run for 3 s, stops it, and checks that each node it changed reached the
+/// watcher as one CHANGED event; returns how many it changed.
+async fn churn_reaches_watcher(
+    churn: merkle_stand_ins::Churn,
+    events: &mut Streaming<WatchClientsResponse>,
+) -> u64 {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let changed = churn.stop().await;
+    let seen = changed_until_quiet(events, Duration::from_secs(3)).await;
+    assert!(changed >= 30, "the churn changed {changed} nodes in 3 s");
+    assert_eq!(
+        seen.len() as u64,
+        changed,
+        "every changed node was seen once"
+    );
+    changed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_fleets_churn_reaches_watchers_with_one_detail_per_changed_node() {
+    let mut stack = TestStack::new();
+    // Nomad: 1,000 nodes, 6% of them changed over 3 s (one every 50 ms), followed by
+    // blocking queries.
+    let (nomad, mut c, _) = nomad_fleet(&mut stack, 1000).await;
+    let mut events = watch_past_added(&mut c, 1000).await;
+    nomad.reset_calls();
+    let changed =
+        churn_reaches_watcher(nomad.churn(6.0, Duration::from_secs(3)), &mut events).await;
+    let calls = nomad.calls();
+    assert_eq!(
+        calls.detail, changed,
+        "one detail per changed node: {calls:?}"
+    );
+    let listed = list(&mut c, false, false).await;
+    let churned = listed
+        .clients
+        .iter()
+        .filter(|n| n.labels.contains_key("merkle_churn"))
+        .count();
+    assert_eq!(churned as u64, changed, "the list holds every change");
+
+    // Kubernetes: the same over a watch.
+    let (kube, kubeconfig) = kubernetes_stand_in(&stack, 500).await;
+    let env = vec![
+        ("DISCOVERY_BACKEND", "kubernetes".to_owned()),
+        ("KUBECONFIG", kubeconfig),
+        ("BACKEND_TIMEOUT", "2s".to_owned()),
+    ];
+    let (mut k, _) = discovery(&mut stack, None, &env, ServingStatus::Serving).await;
+    let mut events = watch_past_added(&mut k, 500).await;
+    churn_reaches_watcher(kube.churn(12.0, Duration::from_secs(3)), &mut events).await;
+}

@@ -124,6 +124,40 @@ struct Shared {
     gone: AtomicU64,
 }
 
+impl Shared {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put(&self, key: Key, mut object: Value) {
+        let mut store = self.store();
+        let unchanged = store.objects.get(&key).is_some_and(|old| {
+            let mut old = old.clone();
+            old["metadata"]["resourceVersion"] = Value::Null;
+            old == object
+        });
+        if unchanged {
+            return;
+        }
+        store.rv += 1;
+        let rv = store.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = if store.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        store.objects.insert(key.clone(), object.clone());
+        store.history.push(Event {
+            rv,
+            kind,
+            key,
+            object,
+        });
+        self.changed.send_replace(rv);
+    }
+}
+
 /// A Kubernetes API server on a loopback port; stops when dropped.
 pub struct KubernetesStandIn {
     addr: std::net::SocketAddr,
@@ -187,35 +221,45 @@ impl KubernetesStandIn {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.shared.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.store()
     }
 
-    fn put(&self, key: Key, mut object: Value) {
-        let mut store = self.store();
-        let unchanged = store.objects.get(&key).is_some_and(|old| {
-            let mut old = old.clone();
-            old["metadata"]["resourceVersion"] = Value::Null;
-            old == object
-        });
-        if unchanged {
-            return;
-        }
-        store.rv += 1;
-        let rv = store.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let kind = if store.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
+    fn put(&self, key: Key, object: Value) {
+        self.shared.put(key, object);
+    }
+
+    /// Changes `percent` of the nodes every `per` (one step each sixtieth of it), as a live
+    /// cluster's nodes change: each change sets the node's `merkle-mesh/churn` label, a
+    /// MODIFIED event with a new resourceVersion. `churn(1.0, Duration::from_secs(60))` is 1%
+    /// per minute.
+    pub fn churn(&self, percent: f64, per: Duration) -> crate::Churn {
+        let (counted, changed) = (self.shared.clone(), self.shared.clone());
+        let nodes = |store: &Store| -> Vec<Key> {
+            store
+                .objects
+                .keys()
+                .filter(|(kind, _, _)| *kind == Kind::Node)
+                .cloned()
+                .collect()
         };
-        store.objects.insert(key.clone(), object.clone());
-        store.history.push(Event {
-            rv,
-            kind,
-            key,
-            object,
-        });
-        self.shared.changed.send_replace(rv);
+        crate::Churn::start(
+            percent,
+            per,
+            move || nodes(&counted.store()).len(),
+            move |k| {
+                let found = {
+                    let store = changed.store();
+                    let keys = nodes(&store);
+                    keys.get(k % keys.len().max(1))
+                        .and_then(|key| Some((key.clone(), store.objects.get(key)?.clone())))
+                };
+                if let Some((key, mut object)) = found {
+                    object["metadata"]["labels"]["merkle-mesh/churn"] = json!(k.to_string());
+                    object["metadata"]["resourceVersion"] = Value::Null;
+                    changed.put(key, object);
+                }
+            },
+        )
     }
 
     fn delete(&self, key: Key) -> bool {

@@ -9,7 +9,14 @@
 pub mod kubernetes;
 pub mod nomad;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 /// Serves `router` on a loopback `port` (0: a free one) until the returned handle is dropped.
 async fn serve(router: axum::Router, port: u16) -> std::io::Result<(SocketAddr, Server)> {
@@ -103,6 +110,62 @@ struct Server(tokio::task::JoinHandle<()>);
 impl Drop for Server {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// A live fleet's churn on a stand-in: a share of its nodes changed at a steady pace, in
+/// sixty steps per period, as heartbeats, labels and drains change a real fleet's nodes.
+/// Stops when dropped.
+pub struct Churn {
+    changed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Churn {
+    /// Every `per / 60`, changes `percent / 60` % of `count()` nodes (a fraction carried to
+    /// the next step) by `change(k)`, `k` counting up from 0 over the nodes in turn.
+    fn start(
+        percent: f64,
+        per: Duration,
+        count: impl Fn() -> usize + Send + 'static,
+        mut change: impl FnMut(usize) + Send + 'static,
+    ) -> Churn {
+        let changed = Arc::new(AtomicU64::new(0));
+        let counter = changed.clone();
+        let task = tokio::spawn(async move {
+            let mut step = tokio::time::interval(per / 60);
+            step.tick().await;
+            let (mut owed, mut k) = (0.0f64, 0usize);
+            loop {
+                step.tick().await;
+                owed += count() as f64 * percent / 100.0 / 60.0;
+                while owed >= 1.0 {
+                    change(k);
+                    k += 1;
+                    owed -= 1.0;
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Churn { changed, task }
+    }
+
+    /// Node changes made so far.
+    pub fn changed(&self) -> u64 {
+        self.changed.load(Ordering::SeqCst)
+    }
+
+    /// Stops it (no change is under way once this returns); the changes it made.
+    pub async fn stop(mut self) -> u64 {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.changed()
     }
 }
 

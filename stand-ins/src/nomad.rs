@@ -93,6 +93,32 @@ struct Shared {
     blocking: AtomicU64,
 }
 
+impl Shared {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self, table: &mut Table) -> u64 {
+        table.index += 1;
+        self.changed.send_replace(table.index);
+        table.index
+    }
+
+    fn upsert(&self, node: Node) {
+        let mut table = self.table();
+        if table
+            .nodes
+            .get(&node.id)
+            .is_some_and(|(n, _, _)| *n == node)
+        {
+            return;
+        }
+        let index = self.bump(&mut table);
+        let create = table.nodes.get(&node.id).map_or(index, |(_, c, _)| *c);
+        table.nodes.insert(node.id.clone(), (node, create, index));
+    }
+}
+
 /// A Nomad API on a loopback port; stops when dropped.
 pub struct NomadStandIn {
     addr: std::net::SocketAddr,
@@ -156,29 +182,40 @@ impl NomadStandIn {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.shared.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn bump(&self, table: &mut Table) -> u64 {
-        table.index += 1;
-        self.shared.changed.send_replace(table.index);
-        table.index
+        self.shared.table()
     }
 
     /// Adds a node or replaces one with the same id; its `ModifyIndex` becomes the table's
     /// next index (unchanged when the node is the same).
     pub fn upsert(&self, node: Node) {
-        let mut table = self.table();
-        if table
-            .nodes
-            .get(&node.id)
-            .is_some_and(|(n, _, _)| *n == node)
-        {
-            return;
-        }
-        let index = self.bump(&mut table);
-        let create = table.nodes.get(&node.id).map_or(index, |(_, c, _)| *c);
-        table.nodes.insert(node.id.clone(), (node, create, index));
+        self.shared.upsert(node);
+    }
+
+    /// Changes `percent` of the nodes every `per` (one step each sixtieth of it), as a live
+    /// fleet's nodes change: each change sets the node's `merkle_churn` metadata, so its
+    /// `ModifyIndex` moves. `churn(1.0, Duration::from_secs(60))` is 1% per minute.
+    pub fn churn(&self, percent: f64, per: Duration) -> crate::Churn {
+        let (counted, changed) = (self.shared.clone(), self.shared.clone());
+        crate::Churn::start(
+            percent,
+            per,
+            move || counted.table().nodes.len(),
+            move |k| {
+                let node = {
+                    let table = changed.table();
+                    let n = table.nodes.len().max(1);
+                    table
+                        .nodes
+                        .values()
+                        .nth(k % n)
+                        .map(|(node, _, _)| node.clone())
+                };
+                if let Some(mut node) = node {
+                    node.meta.insert("merkle_churn".into(), k.to_string());
+                    changed.upsert(node);
+                }
+            },
+        )
     }
 
     /// Removes a node; false when there was none.
@@ -186,7 +223,7 @@ impl NomadStandIn {
         let mut table = self.table();
         let removed = table.nodes.remove(id).is_some();
         if removed {
-            self.bump(&mut table);
+            self.shared.bump(&mut table);
         }
         removed
     }
