@@ -140,12 +140,19 @@ pub(crate) async fn execute(
     }
     tracing::info!(nodes = clients.len(), "fleet build started");
     let total = clients.len();
-    let parent_view = parent.clone();
+    let (spec_view, parent_view) = (Arc::new(spec.clone()), Arc::new(parent.clone()));
+    // Each node build is a task of its own: while the loop below awaits its own reporting it
+    // does not poll this stream, and a node build polled only by it would stall there holding
+    // what it holds (a pooled PostgreSQL connection, starving every other build and the lease).
+    // The tasks stay in the fleet build's trace.
+    let fleet_span = tracing::Span::current();
     let mut builds = futures::stream::iter(clients)
         .map(|client| {
-            let ctx = ctx.clone();
-            let parent = &parent_view;
-            async move { run_node(&ctx, spec, parent, &client, epoch).await }
+            let (ctx, spec, parent) = (ctx.clone(), spec_view.clone(), parent_view.clone());
+            NodeTask(tokio::spawn(
+                async move { run_node(&ctx, &spec, &parent, &client, epoch).await }
+                    .instrument(fleet_span.clone()),
+            ))
         })
         .buffer_unordered(ctx.fleet_parallelism);
 
@@ -159,7 +166,14 @@ pub(crate) async fn execute(
     loop {
         tokio::select! {
             next = builds.next() => {
-                let Some((node, outage)) = next else { break };
+                let Some(ended) = next else { break };
+                let (node, outage) = ended.unwrap_or_else(|panicked| {
+                    tracing::error!(error = %panicked, "a node build's task failed");
+                    let mut node = new_build(&parent.source, parent.trigger(), BuildState::Failed);
+                    node.node = "(a node)".into();
+                    node.error_message = format!("its build stopped: {panicked}");
+                    (node, false)
+                });
                 done += 1;
                 outages += usize::from(outage);
                 match BuildState::try_from(node.state) {
@@ -227,6 +241,27 @@ pub(crate) async fn execute(
     } else {
         BuildState::SucceededUnchanged
     })
+}
+
+/// A node build's task; aborted when dropped, so a fleet build that ends (cancelled, past
+/// its deadline) takes its nodes' builds with it.
+struct NodeTask(tokio::task::JoinHandle<(Build, bool)>);
+
+impl std::future::Future for NodeTask {
+    type Output = Result<(Build, bool), tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl Drop for NodeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One node's build, recorded under the fleet build; returns it as it ended, and whether it
