@@ -11,6 +11,9 @@
 #                                           Discovery on 1,000 (or 10,000) Nomad nodes (a stand-in,
 #                                           2 ms per answer): HOT list, incremental refresh vs full
 #                                           fetch, pages and details read, peak RSS
+#   scripts/bench.sh fleet [--nodes 10000]   a fleet source built on 10,000 Nomad nodes (a
+#                                           stand-in) over 4 real TreeBuilders: time, Scheduler
+#                                           RSS, storage per identical node, ListBuilds paging
 #   scripts/bench.sh history                signing and chaining on a changed SyncTree (signed
 #                                           beside unsigned), verify-history of 100,000 records
 #   scripts/bench.sh load [--callers 200 --seconds 60]

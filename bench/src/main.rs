@@ -11,6 +11,8 @@
 //!   ([`scheduler`]);
 //! - `discovery`: Discovery's HOT list and incremental refresh against a Nomad stand-in with
 //!   2 ms per answer ([`discovery`]);
+//! - `fleet`: a fleet source built on 10,000 Nomad nodes over a few real TreeBuilders
+//!   ([`fleet`]);
 //! - `history`: what chaining and signing add to a changed SyncTree, and `verify-history` of
 //!   100,000 signed records ([`history`]);
 //! - `load`: the whole release stack under 200 concurrent callers of a mix of real calls while
@@ -20,6 +22,7 @@
 mod cache;
 mod db_sync;
 mod discovery;
+mod fleet;
 mod history;
 mod load;
 mod rpc;
@@ -52,6 +55,9 @@ enum Command {
     /// Discovery: the HOT list, and an incremental refresh of 1,000 Nomad nodes beside a full
     /// fetch.
     Discovery(discovery::DiscoveryBenchArgs),
+    /// A fleet source built on 10,000 Nomad nodes over a few real TreeBuilders: the fan-out's
+    /// time, the Scheduler's memory, storage per identical node, ListBuilds paging.
+    Fleet(fleet::FleetBenchArgs),
     /// The tamper-evident history: signing and chaining on a changed SyncTree, and
     /// verify-history of 100,000 signed records.
     History(history::HistoryBenchArgs),
@@ -73,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::History(args)) => history::run(args),
         Some(Command::Scheduler(args)) => scheduler::run(args),
         Some(Command::Discovery(args)) => discovery::run(args),
+        Some(Command::Fleet(args)) => fleet::run(args),
         Some(Command::Load(args)) => load::run_load(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }

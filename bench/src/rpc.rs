@@ -184,7 +184,9 @@ pub struct Storage {
 impl Storage {
     /// Starts it in a folder named `prefix`..., whose path it prints (the logs are there).
     pub async fn start(prefix: &str) -> anyhow::Result<Storage> {
-        let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let mut work = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        // BENCH_KEEP=1 keeps the folder (the services' logs, PostgreSQL's data) for a look.
+        work.disable_cleanup(std::env::var_os("BENCH_KEEP").is_some_and(|v| v == "1"));
         let w = work.path();
         eprintln!("logs in {}", w.display());
         {
