@@ -201,6 +201,7 @@ async fn page_through(
                 source: source.into(),
                 page_size,
                 page_token,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -257,6 +257,7 @@ async fn run_async(args: SchedulerBenchArgs) -> anyhow::Result<()> {
                 source: String::new(),
                 page_size: 1000,
                 page_token,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -97,6 +97,7 @@ async fn builds(c: &mut Client, source: &str) -> Vec<Build> {
         source: source.into(),
         page_size: 1000,
         page_token: String::new(),
+        ..Default::default()
     })
     .await
     .expect("list")
@@ -961,6 +962,93 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
         "{}",
         nodes["node-c"].error_message
     );
+
+    // One fleet build's nodes, and only its failed ones, paged; the filters are checked.
+    let filtered = |parent: &str, states: Vec<i32>, page_size: u32, page_token: String| {
+        let mut c = c.clone();
+        let parent = parent.to_owned();
+        async move {
+            c.list_builds(ListBuildsRequest {
+                source: "site".into(),
+                page_size,
+                page_token,
+                parent_build_id: parent,
+                states,
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let first_page = filtered(&fleet.build_id, vec![], 2, String::new())
+        .await
+        .expect("the fleet build's nodes");
+    assert_eq!(first_page.builds.len(), 2);
+    assert!(
+        first_page
+            .builds
+            .iter()
+            .all(|b| b.parent_build_id == fleet.build_id)
+    );
+    let rest = filtered(
+        &fleet.build_id,
+        vec![],
+        2,
+        first_page.next_page_token.clone(),
+    )
+    .await
+    .expect("the next page");
+    assert_eq!(rest.builds.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    let failed = filtered(
+        &fleet.build_id,
+        vec![BuildState::Failed as i32],
+        100,
+        String::new(),
+    )
+    .await
+    .expect("failed nodes");
+    let failed: Vec<&str> = failed.builds.iter().map(|b| b.node.as_str()).collect();
+    assert_eq!(failed, ["node-c"]);
+    let err = filtered(
+        &fleet.build_id,
+        vec![BuildState::Failed as i32],
+        2,
+        first_page.next_page_token,
+    )
+    .await
+    .expect_err("a token of other filters");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("page_token"), "{}", err.message());
+    let err = filtered("", vec![BuildState::Failed as i32, 0], 2, String::new())
+        .await
+        .expect_err("BUILD_STATE_UNSPECIFIED");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("states[1]: 0 is not a build state"),
+        "{}",
+        err.message()
+    );
+    let addr = stack.service("scheduler").uri();
+    let (code, out, err) = integration_tests::run_merklectl(&[
+        "builds",
+        "site",
+        "--parent",
+        &fleet.build_id,
+        "--state",
+        "failed",
+        "--addr",
+        &addr,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("site@node-c") && !out.contains("site@node-a"),
+        "{out}"
+    );
+    let (code, _, err) =
+        integration_tests::run_merklectl(&["builds", "--state", "done", "--addr", &addr]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("\"done\" is not a build state"), "{err}");
 
     // Each node's snapshots are stored under `<source>@<node id>`.
     let mut db_sync = DbSyncServiceClient::new(stack.service_mut("db-sync").channel());

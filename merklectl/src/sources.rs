@@ -402,13 +402,38 @@ pub async fn changed_paths(db_sync: &str, b: &Build) -> anyhow::Result<Vec<Strin
 pub struct BuildsArgs {
     /// Only this source's builds.
     pub source: Option<String>,
-    /// Most builds to show, newest first.
+    /// Most builds to show, newest first (up to 1000).
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
+    /// Only the node builds of this fleet build.
+    #[arg(long, value_name = "BUILD_ID")]
+    pub parent: Option<String>,
+    /// Only builds in this state (repeatable): queued, running, succeeded_changed,
+    /// succeeded_unchanged, failed, cancelled.
+    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+    pub states: Vec<BuildState>,
     #[command(flatten)]
     pub scheduler: SchedulerAddr,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A build state by its short name (`failed`) or its contract name (`BUILD_STATE_FAILED`).
+fn parse_state(text: &str) -> Result<BuildState, String> {
+    let upper = text.to_ascii_uppercase().replace('-', "_");
+    let name = if upper.starts_with("BUILD_STATE_") {
+        upper
+    } else {
+        format!("BUILD_STATE_{upper}")
+    };
+    BuildState::from_str_name(&name)
+        .filter(|s| *s != BuildState::Unspecified)
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a build state (queued, running, succeeded_changed, \
+                 succeeded_unchanged, failed, cancelled)"
+            )
+        })
 }
 
 pub async fn builds(args: BuildsArgs) -> anyhow::Result<()> {
@@ -418,6 +443,8 @@ pub async fn builds(args: BuildsArgs) -> anyhow::Result<()> {
             source: args.source.clone().unwrap_or_default(),
             page_size: args.limit,
             page_token: String::new(),
+            parent_build_id: args.parent.clone().unwrap_or_default(),
+            states: args.states.iter().map(|s| *s as i32).collect(),
         })
         .await
         .map_err(args.scheduler.failed())?

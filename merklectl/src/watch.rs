@@ -76,6 +76,7 @@ impl Follow {
                 source: self.source.clone(),
                 page_size: 20,
                 page_token: String::new(),
+                ..Default::default()
             })
             .await
         else {

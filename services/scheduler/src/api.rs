@@ -311,7 +311,12 @@ impl SchedulerService for SchedulerApi {
         let caller = auth::caller(&request);
         let name = source_name("name", &request.into_inner().name)?;
         let conn = self.ctx.pool.get().await.map_err(Error::from)?;
-        let active = store::list_builds(&*conn, Some(name.as_str()), None, 5).await?;
+        let running = store::BuildFilter {
+            source: Some(name.as_str()),
+            parent: None,
+            states: vec![BuildState::Queued as i16, BuildState::Running as i16],
+        };
+        let active = store::list_builds(&*conn, &running, None, 1000).await?;
         drop(conn);
         if !store::delete_source(&self.ctx.pool, name.as_str()).await? {
             return Err(Error::NotFound(format!("name: no source named {name}")).into());
@@ -393,8 +398,36 @@ impl SchedulerService for SchedulerApi {
             "" => None,
             s => Some(source_name("source", s)?),
         };
+        check_build_id("parent_build_id", &request.parent_build_id, false)
+            .map_err(Error::BadRequest)?;
+        let mut states = Vec::with_capacity(request.states.len());
+        for (i, state) in request.states.iter().enumerate() {
+            match BuildState::try_from(*state) {
+                Ok(BuildState::Unspecified) | Err(_) => {
+                    return Err(Error::bad_request(
+                        &format!("states[{i}]"),
+                        format!("{state} is not a build state (BUILD_STATE_QUEUED ... BUILD_STATE_CANCELLED)"),
+                    )
+                    .into());
+                }
+                Ok(known) => states.push(known as i16),
+            }
+        }
+        states.sort_unstable();
+        states.dedup();
+        let filter = store::BuildFilter {
+            source: source.as_ref().map(|s| s.as_str()),
+            parent: Some(request.parent_build_id.as_str()).filter(|p| !p.is_empty()),
+            states,
+        };
         let size = page_size(request.page_size);
-        let binding = format!("builds\0{}", source.as_ref().map_or("", |s| s.as_str()));
+        // A token holds only with the filters it was issued with.
+        let binding = format!(
+            "builds\0{}\0{}\0{:?}",
+            filter.source.unwrap_or(""),
+            filter.parent.unwrap_or(""),
+            filter.states
+        );
         let tokens = self.tokens().await?;
         let before = match tokens.check("page_token", binding.as_bytes(), &request.page_token)? {
             Some(position) => {
@@ -411,13 +444,7 @@ impl SchedulerService for SchedulerApi {
             None => None,
         };
         let conn = self.ctx.pool.get().await.map_err(Error::from)?;
-        let mut builds = store::list_builds(
-            &*conn,
-            source.as_ref().map(|s| s.as_str()),
-            before,
-            size as i64 + 1,
-        )
-        .await?;
+        let mut builds = store::list_builds(&*conn, &filter, before, size as i64 + 1).await?;
         let next_page_token = if builds.len() > size {
             builds.truncate(size);
             let (last, time) = builds.last().expect("a full page");

@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "actors",
         sql: include_str!("../migrations/0003_actors.sql"),
     },
+    Migration {
+        version: 4,
+        name: "builds_by_parent",
+        sql: include_str!("../migrations/0004_builds_by_parent.sql"),
+    },
 ];
 
 pub async fn migrate(pool: &PgPool) -> Result<usize, PgError> {
@@ -810,34 +815,50 @@ pub async fn build_state(pool: &PgPool, id: &str) -> Result<Option<i16>, Error> 
 /// Builds newest first, of one source or all, before a (created_at, id) position.
 pub async fn list_builds(
     client: &(impl GenericClient + Sync),
-    source: Option<&str>,
+    filter: &BuildFilter<'_>,
     before: Option<(DateTime<Utc>, String)>,
     limit: i64,
 ) -> Result<Vec<(pb::Build, DateTime<Utc>)>, Error> {
     let (before_time, before_id) = before.unwrap_or((DateTime::<Utc>::MAX_UTC, String::new()));
-    let rows = match source {
-        Some(source) => {
-            client
-                .query_traced(
-                    "SELECT record, created_at FROM scheduler_builds WHERE source = $1 \
-                     AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4",
-                    &[&source, &before_time, &before_id, &limit],
-                )
-                .await?
-        }
-        None => {
-            client
-                .query_traced(
-                    "SELECT record, created_at FROM scheduler_builds \
-                     WHERE (created_at, id) < ($1, $2) ORDER BY created_at DESC, id DESC LIMIT $3",
-                    &[&before_time, &before_id, &limit],
-                )
-                .await?
-        }
-    };
+    let mut sql = String::from(
+        "SELECT record, created_at FROM scheduler_builds WHERE (created_at, id) < ($1, $2)",
+    );
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&before_time, &before_id];
+    if let Some(source) = &filter.source {
+        params.push(source);
+        sql.push_str(&format!(" AND source = ${}", params.len()));
+    }
+    if let Some(parent) = &filter.parent {
+        params.push(parent);
+        sql.push_str(&format!(
+            " AND parent_id = ${} AND parent_id <> ''",
+            params.len()
+        ));
+    }
+    if !filter.states.is_empty() {
+        params.push(&filter.states);
+        sql.push_str(&format!(" AND state = ANY(${})", params.len()));
+    }
+    params.push(&limit);
+    sql.push_str(&format!(
+        " ORDER BY created_at DESC, id DESC LIMIT ${}",
+        params.len()
+    ));
+    let rows = client.query_traced(&sql, &params).await?;
     rows.iter()
         .map(|r| Ok((build_from_row(r, 0)?, r.get(1))))
         .collect()
+}
+
+/// Which builds `list_builds` lists; each filter set narrows it.
+#[derive(Debug, Default)]
+pub struct BuildFilter<'a> {
+    pub source: Option<&'a str>,
+    /// Only the node builds of this fleet build.
+    pub parent: Option<&'a str>,
+    /// Only builds in these states (`BuildState` numbers); empty for every state.
+    pub states: Vec<i16>,
 }
 
 /// Queued or running builds whose runner is `runner` (after a restart, they are orphans), or
