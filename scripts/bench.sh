@@ -7,7 +7,7 @@
 #   scripts/bench.sh db-sync                DbSync beside pgbench -S and a two-hop echo
 #   scripts/bench.sh scheduler [--million]  the Scheduler with 1,000 sources, its memory on a
 #                                           100,000- (or 1,000,000-) file tree
-#   scripts/bench.sh discovery [--nodes 10000]
+#   scripts/bench.sh discovery [--nodes 10000] [--backend kubernetes]
 #                                           Discovery on 1,000 (or 10,000) Nomad nodes (a stand-in,
 #                                           2 ms per answer): HOT list, incremental refresh vs full
 #                                           fetch, pages and details read, peak RSS

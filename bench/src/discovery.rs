@@ -1,6 +1,6 @@
 //! The Discovery benchmark: the release binary with the Cache service and Redis, against the
-//! Nomad stand-in (`merkle-stand-ins`) serving 1,000 nodes (or `--nodes`) with 2 ms added to
-//! every answer, as a remote agent would.
+//! Nomad stand-in (`merkle-stand-ins`; `--backend kubernetes`: the Kubernetes API's) serving
+//! 1,000 nodes (or `--nodes`) with 2 ms added to every answer, as a remote agent would.
 //!
 //! Targets (the Discovery issue): `ListClients` HOT p50 under 1 ms per 1,000 clients in the
 //! answer; a refresh with 1% of the
@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use merkle_proto::discovery::v1::{
     CacheState, ListClientsRequest, discovery_service_client::DiscoveryServiceClient,
 };
-use merkle_stand_ins::nomad::{Node, NomadStandIn};
+use merkle_stand_ins::{
+    kubernetes::{KubeNode, KubernetesStandIn},
+    nomad::{Node, NomadStandIn},
+};
 use merklectl::stack::{self, Redis};
 
 use crate::rpc::{self, Load, Row};
@@ -34,6 +37,111 @@ pub struct DiscoveryBenchArgs {
     /// Seconds of the HOT latency row.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// The stand-in Discovery reads.
+    #[arg(long, default_value = "nomad", value_parser = ["nomad", "kubernetes"])]
+    backend: String,
+}
+
+/// List pages and single nodes a stand-in served.
+#[derive(Debug, Clone, Copy, Default)]
+struct Served {
+    list: u64,
+    detail: u64,
+}
+
+/// The stand-in the bench runs against, with its nodes.
+enum Backend {
+    Nomad(NomadStandIn),
+    Kubernetes(KubernetesStandIn, std::path::PathBuf),
+}
+
+impl Backend {
+    async fn start(
+        kind: &str,
+        nodes: usize,
+        latency: Duration,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<Backend> {
+        Ok(if kind == "kubernetes" {
+            let kube = KubernetesStandIn::start().await?;
+            for n in 0..nodes {
+                kube.upsert_node(&KubeNode::numbered(n));
+            }
+            kube.set_token(Some("bench-token"));
+            kube.set_latency(latency);
+            let config = kube.write_kubeconfig(dir, Some("bench-token"), "merkle")?;
+            Backend::Kubernetes(kube, config)
+        } else {
+            let nomad = NomadStandIn::start().await?;
+            for n in 0..nodes {
+                nomad.upsert(Node::numbered(n));
+            }
+            nomad.set_latency(latency);
+            Backend::Nomad(nomad)
+        })
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Backend::Nomad(nomad) => vec![
+                ("DISCOVERY_BACKEND", "nomad".into()),
+                ("NOMAD_ADDR", nomad.addr()),
+            ],
+            Backend::Kubernetes(_, config) => vec![
+                ("DISCOVERY_BACKEND", "kubernetes".into()),
+                ("KUBECONFIG", config.display().to_string()),
+            ],
+        }
+    }
+
+    /// Changes node `n` (a label naming the round).
+    fn change(&self, n: usize, round: usize) {
+        match self {
+            Backend::Nomad(nomad) => {
+                let mut node = Node::numbered(n);
+                node.meta.insert("round".into(), round.to_string());
+                nomad.upsert(node);
+            }
+            Backend::Kubernetes(kube, _) => {
+                let mut node = KubeNode::numbered(n);
+                node.labels.insert("round".into(), round.to_string());
+                kube.upsert_node(&node);
+            }
+        }
+    }
+
+    fn reset_calls(&self) {
+        match self {
+            Backend::Nomad(nomad) => nomad.reset_calls(),
+            Backend::Kubernetes(kube, _) => kube.reset_calls(),
+        }
+    }
+
+    fn served(&self) -> Served {
+        match self {
+            Backend::Nomad(nomad) => {
+                let c = nomad.calls();
+                Served {
+                    list: c.list,
+                    detail: c.detail,
+                }
+            }
+            Backend::Kubernetes(kube, _) => {
+                let c = kube.calls();
+                Served {
+                    list: c.list,
+                    detail: c.get,
+                }
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Nomad(_) => "Nomad",
+            Backend::Kubernetes(..) => "Kubernetes",
+        }
+    }
 }
 
 pub fn run(args: DiscoveryBenchArgs) -> anyhow::Result<()> {
@@ -77,21 +185,16 @@ async fn run_async(args: DiscoveryBenchArgs) -> anyhow::Result<()> {
     eprintln!("logs in {}", w.display());
     let redis = Redis::start(&w.join("redis"), stack::free_port()?).await?;
     let cache = rpc::start_service(w, "cache", &[("REDIS_URL", redis.url())]).await?;
-    let nomad = NomadStandIn::start().await?;
-    for n in 0..args.nodes {
-        nomad.upsert(Node::numbered(n));
-    }
-    nomad.set_latency(Duration::from_millis(args.latency_ms));
-    let discovery = rpc::start_service(
+    let backend = Backend::start(
+        &args.backend,
+        args.nodes,
+        Duration::from_millis(args.latency_ms),
         w,
-        "discovery",
-        &[
-            ("DISCOVERY_BACKEND", "nomad".into()),
-            ("NOMAD_ADDR", nomad.addr()),
-            ("CACHE_ADDR", cache.uri.clone()),
-        ],
     )
     .await?;
+    let mut env = backend.env();
+    env.push(("CACHE_ADDR", cache.uri.clone()));
+    let discovery = rpc::start_service(w, "discovery", &env).await?;
     let mut c = DiscoveryServiceClient::new(rpc::channel(&discovery.uri)?);
     rpc::reset_peak_rss(discovery.pid)?;
 
@@ -118,20 +221,18 @@ async fn run_async(args: DiscoveryBenchArgs) -> anyhow::Result<()> {
     let changed = (args.nodes / 100).max(1);
     let (mut incremental, mut forced) = (Vec::new(), Vec::new());
     let (mut incremental_calls, mut forced_calls) = (0, 0);
-    let mut incremental_served = merkle_stand_ins::nomad::Calls::default();
+    let mut incremental_served = Served::default();
     for round in 0..args.rounds {
         for i in 0..changed {
-            let mut node = Node::numbered((round * changed + i * 97) % args.nodes);
-            node.meta.insert("round".into(), round.to_string());
-            nomad.upsert(node);
+            backend.change((round * changed + i * 97) % args.nodes, round);
         }
-        nomad.reset_calls();
+        backend.reset_calls();
         let (took, calls, state) = list(&mut c, true, false).await?;
         anyhow::ensure!(
             state == CacheState::Refreshed,
             "a refresh answered {state:?}"
         );
-        let served = nomad.calls();
+        let served = backend.served();
         anyhow::ensure!(
             calls == served.list + served.detail,
             "the summary says {calls} backend calls, the stand-in served {served:?}"
@@ -140,7 +241,7 @@ async fn run_async(args: DiscoveryBenchArgs) -> anyhow::Result<()> {
         incremental_calls = calls;
         incremental_served = served;
 
-        nomad.reset_calls();
+        backend.reset_calls();
         let (took, calls, state) = list(&mut c, false, true).await?;
         anyhow::ensure!(
             state == CacheState::Bypass,
@@ -162,8 +263,10 @@ async fn run_async(args: DiscoveryBenchArgs) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     rpc::print(
         &format!(
-            "merkle-bench discovery: {cores} cores, {} Nomad nodes (stand-in, {} ms per answer), client and servers on this machine",
-            args.nodes, args.latency_ms
+            "merkle-bench discovery: {cores} cores, {} {} nodes (stand-in, {} ms per answer), client and servers on this machine",
+            args.nodes,
+            backend.name(),
+            args.latency_ms
         ),
         &[Row {
             what: format!("ListClients, HOT ({} clients in each answer)", args.nodes),
