@@ -221,6 +221,112 @@ async fn page_through(
     }
 }
 
+/// GetDrift of a fleet source, timed, beside the way a client would find the same without it.
+struct Drift {
+    baseline: u64,
+    outliers: u64,
+    groups: u64,
+    paths: u64,
+    first: Duration,
+    calls: Vec<Duration>,
+    p50: Duration,
+    p99: Duration,
+    peer: Duration,
+    peer_pages: usize,
+}
+
+async fn measure_drift(db_sync: &str, fleet: &str) -> anyhow::Result<Drift> {
+    use merkle_proto::dbsync::v1::{
+        DiffSnapshotsRequest, GetDriftRequest, ListSourcesRequest,
+        db_sync_service_client::DbSyncServiceClient,
+    };
+    let mut c =
+        DbSyncServiceClient::new(rpc::channel(db_sync)?).max_decoding_message_size(64 << 20);
+    let ask = GetDriftRequest {
+        fleet_source: fleet.into(),
+        page_size: 100,
+        ..Default::default()
+    };
+    let mut calls = Vec::new();
+    let mut answer = None;
+    for _ in 0..21 {
+        let started = Instant::now();
+        let page = c.get_drift(ask.clone()).await?.into_inner();
+        calls.push(started.elapsed());
+        answer = Some(page);
+    }
+    let answer = answer.context("no drift answer")?;
+    let first = calls.remove(0);
+    let mut sorted = calls.clone();
+    let (p50, p99) = (percentile(&mut sorted, 0.5), percentile(&mut sorted, 0.99));
+    let baseline = answer.baseline.clone().unwrap_or_default();
+    // The peer: read every source's latest root (ListSources pages through all of them, the
+    // node histories among them), group by root here, and diff one outlier against the baseline.
+    let prefix = format!("{fleet}@");
+    let mut peers = Vec::new();
+    let mut peer_pages = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut roots: std::collections::HashMap<String, usize> = Default::default();
+        let mut token = String::new();
+        peer_pages = 0;
+        loop {
+            let page = c
+                .list_sources(ListSourcesRequest {
+                    page_size: 1000,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            peer_pages += 1;
+            for s in page
+                .sources
+                .iter()
+                .filter(|s| s.source.starts_with(&prefix))
+            {
+                let root = s
+                    .latest
+                    .as_ref()
+                    .map(|l| l.root_hash.clone())
+                    .unwrap_or_default();
+                *roots.entry(root).or_default() += 1;
+            }
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        let common = roots
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(r, _)| r.clone());
+        let other = roots.keys().find(|r| Some(*r) != common.as_ref()).cloned();
+        if let (Some(old), Some(new)) = (common, other) {
+            let mut diff = c
+                .diff_snapshots(DiffSnapshotsRequest {
+                    old_root_hash: old,
+                    new_root_hash: new,
+                })
+                .await?
+                .into_inner();
+            while diff.message().await?.is_some() {}
+        }
+        peers.push(started.elapsed());
+    }
+    Ok(Drift {
+        baseline: baseline.member_count,
+        outliers: answer.outlier_count,
+        groups: answer.outlier_group_count,
+        paths: answer.outliers.iter().map(|g| g.change_count).sum(),
+        first,
+        calls,
+        p50,
+        p99,
+        peer: percentile(&mut peers, 0.5),
+        peer_pages,
+    })
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -389,6 +495,8 @@ async fn run_async(args: FleetBenchArgs) -> anyhow::Result<()> {
     let again_nodes = children.get(&rebuild.build_id).cloned().unwrap_or_default();
     let page_count = pages.len();
     let (page50, page99) = (percentile(&mut pages, 0.5), percentile(&mut pages, 0.99));
+    eprintln!("asking for the fleet's drift ...");
+    let drift = measure_drift(&storage.db_sync.uri, "fleet").await?;
     let cli_started = Instant::now();
     let credentials = merklectl::credentials::Credentials::ensure(w)?;
     let cli = std::process::Command::new(merklectl::stack::binary_dir()?.join("merklectl"))
@@ -404,6 +512,21 @@ async fn run_async(args: FleetBenchArgs) -> anyhow::Result<()> {
         cli.status.success(),
         "merklectl builds failed: {}",
         String::from_utf8_lossy(&cli.stderr)
+    );
+    let drift_cli_started = Instant::now();
+    let drift_cli = std::process::Command::new(merklectl::stack::binary_dir()?.join("merklectl"))
+        .args(["drift", "fleet"])
+        .env("DB_SYNC_ADDR", &storage.db_sync.uri)
+        .env(
+            merklectl::credentials::TOKEN_FILE_VARIABLE,
+            credentials.token_file("reader"),
+        )
+        .output()?;
+    let drift_cli_took = drift_cli_started.elapsed();
+    anyhow::ensure!(
+        drift_cli.status.code() == Some(1),
+        "merklectl drift did not report the outliers: {}",
+        String::from_utf8_lossy(&drift_cli.stderr)
     );
 
     let per_node = |a: i64, b: i64| (b - a) as f64 / args.nodes as f64;
@@ -501,6 +624,27 @@ async fn run_async(args: FleetBenchArgs) -> anyhow::Result<()> {
         ms(cli_took)
     );
 
+    println!(
+        "| GetDrift of the fleet: baseline nodes / outlier nodes / outlier roots / paths differing | | {} / {} / {} / {} |",
+        drift.baseline, drift.outliers, drift.groups, drift.paths
+    );
+    println!(
+        "| GetDrift of the fleet, first call / p50 / p99 of {} (ms) | | {:.1} / {:.1} / {:.1} |",
+        drift.calls.len(),
+        ms(drift.first),
+        ms(drift.p50),
+        ms(drift.p99)
+    );
+    println!(
+        "| the same without GetDrift: every node's latest root by ListSources ({} pages) + one DiffSnapshots, p50 (ms) | | {:.1} |",
+        drift.peer_pages,
+        ms(drift.peer)
+    );
+    println!(
+        "| `merklectl drift fleet`, whole command (ms) | | {:.0} |",
+        ms(drift_cli_took)
+    );
+
     // Identical nodes: one tree for the common nodes plus one (differing in one file, so a few
     // rows) for the outliers; every node one snapshot row.
     let distinct_trees_allowed = 2 * tree_rows_one;
@@ -511,6 +655,14 @@ async fn run_async(args: FleetBenchArgs) -> anyhow::Result<()> {
                 first.as_secs_f64()
             ),
             first <= Duration::from_secs(300),
+        ),
+        (
+            format!(
+                "drift of the fleet under 1 s (p99 {:.1} ms, one node in {} differing)",
+                ms(drift.p99),
+                args.nodes / differing
+            ),
+            drift.p99 < Duration::from_secs(1) && drift.outliers as usize == differing,
         ),
         (
             format!(

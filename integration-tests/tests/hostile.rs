@@ -742,6 +742,15 @@ fn cases(root: &str) -> Vec<Case> {
             "path: must name an entry below the root",
         ),
         case(
+            db("GetDrift"),
+            dbsync::GetDriftRequest {
+                sources: vec!["a".into(); 100_000],
+                ..Default::default()
+            },
+            InvalidArgument,
+            "sources: has 100000 names; compare 2 to 1000",
+        ),
+        case(
             db("WarmCache"),
             dbsync::WarmCacheRequest {
                 sources: vec!["a".into(); 100_000],

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod check;
 pub mod clients;
 pub mod credentials;
+pub mod drift;
 pub mod history;
 pub mod local;
 pub mod remote;

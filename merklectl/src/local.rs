@@ -206,27 +206,35 @@ pub struct DiffArgs {
     pub json: bool,
 }
 
-/// Prints one changed path: `A|D|M|T path`, or a JSON object.
-pub fn print_change(c: &Change, json: bool) {
-    let path = String::from_utf8_lossy(&c.path);
-    let (letter, word) = match c.change {
+/// A change's letter (`A|D|M|T`) and word (`added`, ...), as `diff` prints them.
+pub fn change_names(change: ChangeType) -> (&'static str, &'static str) {
+    match change {
         ChangeType::Added => ("A", "added"),
         ChangeType::Removed => ("D", "removed"),
         ChangeType::Modified => ("M", "modified"),
         ChangeType::KindChanged => ("T", "kind_changed"),
-    };
+    }
+}
+
+/// One changed path as a JSON object.
+pub fn change_json(c: &Change) -> serde_json::Value {
+    serde_json::json!({
+        "path": String::from_utf8_lossy(&c.path),
+        "change": change_names(c.change).1,
+        "old_kind": c.old.map(|s| s.kind.name()),
+        "new_kind": c.new.map(|s| s.kind.name()),
+        "old_hash": c.old.map(|s| s.hash.to_hex()),
+        "new_hash": c.new.map(|s| s.hash.to_hex()),
+    })
+}
+
+/// Prints one changed path: `A|D|M|T path`, or a JSON object.
+pub fn print_change(c: &Change, json: bool) {
     if json {
-        let value = serde_json::json!({
-            "path": path,
-            "change": word,
-            "old_kind": c.old.map(|s| s.kind.name()),
-            "new_kind": c.new.map(|s| s.kind.name()),
-            "old_hash": c.old.map(|s| s.hash.to_hex()),
-            "new_hash": c.new.map(|s| s.hash.to_hex()),
-        });
-        println!("{value}");
+        println!("{}", change_json(c));
     } else {
-        println!("{letter} {path}");
+        let (letter, _) = change_names(c.change);
+        println!("{letter} {}", String::from_utf8_lossy(&c.path));
     }
 }
 

@@ -23,6 +23,9 @@ enum Command {
     /// stored snapshots): `A` added, `D` removed, `M` modified, `T` kind changed. Exits 1 when
     /// there are differences, like diff(1).
     Diff(merklectl::local::DiffArgs),
+    /// Which nodes of a fleet source (or which of several sources) differ from the most common
+    /// root, and in which paths: `drift SOURCE` or `drift A B C`. Exits 1 when some differ.
+    Drift(merklectl::drift::DriftArgs),
     /// Write an inclusion proof (JSON) that PATH is part of DIR's tree (or, with
     /// `--stored SOURCE[@SEQ]`, of a stored snapshot's).
     Prove(merklectl::local::ProveArgs),
@@ -109,6 +112,13 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Drift(args) => block_on(merklectl::drift::drift(args)).map(|differ| {
+            if differ {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
         Command::Health(args) => block_on(merklectl::check::health_only(args)).map(|ok| {
             if ok {
                 ExitCode::SUCCESS

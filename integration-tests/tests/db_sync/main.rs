@@ -5,6 +5,7 @@
 //! PostgreSQL restarting mid-sync, bad input, and the indexes behind every hot-path query.
 
 mod degradation;
+mod drift;
 mod input;
 mod read_replicas;
 mod reading;

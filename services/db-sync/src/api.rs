@@ -6,20 +6,21 @@ use std::{pin::Pin, sync::Arc, time::SystemTime};
 
 use merkle_core::Digest;
 use merkle_proto::dbsync::v1::{
-    DiffSnapshotsRequest, DiffSnapshotsResponse, FindMissingNodesRequest, FindMissingNodesResponse,
-    GetHistoryProofRequest, GetHistoryProofResponse, GetInclusionProofRequest,
-    GetInclusionProofResponse, GetLatestRootRequest, GetLatestRootResponse,
-    GetRetentionPolicyRequest, GetRetentionPolicyResponse, GetSnapshotRequest, GetSnapshotResponse,
-    ListDirectoryRequest, ListDirectoryResponse, ListSnapshotsRequest, ListSnapshotsResponse,
-    ListSourcesRequest, ListSourcesResponse, SetRetentionPolicyRequest, SetRetentionPolicyResponse,
-    SourceSummary, SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
+    DiffSnapshotsRequest, DiffSnapshotsResponse, DriftGroup, DriftMember, FindMissingNodesRequest,
+    FindMissingNodesResponse, GetDriftRequest, GetDriftResponse, GetHistoryProofRequest,
+    GetHistoryProofResponse, GetInclusionProofRequest, GetInclusionProofResponse,
+    GetLatestRootRequest, GetLatestRootResponse, GetRetentionPolicyRequest,
+    GetRetentionPolicyResponse, GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest,
+    ListDirectoryResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest,
+    ListSourcesResponse, SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary,
+    SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
     db_sync_service_server::DbSyncService, sync_tree_request::Content,
 };
 use merkle_shared::{
     cache::CacheSource,
     convert::{
         change_to_proto, duration_from_proto, entry_to_proto, name_from_proto, profile_from_proto,
-        proof_to_proto, stats_to_store, timestamp_from_proto,
+        profile_to_proto, proof_to_proto, stats_to_store, timestamp_from_proto,
     },
     names::SourceName,
 };
@@ -29,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use crate::{
     archive::Archive,
-    browse,
+    browse, drift,
     error::Error,
     history,
     store::{self, Retention},
@@ -70,6 +71,167 @@ const MAX_KEEP_WITHIN: std::time::Duration = std::time::Duration::from_secs(100 
 
 /// Most records one GetHistoryProof page may ask for.
 const MAX_HISTORY_PAGE: u32 = 10_000;
+
+/// Most sources one GetDrift call names.
+const MAX_DRIFT_SOURCES: usize = 1000;
+/// Most members listed per drift group.
+const MAX_DRIFT_MEMBERS: usize = 1000;
+
+/// What GetDrift compares.
+enum Drifting {
+    /// Every `<name>@<node>` history of a fleet source.
+    Fleet(SourceName),
+    /// Named sources.
+    Sources(Vec<SourceName>),
+}
+
+impl Drifting {
+    fn from_request(request: &GetDriftRequest) -> Result<Drifting, Error> {
+        match (request.fleet_source.is_empty(), request.sources.is_empty()) {
+            (false, true) => {
+                let name = source("fleet_source", &request.fleet_source)?;
+                if name.as_str().contains('@') {
+                    return Err(Error::bad_request(
+                        "fleet_source",
+                        format!(
+                            "{:?} names one node's history; name the fleet source, without @ and a node id",
+                            request.fleet_source
+                        ),
+                    ));
+                }
+                Ok(Drifting::Fleet(name))
+            }
+            (true, false) => {
+                let count = request.sources.len();
+                if !(2..=MAX_DRIFT_SOURCES).contains(&count) {
+                    return Err(Error::bad_request(
+                        "sources",
+                        format!("has {count} names; compare 2 to {MAX_DRIFT_SOURCES}"),
+                    ));
+                }
+                let mut seen = std::collections::HashSet::new();
+                let mut names = Vec::with_capacity(count);
+                for (i, name) in request.sources.iter().enumerate() {
+                    let field = format!("sources[{i}]");
+                    if !seen.insert(name.as_str()) {
+                        return Err(Error::bad_request(&field, format!("names {name:?} twice")));
+                    }
+                    names.push(source(&field, name)?);
+                }
+                Ok(Drifting::Sources(names))
+            }
+            (true, true) => Err(Error::bad_request(
+                "fleet_source",
+                "set fleet_source, or sources (2 to 1000 names)",
+            )),
+            (false, false) => Err(Error::bad_request(
+                "sources",
+                "must be empty when fleet_source is set",
+            )),
+        }
+    }
+
+    /// What page tokens of this call are bound to.
+    fn binding(&self) -> Vec<u8> {
+        let mut binding = b"drift\0".to_vec();
+        match self {
+            Drifting::Fleet(name) => binding.extend_from_slice(name.as_str().as_bytes()),
+            Drifting::Sources(names) => {
+                for name in names {
+                    binding.push(0);
+                    binding.extend_from_slice(name.as_str().as_bytes());
+                }
+            }
+        }
+        binding
+    }
+
+    /// The latest snapshot of each source compared, as of the snapshot id `as_of`; NOT_FOUND
+    /// when one named has none.
+    async fn latest(
+        &self,
+        pool: &merkle_shared::postgres::PgPool,
+        as_of: i64,
+    ) -> Result<Vec<store::Snapshot>, Error> {
+        let conn = pool.get().await?;
+        match self {
+            Drifting::Fleet(name) => {
+                let latest = store::latest_of_fleet(&*conn, name.as_str(), as_of).await?;
+                if latest.is_empty() {
+                    return Err(Error::NotFound(format!(
+                        "fleet_source: no node of {name} has a snapshot"
+                    )));
+                }
+                Ok(latest)
+            }
+            Drifting::Sources(names) => {
+                let wanted: Vec<&str> = names.iter().map(SourceName::as_str).collect();
+                let latest = store::latest_of_names(&*conn, &wanted, as_of).await?;
+                if latest.len() < names.len() {
+                    let found: std::collections::HashSet<&str> =
+                        latest.iter().map(|s| s.source.as_str()).collect();
+                    if let Some((i, name)) =
+                        wanted.iter().enumerate().find(|(_, n)| !found.contains(*n))
+                    {
+                        return Err(Error::NotFound(format!(
+                            "sources[{i}]: {name} has no snapshots"
+                        )));
+                    }
+                }
+                Ok(latest)
+            }
+        }
+    }
+
+    fn member(&self, snapshot: &store::Snapshot) -> DriftMember {
+        let node = match self {
+            Drifting::Fleet(_) => snapshot
+                .source
+                .split_once('@')
+                .map(|(_, node)| node.to_owned())
+                .unwrap_or_default(),
+            Drifting::Sources(_) => String::new(),
+        };
+        DriftMember {
+            source: snapshot.source.clone(),
+            node,
+            sequence: snapshot.sequence as u64,
+            create_time: Some(prost_types::Timestamp::from(snapshot.created_at)),
+            snapshot_id: snapshot.id.to_string(),
+        }
+    }
+
+    fn group_to_proto(&self, group: &drift::Group) -> DriftGroup {
+        DriftGroup {
+            root_hash: group.root.to_hex(),
+            profile: profile_to_proto(group.profile) as i32,
+            member_count: group.members.len() as u64,
+            members: group
+                .members
+                .iter()
+                .take(MAX_DRIFT_MEMBERS)
+                .map(|m| self.member(m))
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A GetDrift page position: the view's newest snapshot id, then the last group's member
+/// count and root.
+fn drift_position(as_of: i64, last: &drift::Group) -> Vec<u8> {
+    let mut position = as_of.to_be_bytes().to_vec();
+    position.extend_from_slice(&(last.members.len() as u64).to_be_bytes());
+    position.extend_from_slice(&last.root.0);
+    position
+}
+
+fn parse_drift_position(position: &[u8]) -> Option<(i64, (std::cmp::Reverse<usize>, Digest))> {
+    let as_of = i64::from_be_bytes(position.get(..8)?.try_into().ok()?);
+    let count = u64::from_be_bytes(position.get(8..16)?.try_into().ok()?);
+    let root: [u8; 32] = position.get(16..)?.try_into().ok()?;
+    Some((as_of, (std::cmp::Reverse(count as usize), Digest(root))))
+}
 
 /// The page size: 0 means `default`, above `max` means `max`.
 fn page_size(requested: u32, default: u32, max: u32) -> u32 {
@@ -530,6 +692,85 @@ impl DbSyncService for DbSyncApi {
             head: page.head,
             next_page_token,
             signing: signer.is_signing(),
+        }))
+    }
+
+    async fn get_drift(
+        &self,
+        request: Request<GetDriftRequest>,
+    ) -> Result<Response<GetDriftResponse>, Status> {
+        let request = request.into_inner();
+        let drifting = Drifting::from_request(&request)?;
+        let size = page_size(request.page_size, 20, 100) as usize;
+        let max_changes = page_size(request.max_changes, 100, 10_000) as usize;
+        let binding = drifting.binding();
+        let tokens = self.archive.tokens().await?;
+        let position = tokens
+            .check("page_token", &binding, &request.page_token)?
+            .map(|p| {
+                parse_drift_position(&p)
+                    .ok_or_else(|| Error::bad_request("page_token", "is not a token of this call"))
+            })
+            .transpose()?;
+        // Later pages see the sources as the first page did: no snapshot stored since.
+        let (as_of, after) = match position {
+            Some((as_of, after)) => (as_of, Some(after)),
+            None => (i64::MAX, None),
+        };
+        let target = self.archive.read_target().await;
+        let latest = match drifting.latest(target.pool, as_of).await {
+            failed if self.archive.read_again(&target, &failed) => {
+                drifting.latest(&self.archive.pool, as_of).await
+            }
+            outcome => outcome,
+        }?;
+        let as_of = latest.iter().map(|s| s.id).max().unwrap_or(as_of);
+        let source_count = latest.len() as u64;
+        let groups = drift::group(latest);
+        let Some(first) = groups.first() else {
+            return Err(Error::Internal("drift of no sources".into()).into());
+        };
+        let (baseline_root, baseline_profile) = (first.root, first.profile);
+        let baseline = drifting.group_to_proto(first);
+        let outliers: Vec<&drift::Group> =
+            groups.iter().filter(|g| g.root != baseline_root).collect();
+        let outlier_count = outliers.iter().map(|g| g.members.len() as u64).sum();
+        let outlier_group_count = outliers.len() as u64;
+        let mut page: Vec<&drift::Group> = outliers
+            .into_iter()
+            .filter(|g| after.is_none_or(|after| drift::order(g) > after))
+            .take(size + 1)
+            .collect();
+        let next_page_token = if page.len() > size {
+            page.truncate(size);
+            page.last()
+                .map(|last| tokens.issue(&binding, &drift_position(as_of, last)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut out = Vec::with_capacity(page.len());
+        for group in page {
+            let compared = drift::compare(
+                &self.archive.nodes,
+                (baseline_root, baseline_profile),
+                (group.root, group.profile),
+                max_changes,
+            )
+            .await?;
+            let mut proto = drifting.group_to_proto(group);
+            proto.changes = compared.changes.iter().map(change_to_proto).collect();
+            proto.change_count = compared.count;
+            proto.incomparable = compared.incomparable.unwrap_or_default();
+            out.push(proto);
+        }
+        Ok(Response::new(GetDriftResponse {
+            baseline: Some(baseline),
+            outliers: out,
+            source_count,
+            outlier_count,
+            outlier_group_count,
+            next_page_token,
         }))
     }
 

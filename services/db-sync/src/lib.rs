@@ -12,6 +12,7 @@
 //! - `latest_copy`: the latest snapshots in this process, kept coherent by the Cache service;
 //! - `nodes`: the node store (process memory, the cache, PostgreSQL);
 //! - `browse`: directories, diffs and proofs of stored trees;
+//! - `drift`: sources grouped by their latest root, each group diffed against the most common;
 //! - `gc`: retention and garbage collection;
 //! - `history`: the hash-chained, signed snapshot records;
 //! - `store`: the schema and the SQL.
@@ -20,6 +21,7 @@ mod api;
 mod archive;
 mod browse;
 pub mod config;
+mod drift;
 mod error;
 mod gc;
 mod history;

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "actors",
         sql: include_str!("../migrations/0003_actors.sql"),
     },
+    Migration {
+        version: 4,
+        name: "sources_by_bytes",
+        sql: include_str!("../migrations/0004_sources_by_bytes.sql"),
+    },
 ];
 
 /// Brings the schema up to date; returns how many migrations were applied.
@@ -95,6 +100,21 @@ pub mod queries {
          FROM merkle_sources s CROSS JOIN LATERAL (SELECT * FROM merkle_roots m \
          WHERE m.source = s.name ORDER BY m.sequence DESC LIMIT 1) r \
          WHERE s.name > $1 ORDER BY s.name LIMIT $2"
+    );
+    /// The latest snapshot with an id up to $3 of every source whose name is in [$1, $2)
+    /// bytewise (a fleet source's `<source>@` histories).
+    pub const LATEST_IN_RANGE: &str = concat!(
+        "SELECT r.* FROM merkle_sources s CROSS JOIN LATERAL (SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots m WHERE m.source = s.name AND m.id <= $3 ORDER BY m.sequence DESC \
+         LIMIT 1) r WHERE s.name COLLATE \"C\" >= $1 AND s.name COLLATE \"C\" < $2"
+    );
+    /// The latest snapshot with an id up to $2 of each of the named sources.
+    pub const LATEST_OF_NAMES: &str = concat!(
+        "SELECT r.* FROM merkle_sources s CROSS JOIN LATERAL (SELECT ",
+        snapshot_columns!(),
+        " FROM merkle_roots m WHERE m.source = s.name AND m.id <= $2 ORDER BY m.sequence DESC \
+         LIMIT 1) r WHERE s.name = ANY($1)"
     );
     pub const SOURCE: &str = "SELECT name, keep_last, keep_within_secs, snapshot_count, retention_set_by FROM merkle_sources WHERE name = $1";
     /// Which of the hashes are stored; those found and not used for `$2` seconds (half of
@@ -166,6 +186,8 @@ pub mod queries {
         ("PAGE", PAGE),
         ("SOURCES", SOURCES),
         ("SOURCE", SOURCE),
+        ("LATEST_IN_RANGE", LATEST_IN_RANGE),
+        ("LATEST_OF_NAMES", LATEST_OF_NAMES),
         ("FIND_NODES", FIND_NODES),
         ("TOUCH_TREE", TOUCH_TREE),
         ("EXISTING", EXISTING),
@@ -374,6 +396,37 @@ pub async fn sources(
                 latest: Snapshot::from_row(row, 4)?,
             })
         })
+        .collect()
+}
+
+/// The latest snapshot of every `<fleet>@<node>` history of the fleet source `fleet`, as of
+/// the snapshot id `as_of` (snapshots stored later are not seen).
+pub async fn latest_of_fleet(
+    client: &(impl GenericClient + Sync),
+    fleet: &str,
+    as_of: i64,
+) -> Result<Vec<Snapshot>, Error> {
+    // `A` follows `@` in ASCII: [fleet@, fleetA) holds exactly the names starting `fleet@`.
+    let (from, to) = (format!("{fleet}@"), format!("{fleet}A"));
+    client
+        .query_traced(queries::LATEST_IN_RANGE, &[&from, &to, &as_of])
+        .await?
+        .iter()
+        .map(|row| Snapshot::from_row(row, 0))
+        .collect()
+}
+
+/// The latest snapshot of each of `names` that has one, as of the snapshot id `as_of`.
+pub async fn latest_of_names(
+    client: &(impl GenericClient + Sync),
+    names: &[&str],
+    as_of: i64,
+) -> Result<Vec<Snapshot>, Error> {
+    client
+        .query_traced(queries::LATEST_OF_NAMES, &[&names, &as_of])
+        .await?
+        .iter()
+        .map(|row| Snapshot::from_row(row, 0))
         .collect()
 }
 
