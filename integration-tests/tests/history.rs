@@ -18,7 +18,8 @@ use merkle_core::{
 use merkle_proto::{
     common::v1::RetentionPolicy,
     dbsync::v1::{
-        GetHistoryProofRequest, SetRetentionPolicyRequest,
+        GetHistoryProofRequest, GetLogCheckpointRequest, GetLogCheckpointResponse,
+        GetLogConsistencyProofRequest, GetLogInclusionProofRequest, SetRetentionPolicyRequest,
         db_sync_service_client::DbSyncServiceClient,
     },
 };
@@ -545,4 +546,318 @@ async fn unsigned_history_bad_ranges_and_bad_keys() {
 fn signing_key(path: &Path) -> SigningKey {
     use ed25519_dalek::pkcs8::DecodePrivateKey as _;
     SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path).expect("key")).expect("pem")
+}
+
+/// The newest log checkpoint once it covers `size` leaves (within 10 s).
+async fn checkpoint_of(c: &mut Client, size: u64) -> GetLogCheckpointResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match c
+            .get_log_checkpoint(GetLogCheckpointRequest::default())
+            .await
+        {
+            Ok(r) if r.get_ref().size >= size => return r.into_inner(),
+            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("no checkpoint of {size} leaves: {other:?}"),
+        }
+    }
+}
+
+/// An implementation of the formats that is not ours checks our log: Go's sumdb/note verifies
+/// the checkpoints' signatures and sumdb/tlog an inclusion and a consistency proof (built from
+/// Debian's golang-go and golang-golang-x-mod-dev, offline).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_transparency_log_verifies_with_gos_sumdb_note_and_tlog() {
+    let mut stack = TestStack::new();
+    let (private, _) = key_pair(&stack.dir().join("keys"));
+    let (uri, mut c) = start_db_sync(
+        &mut stack,
+        &[
+            ("SIGNING_KEY_FILE", private.display().to_string()),
+            ("LOG_ORIGIN", "merkle-mesh.test/log".into()),
+            ("LOG_INTERVAL", "100ms".into()),
+        ],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 0..3);
+    let old = checkpoint_of(&mut c, 3).await;
+    assert_eq!((old.size, old.log_size), (3, 3));
+    assert!(
+        old.note.starts_with("merkle-mesh.test/log\n3\n"),
+        "{}",
+        old.note
+    );
+    assert!(
+        old.verifier_key.starts_with("merkle-mesh.test/log+"),
+        "{}",
+        old.verifier_key
+    );
+    push_versions(&stack, &uri, "site", 0..4);
+    let new = checkpoint_of(&mut c, 7).await;
+    assert_eq!(new.size, 7);
+
+    // Leaf 1 is docs' second record: the record hash its snapshot carries.
+    let inclusion = c
+        .get_log_inclusion_proof(GetLogInclusionProofRequest {
+            source: "docs".into(),
+            sequence: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("inclusion")
+        .into_inner();
+    let history = c
+        .get_history_proof(GetHistoryProofRequest {
+            source: "docs".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(
+        (
+            inclusion.leaf_index,
+            inclusion.tree_size,
+            &inclusion.record_hash
+        ),
+        (1, 7, &history.records[1].record_hash)
+    );
+    let consistency = c
+        .get_log_consistency_proof(GetLogConsistencyProofRequest {
+            old_size: 3,
+            new_size: 0,
+        })
+        .await
+        .expect("consistency")
+        .into_inner();
+    assert_eq!((consistency.old_size, consistency.new_size), (3, 7));
+
+    let go_check = |input: &serde_json::Value| {
+        let dir = stack.dir();
+        let file = dir.join("tlog-check.json");
+        std::fs::write(&file, input.to_string()).expect("write");
+        let source = integration_tests::workspace_root().join("integration-tests/go/tlog-check");
+        let binary = dir.join("tlog-check");
+        let go_env = [
+            ("GO111MODULE", "off".to_owned()),
+            ("GOPATH", "/usr/share/gocode".to_owned()),
+            ("GOCACHE", dir.join("go-cache").display().to_string()),
+            ("GOFLAGS", "-mod=mod".to_owned()),
+        ];
+        if !binary.exists() {
+            let built = std::process::Command::new("go")
+                .args(["build", "-o"])
+                .arg(&binary)
+                .arg(".")
+                .current_dir(&source)
+                .envs(go_env.iter().map(|(k, v)| (*k, v.as_str())))
+                .env_remove("GOFLAGS")
+                .output()
+                .expect("go (scripts/install-deps.sh installs golang-go)");
+            assert!(
+                built.status.success(),
+                "go build: {}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+        }
+        let out = std::process::Command::new(&binary)
+            .arg(&file)
+            .output()
+            .expect("tlog-check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let input = serde_json::json!({
+        "verifier_key": old.verifier_key,
+        "origin": "merkle-mesh.test/log",
+        "old_note": old.note,
+        "note": new.note,
+        "leaf_index": inclusion.leaf_index,
+        "record_hash": inclusion.record_hash,
+        "inclusion": inclusion.hashes,
+        "consistency": consistency.hashes,
+    });
+    let (ok, said) = go_check(&input);
+    assert!(
+        ok && said.starts_with("ok: checkpoints of 3 and 7 leaves"),
+        "{said}"
+    );
+    // And Go refuses what does not hold: another record at that leaf, another key of the name.
+    let mut wrong = input.clone();
+    wrong["record_hash"] = serde_json::json!(history.records[0].record_hash);
+    let (ok, said) = go_check(&wrong);
+    assert!(!ok && said.contains("inclusion of leaf 1"), "{said}");
+    let mut wrong = input.clone();
+    let impostor = SigningKey::from_bytes(&[7; 32]).verifying_key();
+    wrong["verifier_key"] = serde_json::json!(signed_note::new_ed25519_verifier_key(
+        "merkle-mesh.test/log",
+        &impostor
+    ));
+    let (ok, said) = go_check(&wrong);
+    assert!(!ok && said.contains("older checkpoint"), "{said}");
+
+    // merklectl checks the same proofs, and the checkpoints' signatures with the pinned key.
+    let key = old.verifier_key.as_str();
+    let (code, out, err) = run_merklectl(&[
+        "log",
+        "prove",
+        "docs@2",
+        "--addr",
+        &uri,
+        "--verifier-key",
+        key,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("docs@2")
+            && out.contains("is leaf 1 of the log's 7 leaves")
+            && out.contains("signature verified"),
+        "{out}"
+    );
+    let (code, out, err) = run_merklectl(&[
+        "log",
+        "consistency",
+        "3",
+        "--addr",
+        &uri,
+        "--verifier-key",
+        key,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("the log of 3 leaves"), "{out}");
+    let impostor_key = wrong["verifier_key"].as_str().expect("a key").to_owned();
+    let (code, _, err) = run_merklectl(&[
+        "log",
+        "checkpoint",
+        "--addr",
+        &uri,
+        "--verifier-key",
+        &impostor_key,
+    ]);
+    assert!(
+        code == Some(2) && err.contains("does not verify with --verifier-key"),
+        "{err}"
+    );
+
+    // Retention never rewrites the log: docs' pruned records keep their leaves and proofs.
+    c.set_retention_policy(SetRetentionPolicyRequest {
+        source: "docs".into(),
+        policy: Some(RetentionPolicy {
+            keep_last: 1,
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("retention");
+    let again = c
+        .get_log_inclusion_proof(GetLogInclusionProofRequest {
+            source: "docs".into(),
+            sequence: 2,
+            tree_size: 7,
+            ..Default::default()
+        })
+        .await
+        .expect("a pruned record's leaf")
+        .into_inner();
+    assert_eq!(again.hashes, inclusion.hashes);
+    let same = c
+        .get_log_checkpoint(GetLogCheckpointRequest { size: 7 })
+        .await
+        .expect("checkpoint 7")
+        .into_inner();
+    assert_eq!(same.root_hash, new.root_hash);
+
+    // Bad positions name the field and the rule.
+    for (result, code, start) in [
+        (
+            c.get_log_inclusion_proof(GetLogInclusionProofRequest {
+                leaf_index: 2,
+                tree_size: 100,
+                ..Default::default()
+            })
+            .await,
+            Code::OutOfRange,
+            "tree_size: 100 is past the log's 7 leaves",
+        ),
+        (
+            c.get_log_inclusion_proof(GetLogInclusionProofRequest {
+                leaf_index: 7,
+                ..Default::default()
+            })
+            .await,
+            Code::OutOfRange,
+            "leaf_index: 7 is past the log's leaves",
+        ),
+        (
+            c.get_log_inclusion_proof(GetLogInclusionProofRequest {
+                leaf_index: 5,
+                tree_size: 3,
+                ..Default::default()
+            })
+            .await,
+            Code::OutOfRange,
+            "tree_size: the leaf 5 is not in a tree of 3 leaves",
+        ),
+        (
+            c.get_log_inclusion_proof(GetLogInclusionProofRequest {
+                source: "docs".into(),
+                sequence: 99,
+                ..Default::default()
+            })
+            .await,
+            Code::NotFound,
+            "sequence: docs's record 99 is not in the transparency log",
+        ),
+    ] {
+        let err = result.expect_err(start);
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().starts_with(start), "{}", err.message());
+    }
+    for (result, code, start) in [
+        (
+            c.get_log_consistency_proof(GetLogConsistencyProofRequest {
+                old_size: 0,
+                new_size: 7,
+            })
+            .await,
+            Code::InvalidArgument,
+            "old_size: must be at least 1",
+        ),
+        (
+            c.get_log_consistency_proof(GetLogConsistencyProofRequest {
+                old_size: 5,
+                new_size: 3,
+            })
+            .await,
+            Code::InvalidArgument,
+            "old_size: 5 is more than new_size (3)",
+        ),
+        (
+            c.get_log_consistency_proof(GetLogConsistencyProofRequest {
+                old_size: 1,
+                new_size: 100,
+            })
+            .await,
+            Code::OutOfRange,
+            "new_size: 100 is past the log's 7 leaves",
+        ),
+    ] {
+        let err = result.expect_err(start);
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().starts_with(start), "{}", err.message());
+    }
+    let err = c
+        .get_log_checkpoint(GetLogCheckpointRequest { size: 1000 })
+        .await
+        .expect_err("no such checkpoint");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message()
+            .starts_with("size: no checkpoint has 1000 leaves")
+    );
 }

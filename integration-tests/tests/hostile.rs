@@ -113,7 +113,9 @@ fn source(f: impl FnOnce(&mut scheduler::Source)) -> scheduler::CreateSourceRequ
 }
 
 fn cases(root: &str) -> Vec<Case> {
-    use Code::{Internal, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted};
+    use Code::{
+        Internal, InvalidArgument, NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
+    };
     let sched = |m: &str| -> &'static str {
         Box::leak(format!("/merkle.scheduler.v1.SchedulerService/{m}").into_boxed_str())
     };
@@ -749,6 +751,49 @@ fn cases(root: &str) -> Vec<Case> {
             },
             InvalidArgument,
             "sources: has 100000 names; compare 2 to 1000",
+        ),
+        case(
+            db("GetLogCheckpoint"),
+            dbsync::GetLogCheckpointRequest { size: u64::MAX },
+            OutOfRange,
+            "size: past the log's leaves",
+        ),
+        case(
+            db("GetLogInclusionProof"),
+            dbsync::GetLogInclusionProofRequest {
+                leaf_index: u64::MAX,
+                ..Default::default()
+            },
+            OutOfRange,
+            "leaf_index: past the log's leaves",
+        ),
+        case(
+            db("GetLogInclusionProof"),
+            dbsync::GetLogInclusionProofRequest {
+                source: "docs".into(),
+                sequence: 0,
+                ..Default::default()
+            },
+            InvalidArgument,
+            "sequence: must be 1 or more with source",
+        ),
+        case(
+            db("GetLogConsistencyProof"),
+            dbsync::GetLogConsistencyProofRequest {
+                old_size: 0,
+                new_size: u64::MAX,
+            },
+            InvalidArgument,
+            "old_size: must be at least 1",
+        ),
+        case(
+            db("GetLogConsistencyProof"),
+            dbsync::GetLogConsistencyProofRequest {
+                old_size: 1,
+                new_size: u64::MAX,
+            },
+            OutOfRange,
+            "new_size: past the log's leaves",
         ),
         case(
             db("WarmCache"),

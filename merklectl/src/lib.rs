@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod drift;
 pub mod history;
 pub mod local;
+pub mod log;
 pub mod remote;
 pub mod sources;
 pub mod stack;

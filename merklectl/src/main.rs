@@ -55,6 +55,10 @@ enum Command {
     /// signature against the keys you trust, and with --deep every stored tree. Names the first
     /// bad record and exits 1.
     VerifyHistory(merklectl::history::VerifyHistoryArgs),
+    /// The transparency log of every snapshot record: `log checkpoint`, `log prove SOURCE@SEQ`,
+    /// `log consistency OLD [NEW]`, each proof checked here (and each checkpoint's signature
+    /// with --verifier-key).
+    Log(merklectl::log::LogArgs),
     /// Write a source's history (records, keys, checkpoints) as JSON lines, for
     /// `verify-history --file` with no server.
     ExportHistory(merklectl::history::ExportHistoryArgs),
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => {
             block_on(merklectl::traces::trace(args)).map(|()| ExitCode::SUCCESS)
         }
+        Command::Log(args) => block_on(merklectl::log::run(args)).map(|()| ExitCode::SUCCESS),
         Command::ExportHistory(args) => {
             block_on(merklectl::history::export(args)).map(|()| ExitCode::SUCCESS)
         }

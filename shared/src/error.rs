@@ -11,6 +11,9 @@ use tonic::{Code, Status};
 pub enum ErrorCode {
     /// The request is malformed: a field breaks a rule.
     BadRequest,
+    /// A position past the end of what exists (e.g. a tree size past the log's); a later call
+    /// may succeed.
+    OutOfRange,
     /// What the request names does not exist.
     NotFound,
     /// It exists already.
@@ -41,7 +44,8 @@ impl ErrorCode {
     /// The kind of failure a gRPC code from another service stands for, to pass it on.
     pub fn from_grpc(code: Code) -> ErrorCode {
         match code {
-            Code::InvalidArgument | Code::OutOfRange => ErrorCode::BadRequest,
+            Code::InvalidArgument => ErrorCode::BadRequest,
+            Code::OutOfRange => ErrorCode::OutOfRange,
             Code::NotFound => ErrorCode::NotFound,
             Code::AlreadyExists => ErrorCode::AlreadyExists,
             Code::PermissionDenied | Code::Unauthenticated => ErrorCode::PermissionDenied,
@@ -68,6 +72,7 @@ pub trait ServiceError: std::fmt::Display {
 pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
     let code = match err.error_code() {
         ErrorCode::BadRequest => Code::InvalidArgument,
+        ErrorCode::OutOfRange => Code::OutOfRange,
         ErrorCode::NotFound => Code::NotFound,
         ErrorCode::AlreadyExists => Code::AlreadyExists,
         ErrorCode::PermissionDenied => Code::PermissionDenied,

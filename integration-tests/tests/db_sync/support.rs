@@ -95,6 +95,19 @@ pub(crate) async fn count(db: &tokio_postgres::Client, table: &str) -> i64 {
         .get(0)
 }
 
+/// Waits (up to 10 s) until the transparency log took in every stored record: its own
+/// transaction writes, so a test that watches transaction ids waits for it first.
+pub(crate) async fn log_settled(db: &tokio_postgres::Client) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count(db, "merkle_log_pending").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log did not take in the records"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The next transaction id: it moves only when a transaction writes.
 pub(crate) async fn next_xid(db: &tokio_postgres::Client) -> String {
     db.query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])

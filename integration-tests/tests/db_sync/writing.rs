@@ -31,6 +31,7 @@ async fn a_tree_is_written_only_when_its_root_changed_and_one_file_costs_depth_r
     assert_eq!(snapshot.root_hash, t.tree.root.to_hex());
 
     // Unchanged: no transaction at all (the transaction id does not move), no row.
+    log_settled(&db).await;
     let xid = next_xid(&db).await;
     let again = sync_raw(&mut c, vec![header("docs", t.tree.root)])
         .await

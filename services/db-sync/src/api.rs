@@ -9,12 +9,14 @@ use merkle_proto::dbsync::v1::{
     DiffSnapshotsRequest, DiffSnapshotsResponse, DriftGroup, DriftMember, FindMissingNodesRequest,
     FindMissingNodesResponse, GetDriftRequest, GetDriftResponse, GetHistoryProofRequest,
     GetHistoryProofResponse, GetInclusionProofRequest, GetInclusionProofResponse,
-    GetLatestRootRequest, GetLatestRootResponse, GetRetentionPolicyRequest,
-    GetRetentionPolicyResponse, GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest,
-    ListDirectoryResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest,
-    ListSourcesResponse, SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary,
-    SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
-    db_sync_service_server::DbSyncService, sync_tree_request::Content,
+    GetLatestRootRequest, GetLatestRootResponse, GetLogCheckpointRequest, GetLogCheckpointResponse,
+    GetLogConsistencyProofRequest, GetLogConsistencyProofResponse, GetLogInclusionProofRequest,
+    GetLogInclusionProofResponse, GetRetentionPolicyRequest, GetRetentionPolicyResponse,
+    GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest, ListDirectoryResponse,
+    ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest, ListSourcesResponse,
+    SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary, SyncTreeRequest,
+    SyncTreeResponse, WarmCacheRequest, WarmCacheResponse, db_sync_service_server::DbSyncService,
+    sync_tree_request::Content,
 };
 use merkle_shared::{
     cache::CacheSource,
@@ -35,6 +37,7 @@ use crate::{
     history,
     store::{self, Retention},
     sync::{Header, Outcome, Received},
+    tlog::{self, LeafAt, Log},
 };
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -46,12 +49,38 @@ const DIFF_BATCH: usize = 500;
 
 pub(crate) struct DbSyncApi {
     archive: Arc<Archive>,
+    log: Arc<Log>,
 }
 
 impl DbSyncApi {
-    pub(crate) fn new(archive: Arc<Archive>) -> Self {
-        DbSyncApi { archive }
+    pub(crate) fn new(archive: Arc<Archive>, log: Arc<Log>) -> Self {
+        DbSyncApi { archive, log }
     }
+}
+
+fn hexes(hashes: &[[u8; 32]]) -> Vec<String> {
+    hashes.iter().map(|h| merkle_core::digest::hex(h)).collect()
+}
+
+/// A requested tree size: 0 means the newest checkpoint's; past the log's is OUT_OF_RANGE.
+async fn tree_size(
+    client: &(impl tokio_postgres::GenericClient + Sync),
+    field: &str,
+    requested: u64,
+) -> Result<u64, Error> {
+    if requested == 0 {
+        return tlog::checkpoint(client, None)
+            .await?
+            .map(|c| c.size)
+            .ok_or_else(|| Error::NotFound("the transparency log has no checkpoint yet".into()));
+    }
+    let size = tlog::log_size(client).await?;
+    if requested > size {
+        return Err(Error::OutOfRange(format!(
+            "{field}: {requested} is past the log's {size} leaves"
+        )));
+    }
+    Ok(requested)
 }
 
 fn source(field: &str, name: &str) -> Result<SourceName, Error> {
@@ -771,6 +800,113 @@ impl DbSyncService for DbSyncApi {
             outlier_count,
             outlier_group_count,
             next_page_token,
+        }))
+    }
+
+    async fn get_log_checkpoint(
+        &self,
+        request: Request<GetLogCheckpointRequest>,
+    ) -> Result<Response<GetLogCheckpointResponse>, Status> {
+        let size = request.into_inner().size;
+        if size > i64::MAX as u64 {
+            return Err(Error::OutOfRange("size: past the log's leaves".into()).into());
+        }
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let found = tlog::checkpoint(&*conn, (size > 0).then_some(size))
+            .await?
+            .ok_or_else(|| match size {
+                0 => Error::NotFound("the transparency log has no checkpoint yet".into()),
+                n => Error::NotFound(format!("size: no checkpoint has {n} leaves")),
+            })?;
+        let log_size = tlog::log_size(&*conn).await?;
+        Ok(Response::new(GetLogCheckpointResponse {
+            note: found.note,
+            origin: self.log.origin().to_owned(),
+            size: found.size,
+            root_hash: merkle_core::digest::hex(&found.root),
+            verifier_key: self.log.verifier_key().unwrap_or_default().to_owned(),
+            create_time: Some(prost_types::Timestamp::from(found.created_at)),
+            log_size,
+        }))
+    }
+
+    async fn get_log_inclusion_proof(
+        &self,
+        request: Request<GetLogInclusionProofRequest>,
+    ) -> Result<Response<GetLogInclusionProofResponse>, Status> {
+        let request = request.into_inner();
+        let at = if request.source.is_empty() {
+            LeafAt::Index(request.leaf_index)
+        } else {
+            source("source", &request.source)?;
+            if request.sequence == 0 || request.sequence > i64::MAX as u64 {
+                return Err(Error::bad_request("sequence", "must be 1 or more with source").into());
+            }
+            if request.leaf_index != 0 {
+                return Err(Error::bad_request(
+                    "leaf_index",
+                    "set leaf_index, or source and sequence, not both",
+                )
+                .into());
+            }
+            LeafAt::Record(&request.source, request.sequence)
+        };
+        if request.leaf_index > i64::MAX as u64 || request.tree_size > i64::MAX as u64 {
+            return Err(Error::OutOfRange("leaf_index: past the log's leaves".into()).into());
+        }
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let size = tree_size(&*conn, "tree_size", request.tree_size).await?;
+        let leaf = tlog::leaf(&*conn, at).await?.ok_or_else(|| match at {
+            LeafAt::Index(i) => {
+                Error::OutOfRange(format!("leaf_index: {i} is past the log's leaves"))
+            }
+            LeafAt::Record(s, n) => Error::NotFound(format!(
+                "sequence: {s}'s record {n} is not in the transparency log (yet)"
+            )),
+        })?;
+        if leaf.index >= size {
+            return Err(Error::OutOfRange(format!(
+                "tree_size: the leaf {} is not in a tree of {size} leaves",
+                leaf.index
+            ))
+            .into());
+        }
+        let proof = tlog::inclusion_proof(&*conn, size, leaf.index).await?;
+        Ok(Response::new(GetLogInclusionProofResponse {
+            leaf_index: leaf.index,
+            tree_size: size,
+            record_hash: merkle_core::digest::hex(&leaf.record_hash),
+            source: leaf.source,
+            sequence: leaf.sequence,
+            hashes: hexes(&proof),
+        }))
+    }
+
+    async fn get_log_consistency_proof(
+        &self,
+        request: Request<GetLogConsistencyProofRequest>,
+    ) -> Result<Response<GetLogConsistencyProofResponse>, Status> {
+        let request = request.into_inner();
+        if request.old_size == 0 {
+            return Err(Error::bad_request("old_size", "must be at least 1").into());
+        }
+        if request.new_size > i64::MAX as u64 {
+            return Err(Error::OutOfRange("new_size: past the log's leaves".into()).into());
+        }
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let new = tree_size(&*conn, "new_size", request.new_size).await?;
+        if request.old_size > new {
+            return Err(Error::bad_request(
+                "old_size",
+                format!("{} is more than new_size ({new})", request.old_size),
+            )
+            .into());
+        }
+        let proof = tlog::consistency_proof(&*conn, request.old_size, new).await?;
+        Ok(Response::new(GetLogConsistencyProofResponse {
+            old_size: request.old_size,
+            new_size: new,
+            hashes: hexes(&proof),
         }))
     }
 

@@ -62,6 +62,16 @@ pub struct Config {
     /// history so records signed before a key rotation stay verifiable.
     #[arg(long, env = "PREVIOUS_PUBLIC_KEYS", value_delimiter = ',')]
     pub previous_public_keys: Vec<PathBuf>,
+    /// The transparency log's origin: the first line of its checkpoints and the name of its
+    /// checkpoint key (C2SP tlog-checkpoint, signed-note). Witnesses and verifiers know a log by
+    /// it, so give each deployment its own, e.g. `example.com/merkle-mesh`; never change it.
+    #[arg(long, env = "LOG_ORIGIN", default_value = "merkle-mesh.local/log")]
+    pub log_origin: String,
+    /// How often records stored meanwhile are taken into the transparency log and a new
+    /// checkpoint is signed (one for all of them); a record's checkpoint comes within about
+    /// this long of its commit.
+    #[arg(long, env = "LOG_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub log_interval: Duration,
 }
 
 impl Validate for Config {
@@ -69,6 +79,18 @@ impl Validate for Config {
         self.postgres.validate()?;
         self.read_replicas.validate(&self.postgres)?;
         self.cache.validate()?;
+        if !signed_note::is_key_name_valid(&self.log_origin) {
+            return Err(ConfigError::new(
+                "LOG_ORIGIN (--log-origin)",
+                "must be non-empty, without spaces or `+` (it names the checkpoint key)",
+            ));
+        }
+        if self.log_interval.is_zero() {
+            return Err(ConfigError::new(
+                "LOG_INTERVAL (--log-interval)",
+                "must be more than 0",
+            ));
+        }
         if self.gc_grace < self.common.server.request_timeout * 2 {
             return Err(ConfigError::new(
                 "GC_GRACE (--gc-grace)",

@@ -108,6 +108,11 @@ impl Signer {
         self.key.as_ref().map(|k| key_id(&k.verifying_key()))
     }
 
+    /// The key that signs now, if any (the transparency log signs its checkpoints with it).
+    pub fn signing_key(&self) -> Option<&SigningKey> {
+        self.key.as_ref()
+    }
+
     /// The current public key, hex; empty without one.
     pub fn public_key(&self) -> String {
         self.key
@@ -298,6 +303,16 @@ async fn chain_unchained(
                         &sealed.as_ref().map(|x| x.signature.to_vec()),
                         &sealed.as_ref().map(|x| x.key_id.clone()),
                     ],
+                )
+                .await?;
+                // It joins the transparency log like any new record (once: a record whose
+                // chain columns were emptied may be in the log already).
+                tx.execute_traced(
+                    "INSERT INTO merkle_log_pending (snapshot_id, source, sequence, record_hash) \
+                     SELECT $1, $2, $3, $4 WHERE NOT EXISTS \
+                     (SELECT 1 FROM merkle_log_leaves WHERE snapshot_id = $1) \
+                     ON CONFLICT (snapshot_id) DO NOTHING",
+                    &[&s.id, &s.source, &s.sequence, &hash.0.as_slice()],
                 )
                 .await?;
                 hash

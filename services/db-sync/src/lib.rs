@@ -15,6 +15,7 @@
 //! - `drift`: sources grouped by their latest root, each group diffed against the most common;
 //! - `gc`: retention and garbage collection;
 //! - `history`: the hash-chained, signed snapshot records;
+//! - `tlog`: the transparency log of every record, its checkpoints and proofs;
 //! - `store`: the schema and the SQL.
 
 mod api;
@@ -29,6 +30,7 @@ mod latest_copy;
 mod nodes;
 mod store;
 mod sync;
+mod tlog;
 
 use std::sync::{
     Arc,
@@ -159,8 +161,18 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         config.gc_batch as usize,
         shutdown.clone(),
     );
+    let log = Arc::new(tlog::Log::new(
+        &config.log_origin,
+        archive.signer.signing_key(),
+    ));
+    tlog::spawn(
+        log.clone(),
+        archive.pool.clone(),
+        config.log_interval,
+        shutdown.clone(),
+    );
     let service = merkle_shared::limit_messages!(
-        DbSyncServiceServer::new(api::DbSyncApi::new(archive)),
+        DbSyncServiceServer::new(api::DbSyncApi::new(archive, log)),
         config.common.server
     );
     server::serve(

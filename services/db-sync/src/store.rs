@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "sources_by_bytes",
         sql: include_str!("../migrations/0004_sources_by_bytes.sql"),
     },
+    Migration {
+        version: 5,
+        name: "log",
+        sql: include_str!("../migrations/0005_log.sql"),
+    },
 ];
 
 /// Brings the schema up to date; returns how many migrations were applied.
@@ -149,12 +154,15 @@ pub mod queries {
     pub const INSERT_NODES: &str = "INSERT INTO merkle_tree_data (hash, encoded, sizes, child_dirs) \
          SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[]) \
          ON CONFLICT (hash) DO UPDATE SET last_used = now() RETURNING (xmax = 0)";
+    /// Stores a snapshot and queues its record for the transparency log, in one statement.
     pub const INSERT_SNAPSHOT: &str = concat!(
-        "INSERT INTO merkle_roots (source, sequence, root_hash, profile, build_id, created_at, \
-         file_count, dir_count, symlink_count, skipped_count, total_bytes, \
+        "WITH r AS (INSERT INTO merkle_roots (source, sequence, root_hash, profile, build_id, \
+         created_at, file_count, dir_count, symlink_count, skipped_count, total_bytes, \
          previous_record_hash, record_hash, signature, key_id) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING ",
-        snapshot_columns!()
+        snapshot_columns!(),
+        "), queued AS (INSERT INTO merkle_log_pending (snapshot_id, source, sequence, record_hash) \
+         SELECT id, source, sequence, record_hash FROM r) SELECT * FROM r"
     );
     /// A range of a source's records, oldest first.
     pub const HISTORY: &str = concat!(

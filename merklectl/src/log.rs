@@ -1,0 +1,272 @@
+//! `merklectl log`: DbSync's transparency log (docs/merkle-spec.md section 11): its checkpoint,
+//! and inclusion and consistency proofs, each checked here against the checkpoint's root with
+//! `tlog_tiles` (and its signature against `--verifier-key` when given) before it is printed.
+
+use anyhow::{Context as _, bail};
+use merkle_proto::dbsync::v1::{
+    GetLogCheckpointRequest, GetLogCheckpointResponse, GetLogConsistencyProofRequest,
+    GetLogInclusionProofRequest, db_sync_service_client::DbSyncServiceClient,
+};
+use merkle_shared::client::Channel;
+use serde_json::json;
+use signed_note::{Note, StandardVerifier, VerifierList};
+use tlog_tiles::{Checkpoint, Hash, check_record, check_tree, record_hash};
+
+use crate::remote::DbSyncAddr;
+
+/// `merklectl log`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    #[command(subcommand)]
+    pub command: LogCommand,
+}
+
+/// What every `merklectl log` command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogOptions {
+    #[command(flatten)]
+    pub db_sync: DbSyncAddr,
+    /// The checkpoint key you trust (`<origin>+<key id>+<base64 key>`, as GetLogCheckpoint
+    /// shows it): every checkpoint's signature is checked against it.
+    #[arg(long, env = "LOG_VERIFIER_KEY")]
+    pub verifier_key: Option<String>,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LogCommand {
+    /// Print the newest checkpoint (or the one of `--size` leaves), a C2SP signed note.
+    Checkpoint {
+        #[arg(long)]
+        size: Option<u64>,
+        #[command(flatten)]
+        options: LogOptions,
+    },
+    /// Prove that a record (`SOURCE@SEQ`, or `--leaf N`) is in the log, checked against the
+    /// checkpoint of `--size` leaves (default: the newest).
+    Prove {
+        /// `SOURCE@SEQ`: a source's record by sequence number.
+        record: Option<String>,
+        #[arg(long, conflicts_with = "record")]
+        leaf: Option<u64>,
+        #[arg(long)]
+        size: Option<u64>,
+        #[command(flatten)]
+        options: LogOptions,
+    },
+    /// Prove that the log of OLD leaves is a prefix of the log of NEW leaves (default: the
+    /// newest checkpoint's): nothing was rewritten between the two checkpoints.
+    Consistency {
+        old: u64,
+        new: Option<u64>,
+        #[command(flatten)]
+        options: LogOptions,
+    },
+}
+
+type Client = DbSyncServiceClient<Channel>;
+
+/// A checkpoint as fetched and checked: its size and root.
+struct Checked {
+    response: GetLogCheckpointResponse,
+    size: u64,
+    root: Hash,
+}
+
+async fn checkpoint(args: &LogOptions, c: &mut Client, size: u64) -> anyhow::Result<Checked> {
+    let response = c
+        .get_log_checkpoint(GetLogCheckpointRequest { size })
+        .await
+        .map_err(args.db_sync.failed())?
+        .into_inner();
+    let text = match &args.verifier_key {
+        Some(key) => {
+            let verifier = StandardVerifier::new(key)
+                .map_err(|e| anyhow::anyhow!("--verifier-key {key:?}: {e}"))?;
+            let note = Note::from_bytes(response.note.as_bytes())
+                .map_err(|e| anyhow::anyhow!("the checkpoint is not a signed note: {e}"))?;
+            note.verify(&VerifierList::new(vec![Box::new(verifier)]))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the checkpoint's signature does not verify with --verifier-key: {e}"
+                    )
+                })?;
+            note.text().to_vec()
+        }
+        // Unverified: the text up to the signatures.
+        None => match response.note.split_once("\n\n") {
+            Some((text, _)) => format!("{text}\n").into_bytes(),
+            None => response.note.clone().into_bytes(),
+        },
+    };
+    let parsed = Checkpoint::from_bytes(&text)
+        .map_err(|e| anyhow::anyhow!("the checkpoint text is malformed: {e}"))?;
+    if parsed.size() != response.size || hex(parsed.hash()) != response.root_hash {
+        bail!("the checkpoint's text does not match its size and root fields");
+    }
+    Ok(Checked {
+        size: parsed.size(),
+        root: *parsed.hash(),
+        response,
+    })
+}
+
+fn hex(hash: &Hash) -> String {
+    merkle_core::digest::hex(&hash.0)
+}
+
+fn hashes(list: &[String]) -> anyhow::Result<Vec<Hash>> {
+    list.iter()
+        .map(|h| {
+            let digest: merkle_core::Digest = h.parse().context("a proof hash")?;
+            Ok(Hash(digest.0))
+        })
+        .collect()
+}
+
+pub async fn run(args: LogArgs) -> anyhow::Result<()> {
+    let command = &args.command;
+    // Every command's own options: `args` below.
+    let (LogCommand::Checkpoint { options, .. }
+    | LogCommand::Prove { options, .. }
+    | LogCommand::Consistency { options, .. }) = command;
+    let args = options;
+    let mut c = args.db_sync.client()?;
+    let signed = if args.verifier_key.is_some() {
+        "signature verified"
+    } else {
+        "signature not checked (no --verifier-key)"
+    };
+    match command {
+        LogCommand::Checkpoint { size, .. } => {
+            let cp = checkpoint(args, &mut c, size.unwrap_or(0)).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "origin": cp.response.origin,
+                        "size": cp.size,
+                        "root_hash": cp.response.root_hash,
+                        "log_size": cp.response.log_size,
+                        "verifier_key": cp.response.verifier_key,
+                        "note": cp.response.note,
+                    })
+                );
+            } else {
+                print!("{}", cp.response.note);
+                eprintln!("{signed}; the log has {} leaves", cp.response.log_size);
+            }
+        }
+        LogCommand::Prove {
+            record, leaf, size, ..
+        } => {
+            let cp = checkpoint(args, &mut c, size.unwrap_or(0)).await?;
+            let mut request = GetLogInclusionProofRequest {
+                tree_size: cp.size,
+                ..Default::default()
+            };
+            match (record, leaf) {
+                (Some(record), _) => {
+                    let (source, sequence) = record
+                        .rsplit_once('@')
+                        .and_then(|(s, n)| Some((s, n.parse::<u64>().ok()?)))
+                        .with_context(|| format!("{record}: name a record as SOURCE@SEQ"))?;
+                    request.source = source.to_owned();
+                    request.sequence = sequence;
+                }
+                (None, Some(leaf)) => request.leaf_index = *leaf,
+                (None, None) => bail!("name a record (SOURCE@SEQ) or --leaf N"),
+            }
+            let proof = c
+                .get_log_inclusion_proof(request)
+                .await
+                .map_err(args.db_sync.failed())?
+                .into_inner();
+            let data: merkle_core::Digest = proof.record_hash.parse().context("the record hash")?;
+            check_record(
+                &hashes(&proof.hashes)?,
+                cp.size,
+                cp.root,
+                proof.leaf_index,
+                record_hash(&data.0),
+            )
+            .map_err(|e| anyhow::anyhow!("the inclusion proof does not verify: {e}"))?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "source": proof.source,
+                        "sequence": proof.sequence,
+                        "record_hash": proof.record_hash,
+                        "leaf_index": proof.leaf_index,
+                        "tree_size": proof.tree_size,
+                        "root_hash": cp.response.root_hash,
+                        "hashes": proof.hashes,
+                        "checkpoint": cp.response.note,
+                    })
+                );
+            } else {
+                println!(
+                    "{}@{} (record {}) is leaf {} of the log's {} leaves (root {}): proof of {} hashes verified; {signed}",
+                    proof.source,
+                    proof.sequence,
+                    proof.record_hash,
+                    proof.leaf_index,
+                    cp.size,
+                    cp.response.root_hash,
+                    proof.hashes.len()
+                );
+            }
+        }
+        LogCommand::Consistency { old, new, .. } => {
+            let newer = checkpoint(args, &mut c, new.unwrap_or(0)).await?;
+            let older = checkpoint(args, &mut c, *old).await?;
+            let proof = c
+                .get_log_consistency_proof(GetLogConsistencyProofRequest {
+                    old_size: older.size,
+                    new_size: newer.size,
+                })
+                .await
+                .map_err(args.db_sync.failed())?
+                .into_inner();
+            check_tree(
+                &hashes(&proof.hashes)?,
+                newer.size,
+                newer.root,
+                older.size,
+                older.root,
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the log of {} leaves is NOT a prefix of the log of {}: {e}",
+                    older.size,
+                    newer.size
+                )
+            })?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "old_size": older.size,
+                        "old_root_hash": older.response.root_hash,
+                        "new_size": newer.size,
+                        "new_root_hash": newer.response.root_hash,
+                        "hashes": proof.hashes,
+                    })
+                );
+            } else {
+                println!(
+                    "the log of {} leaves (root {}) is a prefix of the log of {} (root {}): proof of {} hashes verified; {signed}",
+                    older.size,
+                    older.response.root_hash,
+                    newer.size,
+                    newer.response.root_hash,
+                    proof.hashes.len()
+                );
+            }
+        }
+    }
+    Ok(())
+}
