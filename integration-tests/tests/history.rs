@@ -19,8 +19,8 @@ use merkle_proto::{
     common::v1::RetentionPolicy,
     dbsync::v1::{
         GetHistoryProofRequest, GetLogCheckpointRequest, GetLogCheckpointResponse,
-        GetLogConsistencyProofRequest, GetLogInclusionProofRequest, SetRetentionPolicyRequest,
-        db_sync_service_client::DbSyncServiceClient,
+        GetLogConsistencyProofRequest, GetLogInclusionProofRequest, GetLogTileRequest,
+        SetRetentionPolicyRequest, db_sync_service_client::DbSyncServiceClient,
     },
 };
 use merkle_shared::client::Channel;
@@ -565,6 +565,64 @@ async fn checkpoint_of(c: &mut Client, size: u64) -> GetLogCheckpointResponse {
     }
 }
 
+/// Runs `integration-tests/go/tlog-check` (built once per test folder with Debian's Go and
+/// golang.org/x/mod, offline): (success, what it printed).
+fn tlog_check(dir: &Path, args: &[&str]) -> (bool, String) {
+    let source = integration_tests::workspace_root().join("integration-tests/go/tlog-check");
+    let binary = dir.join("tlog-check");
+    if !binary.exists() {
+        let built = std::process::Command::new("go")
+            .args(["build", "-o"])
+            .arg(&binary)
+            .arg(".")
+            .current_dir(&source)
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", dir.join("go-cache"))
+            .env("GOFLAGS", "")
+            .output()
+            .expect("go (scripts/install-deps.sh installs golang-go)");
+        assert!(
+            built.status.success(),
+            "go build: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+    }
+    let out = std::process::Command::new(&binary)
+        .args(args)
+        .output()
+        .expect("tlog-check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+async fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers");
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, answer[split + 4..].to_vec())
+}
+
 /// An implementation of the formats that is not ours checks our log: Go's sumdb/note verifies
 /// the checkpoints' signatures and sumdb/tlog an inclusion and a consistency proof (built from
 /// Debian's golang-go and golang-golang-x-mod-dev, offline).
@@ -572,12 +630,17 @@ async fn checkpoint_of(c: &mut Client, size: u64) -> GetLogCheckpointResponse {
 async fn the_transparency_log_verifies_with_gos_sumdb_note_and_tlog() {
     let mut stack = TestStack::new();
     let (private, _) = key_pair(&stack.dir().join("keys"));
+    let tiles_addr = format!(
+        "127.0.0.1:{}",
+        merklectl::stack::free_port().expect("a free port")
+    );
     let (uri, mut c) = start_db_sync(
         &mut stack,
         &[
             ("SIGNING_KEY_FILE", private.display().to_string()),
             ("LOG_ORIGIN", "merkle-mesh.test/log".into()),
             ("LOG_INTERVAL", "100ms".into()),
+            ("LOG_LISTEN_ADDR", tiles_addr.clone()),
         ],
     )
     .await;
@@ -635,42 +698,9 @@ async fn the_transparency_log_verifies_with_gos_sumdb_note_and_tlog() {
     assert_eq!((consistency.old_size, consistency.new_size), (3, 7));
 
     let go_check = |input: &serde_json::Value| {
-        let dir = stack.dir();
-        let file = dir.join("tlog-check.json");
+        let file = stack.dir().join("tlog-check.json");
         std::fs::write(&file, input.to_string()).expect("write");
-        let source = integration_tests::workspace_root().join("integration-tests/go/tlog-check");
-        let binary = dir.join("tlog-check");
-        let go_env = [
-            ("GO111MODULE", "off".to_owned()),
-            ("GOPATH", "/usr/share/gocode".to_owned()),
-            ("GOCACHE", dir.join("go-cache").display().to_string()),
-            ("GOFLAGS", "-mod=mod".to_owned()),
-        ];
-        if !binary.exists() {
-            let built = std::process::Command::new("go")
-                .args(["build", "-o"])
-                .arg(&binary)
-                .arg(".")
-                .current_dir(&source)
-                .envs(go_env.iter().map(|(k, v)| (*k, v.as_str())))
-                .env_remove("GOFLAGS")
-                .output()
-                .expect("go (scripts/install-deps.sh installs golang-go)");
-            assert!(
-                built.status.success(),
-                "go build: {}",
-                String::from_utf8_lossy(&built.stderr)
-            );
-        }
-        let out = std::process::Command::new(&binary)
-            .arg(&file)
-            .output()
-            .expect("tlog-check");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        tlog_check(stack.dir(), &["proofs", file.to_str().expect("utf-8")])
     };
     let input = serde_json::json!({
         "verifier_key": old.verifier_key,
@@ -859,5 +889,89 @@ async fn the_transparency_log_verifies_with_gos_sumdb_note_and_tlog() {
     assert!(
         err.message()
             .starts_with("size: no checkpoint has 1000 leaves")
+    );
+
+    // Tiles: more leaves than a tile holds (600 more records, queued as a sync would).
+    let db = stack.sql().await;
+    exec(
+        &db,
+        "INSERT INTO merkle_log_pending (snapshot_id, source, sequence, record_hash) \
+         SELECT 10000000 + i, 'bulk', i + 1, sha256(int8send(i)) FROM generate_series(0, 599) i",
+    )
+    .await;
+    let big = checkpoint_of(&mut c, 607).await;
+    assert_eq!(big.size, 607);
+    let (status, body) = http_get(&tiles_addr, "/checkpoint").await;
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body)),
+        (200, big.note.clone().into())
+    );
+    let (status, body) = http_get(&tiles_addr, "/tile/0/001").await;
+    assert_eq!((status, body.len()), (200, 256 * 32));
+    let (status, body) = http_get(&tiles_addr, "/tile/entries/002.p/95").await;
+    assert_eq!((status, body.len()), (200, 95 * 34));
+    let (status, _) = http_get(&tiles_addr, "/tile/0/003").await;
+    assert_eq!(status, 404, "a tile past the checkpoint");
+    let (status, _) = http_get(&tiles_addr, "/tile/0/../../etc").await;
+    assert_eq!(status, 404);
+    let tile = c
+        .get_log_tile(GetLogTileRequest {
+            path: "tile/1/000.p/2".into(),
+        })
+        .await
+        .expect("a level-1 tile")
+        .into_inner();
+    assert_eq!((tile.data.len(), tile.immutable), (64, false));
+    let err = c
+        .get_log_tile(GetLogTileRequest {
+            path: "tile/x".into(),
+        })
+        .await
+        .expect_err("not a tile path");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("path: \"tile/x\" is not a tlog-tiles path")
+    );
+
+    // Exported to a directory, Go's TileHashReader checks every tile against the checkpoint.
+    let export = stack.dir().join("exported-log");
+    let export_arg = export.to_str().expect("utf-8").to_owned();
+    let (code, out, err) = run_merklectl(&[
+        "export-log",
+        &export_arg,
+        "--addr",
+        &uri,
+        "--verifier-key",
+        key,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("the log of 607 leaves"), "{out}");
+    let (ok, said) = tlog_check(stack.dir(), &["tiles", &export_arg, key]);
+    assert!(ok && said.starts_with("ok: 607 leaves in tiles"), "{said}");
+    // An altered exported tile is caught, by Go and by the next export (full tiles are kept).
+    let tile_file = export.join("tile/0/001");
+    let mut bytes = std::fs::read(&tile_file).expect("tile");
+    bytes[5] ^= 1;
+    std::fs::write(&tile_file, &bytes).expect("tamper");
+    let (ok, said) = tlog_check(stack.dir(), &["tiles", &export_arg, key]);
+    assert!(!ok, "an altered tile passed: {said}");
+    let (code, _, err) = run_merklectl(&["export-log", &export_arg, "--addr", &uri]);
+    assert!(
+        code == Some(2) && err.contains("tile/0/001: its hashes are not the entries'"),
+        "{err}"
+    );
+    // A leaf altered in PostgreSQL no longer matches the signed tree.
+    exec(
+        &db,
+        "UPDATE merkle_log_leaves SET record_hash = sha256('forged') WHERE index = 3",
+    )
+    .await;
+    let fresh = stack.dir().join("exported-again");
+    let (code, _, err) =
+        run_merklectl(&["export-log", fresh.to_str().expect("utf-8"), "--addr", &uri]);
+    assert!(
+        code == Some(2) && err.contains("do not hash to the checkpoint's root"),
+        "{err}"
     );
 }

@@ -796,6 +796,20 @@ fn cases(root: &str) -> Vec<Case> {
             "new_size: past the log's leaves",
         ),
         case(
+            db("GetLogTile"),
+            dbsync::GetLogTileRequest { path: big(10_000) },
+            InvalidArgument,
+            "path: is not a tlog-tiles path (too long)",
+        ),
+        case(
+            db("GetLogTile"),
+            dbsync::GetLogTileRequest {
+                path: "tile/0/../../../etc/passwd".into(),
+            },
+            InvalidArgument,
+            "path: \"tile/0/../../../etc/passwd\" is not a tlog-tiles path",
+        ),
+        case(
             db("WarmCache"),
             dbsync::WarmCacheRequest {
                 sources: vec!["a".into(); 100_000],

@@ -59,6 +59,10 @@ enum Command {
     /// `log consistency OLD [NEW]`, each proof checked here (and each checkpoint's signature
     /// with --verifier-key).
     Log(merklectl::log::LogArgs),
+    /// Write the transparency log into DIR as C2SP tlog-tiles (checkpoint, tiles, entry
+    /// bundles) that any static web server can serve, checking every tile against the
+    /// checkpoint; exporting again adds only what is new.
+    ExportLog(merklectl::log::ExportLogArgs),
     /// Write a source's history (records, keys, checkpoints) as JSON lines, for
     /// `verify-history --file` with no server.
     ExportHistory(merklectl::history::ExportHistoryArgs),
@@ -141,6 +145,9 @@ fn main() -> ExitCode {
             block_on(merklectl::traces::trace(args)).map(|()| ExitCode::SUCCESS)
         }
         Command::Log(args) => block_on(merklectl::log::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::ExportLog(args) => {
+            block_on(merklectl::log::export(args)).map(|()| ExitCode::SUCCESS)
+        }
         Command::ExportHistory(args) => {
             block_on(merklectl::history::export(args)).map(|()| ExitCode::SUCCESS)
         }

@@ -27,6 +27,8 @@ pub mod convert;
 pub mod error;
 pub mod file_watch;
 pub mod health;
+pub mod http_get;
+pub mod log_tiles;
 pub mod metrics;
 pub mod names;
 pub mod page_token;

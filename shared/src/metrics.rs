@@ -133,33 +133,14 @@ fn render() -> String {
 }
 
 /// Serves `GET /metrics` (Prometheus text format 0.0.4) on `listener` until `shutdown`.
-pub async fn serve_admin(listener: tokio::net::TcpListener, mut shutdown: Shutdown) {
-    use hyper::{Response, StatusCode, body::Incoming, service::service_fn};
-    let handle = |request: hyper::Request<Incoming>| async move {
-        let response = if request.uri().path() == "/metrics" {
-            Response::builder()
-                .header("content-type", prometheus::TEXT_FORMAT)
-                .body(render())
+pub async fn serve_admin(listener: tokio::net::TcpListener, shutdown: Shutdown) {
+    use crate::http_get::{Reply, serve};
+    serve(listener, shutdown, |path: String| async move {
+        if path == "/metrics" {
+            Reply::ok(prometheus::TEXT_FORMAT, render().into_bytes())
         } else {
-            Response::builder()
-                .status(StatusCode::NOT_FOUND)
-                .body("only /metrics is served here\n".to_owned())
-        };
-        Ok::<_, http::Error>(response.unwrap_or_default())
-    };
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.wait() => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service_fn(handle))
-                .await;
-        });
-    }
+            Reply::status(http::StatusCode::NOT_FOUND, "only /metrics is served here")
+        }
+    })
+    .await;
 }

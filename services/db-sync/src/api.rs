@@ -11,12 +11,12 @@ use merkle_proto::dbsync::v1::{
     GetHistoryProofResponse, GetInclusionProofRequest, GetInclusionProofResponse,
     GetLatestRootRequest, GetLatestRootResponse, GetLogCheckpointRequest, GetLogCheckpointResponse,
     GetLogConsistencyProofRequest, GetLogConsistencyProofResponse, GetLogInclusionProofRequest,
-    GetLogInclusionProofResponse, GetRetentionPolicyRequest, GetRetentionPolicyResponse,
-    GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest, ListDirectoryResponse,
-    ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest, ListSourcesResponse,
-    SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary, SyncTreeRequest,
-    SyncTreeResponse, WarmCacheRequest, WarmCacheResponse, db_sync_service_server::DbSyncService,
-    sync_tree_request::Content,
+    GetLogInclusionProofResponse, GetLogTileRequest, GetLogTileResponse, GetRetentionPolicyRequest,
+    GetRetentionPolicyResponse, GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest,
+    ListDirectoryResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest,
+    ListSourcesResponse, SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary,
+    SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
+    db_sync_service_server::DbSyncService, sync_tree_request::Content,
 };
 use merkle_shared::{
     cache::CacheSource,
@@ -907,6 +907,28 @@ impl DbSyncService for DbSyncApi {
             old_size: request.old_size,
             new_size: new,
             hashes: hexes(&proof),
+        }))
+    }
+
+    async fn get_log_tile(
+        &self,
+        request: Request<GetLogTileRequest>,
+    ) -> Result<Response<GetLogTileResponse>, Status> {
+        let path = request.into_inner().path;
+        if path.len() > 64 {
+            return Err(Error::bad_request("path", "is not a tlog-tiles path (too long)").into());
+        }
+        let conn = self.archive.pool.get().await.map_err(Error::from)?;
+        let found = crate::tiles::resource(&*conn, &path)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "path: {path} is not in the log's newest checkpoint"
+                ))
+            })?;
+        Ok(Response::new(GetLogTileResponse {
+            data: found.body,
+            immutable: found.immutable,
         }))
     }
 

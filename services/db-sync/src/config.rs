@@ -72,6 +72,12 @@ pub struct Config {
     /// this long of its commit.
     #[arg(long, env = "LOG_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub log_interval: Duration,
+    /// Where the transparency log is served read-only over HTTP as C2SP tlog-tiles
+    /// (`/checkpoint`, `/tile/...`), host:port, without credentials (a transparency log is
+    /// public by design; its entries are record hashes only). Unset: not served (GetLogTile
+    /// and `merklectl export-log` still read it).
+    #[arg(long, env = "LOG_LISTEN_ADDR")]
+    pub log_listen_addr: Option<std::net::SocketAddr>,
 }
 
 impl Validate for Config {

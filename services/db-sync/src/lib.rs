@@ -16,6 +16,7 @@
 //! - `gc`: retention and garbage collection;
 //! - `history`: the hash-chained, signed snapshot records;
 //! - `tlog`: the transparency log of every record, its checkpoints and proofs;
+//! - `tiles`: the log as C2SP tlog-tiles, over HTTP and GetLogTile;
 //! - `store`: the schema and the SQL.
 
 mod api;
@@ -30,6 +31,7 @@ mod latest_copy;
 mod nodes;
 mod store;
 mod sync;
+mod tiles;
 mod tlog;
 
 use std::sync::{
@@ -171,6 +173,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         config.log_interval,
         shutdown.clone(),
     );
+    if let Some(addr) = config.log_listen_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| merkle_shared::server::ServeError::Bind { addr, source })?;
+        tracing::info!(%addr, "serving the transparency log's tiles over HTTP");
+        tiles::spawn_http(listener, archive.pool.clone(), shutdown.clone());
+    }
     let service = merkle_shared::limit_messages!(
         DbSyncServiceServer::new(api::DbSyncApi::new(archive, log)),
         config.common.server

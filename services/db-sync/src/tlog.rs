@@ -354,6 +354,14 @@ pub async fn consistency_proof(
     Ok(proof.into_iter().map(|h| h.0).collect())
 }
 
+/// The hashes a tile lists (C2SP tlog-tiles), read in one query.
+pub async fn tile_data(
+    client: &(impl GenericClient + Sync),
+    tile: &tlog_tiles::Tile,
+) -> Result<Vec<u8>, Error> {
+    with_hashes(client, |reader| Ok(tile.read_data(reader)?)).await
+}
+
 /// Stored hashes for one of `tlog_tiles`' computations. Each of them reads its stored hashes in
 /// one call whose indexes depend only on the sizes involved, never on hash values, so
 /// [`with_hashes`] runs the computation once recording the indexes it reads, fetches those in

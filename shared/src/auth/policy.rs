@@ -98,6 +98,7 @@ pub const RULES: &[Rule] = &[
     r(DB_SYNC, "GetLogCheckpoint",       READER, NONE, READS, ""),
     r(DB_SYNC, "GetLogInclusionProof",   READER, NONE, READS, ""),
     r(DB_SYNC, "GetLogConsistencyProof", READER, NONE, READS, ""),
+    r(DB_SYNC, "GetLogTile",             READER, NONE, READS, "the same read-only resources LOG_LISTEN_ADDR serves without credentials, when set"),
     r(DB_SYNC, "GetRetentionPolicy", READER,   NONE,           READS,  ""),
     r(DB_SYNC, "SetRetentionPolicy", ADMIN,    &[Scheduler],   WRITES, "the Scheduler passes on the policy an admin set on the source"),
 
@@ -199,7 +200,7 @@ mod tests {
     #[test]
     fn every_rpc_of_the_contract_has_exactly_one_rule() {
         let rpcs = contract_rpcs();
-        assert_eq!(rpcs.len(), 44, "the contract's RPCs: {rpcs:?}");
+        assert_eq!(rpcs.len(), 45, "the contract's RPCs: {rpcs:?}");
         for rpc in &rpcs {
             let rows = RULES.iter().filter(|r| &r.path() == rpc).count();
             assert_eq!(rows, 1, "{rpc} has {rows} rules");
