@@ -70,6 +70,15 @@ impl PgError {
     }
 }
 
+impl PgError {
+    /// Whether PostgreSQL rolled the transaction back because it lost a race with another
+    /// (a deadlock, 40P01, or a serialization failure, 40001): running it again is safe and
+    /// usually succeeds.
+    pub fn lost_race(&self) -> bool {
+        matches!(self, PgError::Query(e) if e.code().is_some_and(|c| matches!(c.code(), "40001" | "40P01")))
+    }
+}
+
 /// SQLSTATE classes and codes that pass: connection (08), transaction rollback (40),
 /// insufficient resources (53), operator intervention (57), and an undefined table or column
 /// (42P01, 42703) while the migrations have not run yet.

@@ -125,6 +125,40 @@ async fn concurrent_syncs_of_one_source_never_duplicate_or_lose_a_snapshot() {
     assert_eq!(count(&db, "merkle_roots WHERE source = 'twice'").await, 1);
 }
 
+/// A fleet's first build on a fresh database: many sources store one new tree at once, each
+/// sync inserting the same new nodes. Every one succeeds: the nodes are written in one order
+/// (no deadlock between them), and a transaction that still loses a race is run again.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_sources_storing_one_new_tree_at_once_all_succeed() {
+    let mut stack = TestStack::new();
+    let c = start(&mut stack, &[]).await;
+    for round in 0..3 {
+        let t = wide_tree(8, 20 + round);
+        let mut tasks = Vec::new();
+        for node in 0..16 {
+            let mut c = c.clone();
+            let (tree, stats) = (t.tree.clone(), t.stats);
+            tasks.push(tokio::spawn(async move {
+                // Every node straight to SyncTree, as syncs that asked FindMissingNodes at the
+                // same moment would send them.
+                let all: Vec<_> = tree
+                    .nodes
+                    .iter()
+                    .map(|(h, n)| node_to_proto(*h, n))
+                    .collect();
+                let source = format!("fleet@n{node}");
+                sync_raw(&mut c, vec![header(&source, tree.root), nodes(all)]).await
+            }));
+        }
+        for task in tasks {
+            let answer = task.await.expect("task").expect("every sync succeeds");
+            assert!(answer.changed);
+        }
+    }
+    let db = stack.sql().await;
+    assert_eq!(count(&db, "merkle_roots").await, 48);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_sync_with_the_same_build_id_returns_the_same_snapshot() {
     let mut stack = TestStack::new();

@@ -47,6 +47,9 @@ pub struct ReadTarget<'a> {
     replica: Option<&'a Replica>,
 }
 
+/// How often a sync's transaction is run when PostgreSQL rolls it back for a lost race.
+const STORE_ATTEMPTS: u64 = 4;
+
 /// Snapshots and nodes, cache-first.
 pub struct Archive {
     /// The primary: every write, and every read that decides one.
@@ -317,14 +320,27 @@ impl Archive {
                 )
             })
             .collect();
-        let outcome = sync::store(
-            &self.pool,
-            &self.signer,
-            header,
-            sent,
-            self.settings.touch_after,
-        )
-        .await?;
+        // A transaction that lost a race (a deadlock or a serialization failure) did nothing:
+        // it is run again, a few times, before the caller hears of it.
+        let mut attempt = 1;
+        let outcome = loop {
+            match sync::store(
+                &self.pool,
+                &self.signer,
+                header,
+                &sent,
+                self.settings.touch_after,
+            )
+            .await
+            {
+                Err(Error::Postgres(e)) if e.lost_race() && attempt < STORE_ATTEMPTS => {
+                    tracing::info!(error = %e, attempt, source = %header.source, "sync lost a race in PostgreSQL; running it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await;
+                    attempt += 1;
+                }
+                outcome => break outcome?,
+            }
+        };
         if let Outcome::Stored { snapshot, .. } = &outcome {
             // Written through before answering, so the next read of the latest root sees it;
             // a cache that is down costs nothing here (the client counts and logs it).

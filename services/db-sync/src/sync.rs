@@ -225,11 +225,11 @@ pub async fn store(
     pool: &PgPool,
     signer: &Signer,
     header: &Header,
-    sent: HashMap<Digest, NodeRow>,
+    sent: &HashMap<Digest, NodeRow>,
     touch_after: std::time::Duration,
 ) -> Result<Outcome, Error> {
-    let needed = needed_from_store(header.root, &sent)?;
-    let depths = longest_depths(header.root, &sent)?;
+    let needed = needed_from_store(header.root, sent)?;
+    let depths = longest_depths(header.root, sent)?;
     let source = header.source.as_str();
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
@@ -311,7 +311,10 @@ pub async fn store(
         )));
     }
 
-    let rows: Vec<NodeRow> = sent.into_values().collect();
+    // In hash order: syncs of trees that share new nodes (a fleet's nodes on a fresh
+    // database) then lock those rows in one order and cannot deadlock on them.
+    let mut rows: Vec<&NodeRow> = sent.values().collect();
+    rows.sort_unstable_by_key(|r| r.hash);
     let mut nodes_written = 0;
     for chunk in rows.chunks(INSERT_BATCH) {
         let hashes: Vec<&[u8]> = chunk.iter().map(|r| r.hash.0.as_slice()).collect();
