@@ -14,6 +14,8 @@
 #   scripts/bench.sh fleet [--nodes 10000]   a fleet source built on 10,000 Nomad nodes (a
 #                                           stand-in) over 4 real TreeBuilders: time, Scheduler
 #                                           RSS, storage per identical node, ListBuilds paging
+#   scripts/bench.sh log                    the transparency log: append rate, checkpoint lag,
+#                                           proofs at 1,000,000 leaves
 #   scripts/bench.sh history                signing and chaining on a changed SyncTree (signed
 #                                           beside unsigned), verify-history of 100,000 records
 #   scripts/bench.sh load [--callers 200 --seconds 60]

@@ -15,6 +15,8 @@
 //!   ([`fleet`]);
 //! - `history`: what chaining and signing add to a changed SyncTree, and `verify-history` of
 //!   100,000 signed records ([`history`]);
+//! - `log`: the transparency log's append rate, checkpoint lag and proofs at 1,000,000 leaves
+//!   ([`tlog`]);
 //! - `load`: the whole release stack under 200 concurrent callers of a mix of real calls while
 //!   builds run, beside the same mix with one caller ([`load`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
@@ -27,6 +29,7 @@ mod history;
 mod load;
 mod rpc;
 mod scheduler;
+mod tlog;
 mod trees;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +64,9 @@ enum Command {
     /// The tamper-evident history: signing and chaining on a changed SyncTree, and
     /// verify-history of 100,000 signed records.
     History(history::HistoryBenchArgs),
+    /// The transparency log: records appended per second, checkpoint lag under concurrent
+    /// syncs, inclusion and consistency proofs in a 1,000,000-leaf log.
+    Log(tlog::LogBenchArgs),
     /// The whole release stack under many concurrent callers of a mix of real calls while
     /// builds run: rate, p50/p90/p99 and errors per call, each service's peak RSS.
     Load(load::LoadArgs),
@@ -80,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Scheduler(args)) => scheduler::run(args),
         Some(Command::Discovery(args)) => discovery::run(args),
         Some(Command::Fleet(args)) => fleet::run(args),
+        Some(Command::Log(args)) => tlog::run(args),
         Some(Command::Load(args)) => load::run_load(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }
