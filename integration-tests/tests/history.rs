@@ -975,3 +975,81 @@ async fn the_transparency_log_verifies_with_gos_sumdb_note_and_tlog() {
         "{err}"
     );
 }
+
+/// `merklectl log verify` keeps the last checkpoint it saw: a log rewritten and signed again
+/// with DbSync's real key, or cut short, is caught on the next run (trust on first use).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed() {
+    let mut stack = TestStack::new();
+    let (private, _) = key_pair(&stack.dir().join("keys"));
+    let (uri, mut c) = start_db_sync(
+        &mut stack,
+        &[
+            ("SIGNING_KEY_FILE", private.display().to_string()),
+            ("LOG_INTERVAL", "100ms".into()),
+        ],
+    )
+    .await;
+    let state = stack.dir().join("log-state.json");
+    let state_arg = state.to_str().expect("utf-8").to_owned();
+    let verify = || run_merklectl(&["log", "verify", "--state", &state_arg, "--addr", &uri]);
+    push_versions(&stack, &uri, "docs", 0..3);
+    let first = checkpoint_of(&mut c, 3).await;
+    let (code, out, err) = verify();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("trusting on first use") && out.contains("the log has 3 leaves"),
+        "{out}{err}"
+    );
+    push_versions(&stack, &uri, "docs", 3..5);
+    checkpoint_of(&mut c, 5).await;
+    let (code, out, err) = verify();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("3 leaves seen before, 5 now"), "{out}");
+
+    // Someone with the database rewrites the log (the same records in another order) and
+    // DbSync signs it again with its real key: the checkpoint verifies, the history does not.
+    let db = stack.sql().await;
+    let rewrite = |keep: i64| {
+        format!(
+            "DELETE FROM merkle_log_checkpoints; DELETE FROM merkle_log_hashes; \
+             DELETE FROM merkle_log_leaves; \
+             INSERT INTO merkle_log_pending (snapshot_id, source, sequence, record_hash) \
+             SELECT 1000 - id, source, sequence, record_hash FROM merkle_roots \
+             ORDER BY id LIMIT {keep}"
+        )
+    };
+    exec(&db, &rewrite(5)).await;
+    let forged = checkpoint_of(&mut c, 5).await;
+    assert_ne!(forged.root_hash, first.root_hash);
+    let (code, out, err) = verify();
+    assert_eq!(code, Some(1), "a rewritten log must fail: {out}{err}");
+    assert!(
+        err.contains("log verification FAILED: the checkpoint of 5 leaves has root")
+            && err.contains("rewritten"),
+        "{err}"
+    );
+    // Cut short: fewer leaves than seen.
+    exec(&db, &rewrite(3)).await;
+    checkpoint_of(&mut c, 3).await;
+    let (code, _, err) = verify();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("fewer than the 5"), "{err}");
+    // A key the log was never signed with.
+    let impostor = signed_note::new_ed25519_verifier_key(
+        &first.origin,
+        &SigningKey::from_bytes(&[9; 32]).verifying_key(),
+    );
+    let (code, _, err) = run_merklectl(&[
+        "log",
+        "verify",
+        "--state",
+        stack.dir().join("other.json").to_str().expect("utf-8"),
+        "--addr",
+        &uri,
+        "--verifier-key",
+        &impostor,
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("does not verify with --verifier-key"), "{err}");
+}

@@ -59,6 +59,17 @@ pub enum LogCommand {
         #[command(flatten)]
         options: LogOptions,
     },
+    /// Check the newest checkpoint against the last one this machine saw (kept in a state
+    /// file): signed by the key trusted (pinned on first use, or --verifier-key), and
+    /// consistent with it, so a rewritten log is caught even when it was validly signed again.
+    /// Exits 1 when it is not.
+    Verify {
+        /// The state file (default: $XDG_STATE_HOME or ~/.local/state, merklectl/log-<origin>.json).
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        options: LogOptions,
+    },
     /// Prove that the log of OLD leaves is a prefix of the log of NEW leaves (default: the
     /// newest checkpoint's): nothing was rewritten between the two checkpoints.
     Consistency {
@@ -139,11 +150,192 @@ fn hashes(list: &[String]) -> anyhow::Result<Vec<Hash>> {
         .collect()
 }
 
+/// The consistency proof from the log of `old` (size, root) to `new`'s, checked here: its hashes,
+/// or why it does not hold.
+async fn consistency(
+    options: &LogOptions,
+    c: &mut Client,
+    old: (u64, Hash),
+    new: &Checked,
+) -> anyhow::Result<Result<Vec<String>, tlog_tiles::Error>> {
+    let proof = c
+        .get_log_consistency_proof(GetLogConsistencyProofRequest {
+            old_size: old.0,
+            new_size: new.size,
+        })
+        .await
+        .map_err(options.db_sync.failed())?
+        .into_inner();
+    Ok(
+        check_tree(&hashes(&proof.hashes)?, new.size, new.root, old.0, old.1)
+            .map(|()| proof.hashes),
+    )
+}
+
+/// What `merklectl log verify` remembers of a log between runs.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SeenLog {
+    origin: String,
+    /// The checkpoint key trusted (pinned on first use or given).
+    verifier_key: String,
+    size: u64,
+    root_hash: String,
+    note: String,
+    /// When it was seen (seconds since 1970).
+    seen_at: u64,
+}
+
+fn default_state(origin: &str) -> anyhow::Result<std::path::PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::PathBuf::from(
+            std::env::var_os("HOME").context("set --state (no HOME to keep the state under)")?,
+        )
+        .join(".local/state"),
+    };
+    let name: String = origin
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    Ok(base.join("merklectl").join(format!("log-{name}.json")))
+}
+
+/// `merklectl log verify`: true when the log is consistent with what was seen before.
+pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
+    let LogCommand::Verify { state, options } = &args.command else {
+        bail!("not the verify command");
+    };
+    let mut c = options.db_sync.client()?;
+    let newest = c
+        .get_log_checkpoint(GetLogCheckpointRequest { size: 0 })
+        .await
+        .map_err(options.db_sync.failed())?
+        .into_inner();
+    let path = match state {
+        Some(path) => path.clone(),
+        None => default_state(&newest.origin)?,
+    };
+    let seen: Option<SeenLog> = match std::fs::read(&path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not a log state file", path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+    };
+    let key = match (&options.verifier_key, &seen) {
+        (Some(key), _) => key.clone(),
+        (None, Some(seen)) => seen.verifier_key.clone(),
+        (None, None) if !newest.verifier_key.is_empty() => {
+            eprintln!(
+                "trusting on first use the checkpoint key {} (pin it with --verifier-key)",
+                newest.verifier_key
+            );
+            newest.verifier_key.clone()
+        }
+        (None, None) => bail!("the log's checkpoints are unsigned: there is no key to trust"),
+    };
+    let pinned = LogOptions {
+        verifier_key: Some(key.clone()),
+        ..options.clone()
+    };
+    let cp = match checkpoint(&pinned, &mut c, newest.size).await {
+        Ok(cp) => cp,
+        Err(e) => {
+            eprintln!("log verification FAILED: {e:#}");
+            return Ok(false);
+        }
+    };
+    if let Some(seen) = &seen {
+        if seen.origin != cp.response.origin {
+            bail!(
+                "{}: the state is of the log {:?}, DbSync serves {:?}",
+                path.display(),
+                seen.origin,
+                cp.response.origin
+            );
+        }
+        let failed = |why: String| {
+            eprintln!(
+                "log verification FAILED: {why}; the log was rewritten since this machine saw it (state {})",
+                path.display()
+            );
+            Ok(false)
+        };
+        if cp.size < seen.size {
+            return failed(format!(
+                "it has {} leaves, fewer than the {} of the checkpoint seen before",
+                cp.size, seen.size
+            ));
+        }
+        let old_root: merkle_core::Digest =
+            seen.root_hash.parse().context("the state's root hash")?;
+        if cp.size == seen.size {
+            if cp.response.root_hash != seen.root_hash {
+                return failed(format!(
+                    "the checkpoint of {} leaves has root {}, the one seen before {}",
+                    cp.size, cp.response.root_hash, seen.root_hash
+                ));
+            }
+        } else {
+            if let Err(e) = consistency(options, &mut c, (seen.size, Hash(old_root.0)), &cp).await?
+            {
+                return failed(format!(
+                    "the log of {} leaves is not consistent with the one of {} seen before ({e})",
+                    cp.size, seen.size
+                ));
+            }
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let state = SeenLog {
+        origin: cp.response.origin.clone(),
+        verifier_key: key,
+        size: cp.size,
+        root_hash: cp.response.root_hash.clone(),
+        note: cp.response.note.clone(),
+        seen_at: now,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    // Written whole, then renamed: a crash never leaves half a state.
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, serde_json::to_vec_pretty(&state)?)
+        .with_context(|| format!("{}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("{}", path.display()))?;
+    match &seen {
+        Some(seen) => println!(
+            "the log is consistent: {} leaves seen before, {} now (root {}); state {}",
+            seen.size,
+            cp.size,
+            cp.response.root_hash,
+            path.display()
+        ),
+        None => println!(
+            "the log has {} leaves (root {}); first seen, state {}",
+            cp.size,
+            cp.response.root_hash,
+            path.display()
+        ),
+    }
+    Ok(true)
+}
+
 pub async fn run(args: LogArgs) -> anyhow::Result<()> {
     let command = &args.command;
     // Every command's own options: `args` below.
     let (LogCommand::Checkpoint { options, .. }
     | LogCommand::Prove { options, .. }
+    | LogCommand::Verify { options, .. }
     | LogCommand::Consistency { options, .. }) = command;
     let args = options;
     let mut c = args.db_sync.client()?;
@@ -233,31 +425,19 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        LogCommand::Verify { .. } => bail!("merklectl log verify runs through verify()"),
         LogCommand::Consistency { old, new, .. } => {
             let newer = checkpoint(args, &mut c, new.unwrap_or(0)).await?;
             let older = checkpoint(args, &mut c, *old).await?;
-            let proof = c
-                .get_log_consistency_proof(GetLogConsistencyProofRequest {
-                    old_size: older.size,
-                    new_size: newer.size,
-                })
-                .await
-                .map_err(args.db_sync.failed())?
-                .into_inner();
-            check_tree(
-                &hashes(&proof.hashes)?,
-                newer.size,
-                newer.root,
-                older.size,
-                older.root,
-            )
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "the log of {} leaves is NOT a prefix of the log of {}: {e}",
-                    older.size,
-                    newer.size
-                )
-            })?;
+            let proof = consistency(args, &mut c, (older.size, older.root), &newer)
+                .await?
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the log of {} leaves is NOT a prefix of the log of {}: {e}",
+                        older.size,
+                        newer.size
+                    )
+                })?;
             if args.json {
                 println!(
                     "{}",
@@ -266,7 +446,7 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
                         "old_root_hash": older.response.root_hash,
                         "new_size": newer.size,
                         "new_root_hash": newer.response.root_hash,
-                        "hashes": proof.hashes,
+                        "hashes": proof,
                     })
                 );
             } else {
@@ -276,7 +456,7 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
                     older.response.root_hash,
                     newer.size,
                     newer.response.root_hash,
-                    proof.hashes.len()
+                    proof.len()
                 );
             }
         }

@@ -144,6 +144,15 @@ fn main() -> ExitCode {
         Command::Trace(args) => {
             block_on(merklectl::traces::trace(args)).map(|()| ExitCode::SUCCESS)
         }
+        Command::Log(args) if matches!(args.command, merklectl::log::LogCommand::Verify { .. }) => {
+            block_on(merklectl::log::verify(args)).map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            })
+        }
         Command::Log(args) => block_on(merklectl::log::run(args)).map(|()| ExitCode::SUCCESS),
         Command::ExportLog(args) => {
             block_on(merklectl::log::export(args)).map(|()| ExitCode::SUCCESS)

@@ -137,7 +137,7 @@ async fn many_sources_storing_one_new_tree_at_once_all_succeed() {
         let mut tasks = Vec::new();
         for node in 0..16 {
             let mut c = c.clone();
-            let (tree, stats) = (t.tree.clone(), t.stats);
+            let tree = t.tree.clone();
             tasks.push(tokio::spawn(async move {
                 // Every node straight to SyncTree, as syncs that asked FindMissingNodes at the
                 // same moment would send them.
