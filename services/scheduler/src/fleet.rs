@@ -50,8 +50,8 @@ const NAMED_FAILURES: usize = 5;
 /// Nodes whose TreeBuilder is asked about a new source's path at once.
 const PARALLEL_CHECKS: usize = 16;
 
-/// Asks every ready client's TreeBuilder whether it may build `path` (CreateSource and
-/// UpdateSource of a fleet source). A node's refusal is passed on, naming it; a node that
+/// Asks the TreeBuilder of every ready client whether it may build `path` (CreateSource and
+/// UpdateSource of a fleet source), once per distinct TreeBuilder address. A node's refusal is passed on, naming it; a node that
 /// cannot be reached is skipped (it fails its own builds until it can).
 pub(crate) async fn check_path(ctx: &Context, path: &str) -> Result<(), Error> {
     let discovery = ctx.services.discovery().map_err(|reason| {
@@ -69,9 +69,13 @@ pub(crate) async fn check_path(ctx: &Context, path: &str) -> Result<(), Error> {
         })?
         .into_inner()
         .clients;
+    // One question per TreeBuilder: nodes that share one (its answer is the same for all)
+    // cost one call, not one each.
+    let mut asked = std::collections::HashSet::new();
     let ready: Vec<Client> = clients
         .into_iter()
         .filter(|c| c.ready && !c.tree_builder_address.is_empty())
+        .filter(|c| asked.insert(c.tree_builder_address.clone()))
         .collect();
     let checks = futures::stream::iter(ready)
         .map(|client| async move {
