@@ -1010,16 +1010,7 @@ async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed()
     // Someone with the database rewrites the log (the same records in another order) and
     // DbSync signs it again with its real key: the checkpoint verifies, the history does not.
     let db = stack.sql().await;
-    let rewrite = |keep: i64| {
-        format!(
-            "DELETE FROM merkle_log_checkpoints; DELETE FROM merkle_log_hashes; \
-             DELETE FROM merkle_log_leaves; \
-             INSERT INTO merkle_log_pending (snapshot_id, source, sequence, record_hash) \
-             SELECT 1000 - id, source, sequence, record_hash FROM merkle_roots \
-             ORDER BY id LIMIT {keep}"
-        )
-    };
-    exec(&db, &rewrite(5)).await;
+    exec(&db, &rewrite_log(5)).await;
     let forged = checkpoint_of(&mut c, 5).await;
     assert_ne!(forged.root_hash, first.root_hash);
     let (code, out, err) = verify();
@@ -1030,7 +1021,7 @@ async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed()
         "{err}"
     );
     // Cut short: fewer leaves than seen.
-    exec(&db, &rewrite(3)).await;
+    exec(&db, &rewrite_log(3)).await;
     checkpoint_of(&mut c, 3).await;
     let (code, _, err) = verify();
     assert_eq!(code, Some(1));
@@ -1052,4 +1043,171 @@ async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed()
     ]);
     assert_eq!(code, Some(1));
     assert!(err.contains("does not verify with --verifier-key"), "{err}");
+}
+
+/// A plain HTTP/1.1 POST on loopback: (status, body).
+async fn http_post(url: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, rest) = answer.split_once("\r\n\r\n").expect("headers");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, rest.to_owned())
+}
+
+/// The C2SP tlog-witness request: `old`, the proof (hex from DbSync, base64 on the wire), the note.
+fn add_checkpoint_body(old: u64, proof: &[String], note: &str) -> String {
+    use base64::Engine as _;
+    let mut body = format!("old {old}\n");
+    for hash in proof {
+        let digest: Digest = hash.parse().expect("hex");
+        body.push_str(&base64::engine::general_purpose::STANDARD.encode(digest.0));
+        body.push('\n');
+    }
+    body.push('\n');
+    body.push_str(note);
+    body
+}
+
+/// Asks DbSync for the consistency proof from `old` to `checkpoint`'s size (none from 0) and
+/// submits both to the witness at `url`: (status, body).
+async fn submit(
+    c: &mut Client,
+    url: &str,
+    old: u64,
+    checkpoint: &GetLogCheckpointResponse,
+) -> (u16, String) {
+    let proof = if old == 0 || old == checkpoint.size {
+        Vec::new()
+    } else {
+        c.get_log_consistency_proof(GetLogConsistencyProofRequest {
+            old_size: old,
+            new_size: checkpoint.size,
+        })
+        .await
+        .expect("proof")
+        .into_inner()
+        .hashes
+    };
+    http_post(
+        url,
+        "/add-checkpoint",
+        &add_checkpoint_body(old, &proof, &checkpoint.note),
+    )
+    .await
+}
+
+/// Someone with the database rewrites the log: the first `keep` records again, in the
+/// opposite order; DbSync then signs it with its real key.
+fn rewrite_log(keep: i64) -> String {
+    format!(
+        "DELETE FROM merkle_log_checkpoints; DELETE FROM merkle_log_hashes; \
+         DELETE FROM merkle_log_leaves; \
+         INSERT INTO merkle_log_pending (snapshot_id, source, sequence, record_hash) \
+         SELECT 1000 - id, source, sequence, record_hash FROM merkle_roots \
+         ORDER BY id LIMIT {keep}"
+    )
+}
+
+/// The witness stand-in against DbSync's real checkpoints and proofs: it cosigns each
+/// checkpoint that extends what it cosigned before, tells its size when asked from another,
+/// and refuses a rewritten log (even one signed with the log's real key) and a forged note.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_witness_cosigns_what_extends_its_tree_and_refuses_a_fork() {
+    use merkle_stand_ins::witness::WitnessStandIn;
+    let mut stack = TestStack::new();
+    let (private, _) = key_pair(&stack.dir().join("keys"));
+    let (uri, mut c) = start_db_sync(
+        &mut stack,
+        &[
+            ("SIGNING_KEY_FILE", private.display().to_string()),
+            ("LOG_INTERVAL", "100ms".into()),
+        ],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 0..3);
+    let three = checkpoint_of(&mut c, 3).await;
+    let witness = WitnessStandIn::start("witness.test", [5; 32], &[&three.verifier_key])
+        .await
+        .expect("witness");
+    let (status, line) = http_post(
+        &witness.url(),
+        "/add-checkpoint",
+        &add_checkpoint_body(0, &[], &three.note),
+    )
+    .await;
+    assert_eq!(status, 200, "{line}");
+    let text = format!(
+        "{}\n",
+        three.note.split_once("\n\n").expect("a signed note").0
+    );
+    let (name, key) =
+        merkle_core::cosignature::parse_verifier_key(&witness.verifier_key()).expect("key");
+    merkle_core::cosignature::verify(&line, &name, &key, text.as_bytes())
+        .expect("the witness's cosignature verifies");
+
+    push_versions(&stack, &uri, "docs", 3..7);
+    let seven = checkpoint_of(&mut c, 7).await;
+    let (status, size) = http_post(
+        &witness.url(),
+        "/add-checkpoint",
+        &add_checkpoint_body(0, &[], &seven.note),
+    )
+    .await;
+    assert_eq!(
+        (status, size.as_str()),
+        (409, "3\n"),
+        "it tells the size it has"
+    );
+    let (status, line) = submit(&mut c, &witness.url(), 3, &seven).await;
+    assert_eq!(status, 200, "{line}");
+    assert_eq!(witness.size(&seven.origin), Some(7));
+
+    // The log rewritten in the database and signed again by DbSync's real key: refused.
+    let db = stack.sql().await;
+    exec(&db, &rewrite_log(7)).await;
+    let forged = checkpoint_of(&mut c, 7).await;
+    assert_ne!(forged.root_hash, seven.root_hash);
+    let (status, _) = submit(&mut c, &witness.url(), 7, &forged).await;
+    assert_eq!(status, 422, "a fork at the same size");
+    push_versions(&stack, &uri, "docs", 7..8);
+    let grown = checkpoint_of(&mut c, 8).await;
+    let (status, _) = submit(&mut c, &witness.url(), 7, &grown).await;
+    assert_eq!(
+        status, 422,
+        "the forged log grown on: its proof does not start from the tree the witness has"
+    );
+    assert_eq!(witness.size(&seven.origin), Some(7));
+    // A note whose text was altered after signing, and a log the witness does not know.
+    let altered = seven.note.replacen("\n7\n", "\n9\n", 1);
+    let (status, _) = http_post(
+        &witness.url(),
+        "/add-checkpoint",
+        &add_checkpoint_body(7, &[], &altered),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let stranger = WitnessStandIn::start("other.test", [6; 32], &[])
+        .await
+        .expect("witness");
+    let (status, _) = http_post(
+        &stranger.url(),
+        "/add-checkpoint",
+        &add_checkpoint_body(0, &[], &seven.note),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!((witness.answered(200), witness.answered(422)), (2, 2));
 }

@@ -14,6 +14,7 @@
 //! all build on it.
 
 pub mod build;
+pub mod cosignature;
 pub mod diff;
 pub mod digest;
 pub mod history;

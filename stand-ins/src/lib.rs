@@ -1,6 +1,6 @@
 //! Loopback stand-ins for the orchestrator APIs Discovery reads, serving the documented
 //! endpoints faithfully enough to test a client against: Nomad's HTTP API ([`nomad`]) and the
-//! Kubernetes API ([`kubernetes`]). Each listens on 127.0.0.1 on a free port, counts the calls
+//! Kubernetes API ([`kubernetes`]); and a C2SP transparency-log witness ([`witness`]). Each listens on 127.0.0.1 on a free port, counts the calls
 //! it answers, can add latency, refuse credentials or fail on demand, and stops when dropped.
 //!
 //! Node addresses in what they serve are loopback ones (127.1.x.y): nothing a test reads from
@@ -8,6 +8,7 @@
 
 pub mod kubernetes;
 pub mod nomad;
+pub mod witness;
 
 use std::{
     net::SocketAddr,
