@@ -976,20 +976,25 @@ async fn the_transparency_log_verifies_with_gos_sumdb_note_and_tlog() {
     );
 }
 
-/// `merklectl log verify` keeps the last checkpoint it saw: a log rewritten and signed again
-/// with DbSync's real key, or cut short, is caught on the next run (trust on first use).
-#[tokio::test(flavor = "multi_thread")]
-async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed() {
-    let mut stack = TestStack::new();
+/// DbSync with a signing key, taking records into its log every 100 ms.
+async fn start_logged(stack: &mut TestStack) -> (String, Client) {
     let (private, _) = key_pair(&stack.dir().join("keys"));
-    let (uri, mut c) = start_db_sync(
-        &mut stack,
+    start_db_sync(
+        stack,
         &[
             ("SIGNING_KEY_FILE", private.display().to_string()),
             ("LOG_INTERVAL", "100ms".into()),
         ],
     )
-    .await;
+    .await
+}
+
+/// `merklectl log verify` keeps the last checkpoint it saw: a log rewritten and signed again
+/// with DbSync's real key, or cut short, is caught on the next run (trust on first use).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed() {
+    let mut stack = TestStack::new();
+    let (uri, mut c) = start_logged(&mut stack).await;
     let state = stack.dir().join("log-state.json");
     let state_arg = state.to_str().expect("utf-8").to_owned();
     let verify = || run_merklectl(&["log", "verify", "--state", &state_arg, "--addr", &uri]);
@@ -1128,15 +1133,7 @@ fn rewrite_log(keep: i64) -> String {
 async fn a_witness_cosigns_what_extends_its_tree_and_refuses_a_fork() {
     use merkle_stand_ins::witness::WitnessStandIn;
     let mut stack = TestStack::new();
-    let (private, _) = key_pair(&stack.dir().join("keys"));
-    let (uri, mut c) = start_db_sync(
-        &mut stack,
-        &[
-            ("SIGNING_KEY_FILE", private.display().to_string()),
-            ("LOG_INTERVAL", "100ms".into()),
-        ],
-    )
-    .await;
+    let (uri, mut c) = start_logged(&mut stack).await;
     push_versions(&stack, &uri, "docs", 0..3);
     let three = checkpoint_of(&mut c, 3).await;
     let witness = WitnessStandIn::start("witness.test", [5; 32], &[&three.verifier_key])
