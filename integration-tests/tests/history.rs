@@ -1208,3 +1208,142 @@ async fn a_witness_cosigns_what_extends_its_tree_and_refuses_a_fork() {
     assert_eq!(status, 404);
     assert_eq!((witness.answered(200), witness.answered(422)), (2, 2));
 }
+
+/// The newest checkpoint once it covers `size` leaves with `cosignatures` (within 10 s).
+async fn cosigned_checkpoint(
+    c: &mut Client,
+    size: u64,
+    cosignatures: u32,
+) -> GetLogCheckpointResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = checkpoint_of(c, size).await;
+        if now.size >= size && now.cosignatures >= cosignatures {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of {size} leaves with {cosignatures} cosignatures: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// DbSync submits each checkpoint to its witnesses and serves their cosignatures with it;
+/// `merklectl log verify --witness` requires them; a witness that is down never blocks a sync;
+/// a witness that refuses a rewritten log is a loud alarm in DbSync's log.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_are_cosigned_by_the_witnesses_and_a_fork_raises_the_alarm() {
+    use merkle_stand_ins::witness::WitnessStandIn;
+    let mut stack = TestStack::new();
+    let (private, _) = key_pair(&stack.dir().join("keys"));
+    // The log's key is known before DbSync starts: witnesses are configured with it.
+    let log_key = signed_note::new_ed25519_verifier_key(
+        "merkle-mesh.local/log",
+        &signing_key(&private).verifying_key(),
+    );
+    let one = WitnessStandIn::start("one.witness.test", [11; 32], &[&log_key])
+        .await
+        .expect("witness");
+    let two = WitnessStandIn::start("two.witness.test", [12; 32], &[&log_key])
+        .await
+        .expect("witness");
+    let witnesses = format!(
+        "{}@{},{}@{}",
+        one.verifier_key(),
+        one.url(),
+        two.verifier_key(),
+        two.url()
+    );
+    let (uri, mut c) = start_db_sync(
+        &mut stack,
+        &[
+            ("SIGNING_KEY_FILE", private.display().to_string()),
+            ("LOG_INTERVAL", "100ms".into()),
+            ("WITNESSES", witnesses),
+            ("WITNESS_TIMEOUT", "1s".into()),
+        ],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 0..3);
+    let three = cosigned_checkpoint(&mut c, 3, 2).await;
+    assert!(three.witnessed, "{three:?}");
+    assert_eq!(
+        three.note.matches('\u{2014}').count(),
+        3,
+        "the log's line and two cosignatures"
+    );
+    let (k1, k2) = (one.verifier_key(), two.verifier_key());
+    let (code, out, err) = run_merklectl(&[
+        "log",
+        "checkpoint",
+        "--addr",
+        &uri,
+        "--verifier-key",
+        &three.verifier_key,
+        "--witness",
+        &k1,
+        "--witness",
+        &k2,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // A witness that never cosigned this log does not count.
+    let stranger = WitnessStandIn::start("three.witness.test", [13; 32], &[])
+        .await
+        .expect("witness");
+    let k3 = stranger.verifier_key();
+    let (code, _, err) = run_merklectl(&[
+        "log",
+        "checkpoint",
+        "--addr",
+        &uri,
+        "--witness",
+        &k1,
+        "--witness",
+        &k2,
+        "--witness",
+        &k3,
+    ]);
+    assert!(
+        code == Some(2) && err.contains("cosigned by 2 of the witnesses you require (3 of 3)"),
+        "{err}"
+    );
+
+    // A witness down: syncs go on, the checkpoint is served with the cosignature it has.
+    drop(two);
+    push_versions(&stack, &uri, "docs", 3..5);
+    let five = cosigned_checkpoint(&mut c, 5, 1).await;
+    assert_eq!(five.size, 5);
+    assert!(!five.witnessed, "one of two: {five:?}");
+    assert_eq!(one.size(&five.origin), Some(5));
+
+    // The log rewritten in the database and signed again with the real key: the witness
+    // that cosigned the real one refuses it, and DbSync says so loudly.
+    let db = stack.sql().await;
+    exec(&db, &rewrite_log(5)).await;
+    push_versions(&stack, &uri, "docs", 5..6);
+    let log = stack.service("db-sync").log.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("A WITNESS REFUSED THE TRANSPARENCY LOG") {
+            assert!(
+                text.contains("one.witness.test") && text.contains("a fork"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no alarm in {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(one.answered(422) >= 1);
+    assert_eq!(
+        one.size(&five.origin),
+        Some(5),
+        "it never cosigned the fork"
+    );
+}

@@ -33,6 +33,13 @@ pub struct LogOptions {
     /// shows it): every checkpoint's signature is checked against it.
     #[arg(long, env = "LOG_VERIFIER_KEY")]
     pub verifier_key: Option<String>,
+    /// A witness whose cosignature (C2SP tlog-cosignature) checkpoints must carry: its
+    /// verifier key (`name+id+base64(0x04 || key)`); repeat for several.
+    #[arg(long = "witness", value_name = "KEY")]
+    pub witnesses: Vec<String>,
+    /// How many of the --witness keys must have cosigned (default: all of them).
+    #[arg(long)]
+    pub witness_policy: Option<usize>,
     /// JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -127,6 +134,37 @@ async fn checkpoint(args: &LogOptions, c: &mut Client, size: u64) -> anyhow::Res
     };
     let parsed = Checkpoint::from_bytes(&text)
         .map_err(|e| anyhow::anyhow!("the checkpoint text is malformed: {e}"))?;
+    if !args.witnesses.is_empty() {
+        let signatures = response
+            .note
+            .split_once("\n\n")
+            .map_or("", |(_, lines)| lines);
+        let mut cosigned = Vec::new();
+        for key in &args.witnesses {
+            let (name, public) = merkle_core::cosignature::parse_verifier_key(key)
+                .map_err(|e| anyhow::anyhow!("--witness: {e}"))?;
+            if signatures
+                .lines()
+                .any(|l| merkle_core::cosignature::verify(l, &name, &public, &text).is_ok())
+            {
+                cosigned.push(name);
+            }
+        }
+        let needed = args.witness_policy.unwrap_or(args.witnesses.len());
+        if cosigned.len() < needed {
+            bail!(
+                "the checkpoint of {} leaves is cosigned by {} of the witnesses you require ({needed} of {}): {}",
+                parsed.size(),
+                cosigned.len(),
+                args.witnesses.len(),
+                if cosigned.is_empty() {
+                    "none".to_owned()
+                } else {
+                    cosigned.join(", ")
+                }
+            );
+        }
+    }
     if parsed.size() != response.size || hex(parsed.hash()) != response.root_hash {
         bail!("the checkpoint's text does not match its size and root fields");
     }

@@ -68,6 +68,26 @@ impl Shutdown {
     }
 }
 
+/// Runs `round` every `interval` (a round that overruns delays the next) until `shutdown`:
+/// a service's periodic background work.
+pub fn spawn_every<F, Fut>(interval: std::time::Duration, mut shutdown: Shutdown, mut round: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = shutdown.wait() => return,
+            }
+            round().await;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,11 +50,20 @@ const DIFF_BATCH: usize = 500;
 pub(crate) struct DbSyncApi {
     archive: Arc<Archive>,
     log: Arc<Log>,
+    witnesses: Arc<crate::witness::Witnesses>,
 }
 
 impl DbSyncApi {
-    pub(crate) fn new(archive: Arc<Archive>, log: Arc<Log>) -> Self {
-        DbSyncApi { archive, log }
+    pub(crate) fn new(
+        archive: Arc<Archive>,
+        log: Arc<Log>,
+        witnesses: Arc<crate::witness::Witnesses>,
+    ) -> Self {
+        DbSyncApi {
+            archive,
+            log,
+            witnesses,
+        }
     }
 }
 
@@ -819,8 +828,16 @@ impl DbSyncService for DbSyncApi {
                 n => Error::NotFound(format!("size: no checkpoint has {n} leaves")),
             })?;
         let log_size = tlog::log_size(&*conn).await?;
+        // The witnesses' cosignature lines follow the log's own signature.
+        let cosignatures = crate::witness::cosignatures(&*conn, found.size).await?;
+        let mut note = found.note;
+        for line in &cosignatures {
+            note.push_str(line);
+        }
         Ok(Response::new(GetLogCheckpointResponse {
-            note: found.note,
+            cosignatures: cosignatures.len() as u32,
+            witnessed: cosignatures.len() >= self.witnesses.policy,
+            note,
             origin: self.log.origin().to_owned(),
             size: found.size,
             root_hash: merkle_core::digest::hex(&found.root),

@@ -78,6 +78,17 @@ pub struct Config {
     /// and `merklectl export-log` still read it).
     #[arg(long, env = "LOG_LISTEN_ADDR")]
     pub log_listen_addr: Option<std::net::SocketAddr>,
+    /// Witnesses each new checkpoint is submitted to (C2SP tlog-witness), comma-separated
+    /// `<cosignature verifier key>@<URL>`, e.g.
+    /// `witness.example+1a2b3c4d+BASE64KEY@https://witness.example/`. Unset: none.
+    #[arg(long, env = "WITNESSES", value_delimiter = ',')]
+    pub witnesses: Vec<String>,
+    /// Cosignatures a checkpoint needs to count as witnessed; 0 means every witness's.
+    #[arg(long, env = "WITNESS_POLICY", default_value_t = 0)]
+    pub witness_policy: u32,
+    /// How long a witness may take to answer one submission.
+    #[arg(long, env = "WITNESS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub witness_timeout: Duration,
 }
 
 impl Validate for Config {
@@ -89,6 +100,17 @@ impl Validate for Config {
             return Err(ConfigError::new(
                 "LOG_ORIGIN (--log-origin)",
                 "must be non-empty, without spaces or `+` (it names the checkpoint key)",
+            ));
+        }
+        let witnesses = crate::witness::parse(&self.witnesses)?;
+        if self.witness_policy as usize > witnesses.len() {
+            return Err(ConfigError::new(
+                "WITNESS_POLICY (--witness-policy)",
+                format!(
+                    "is {} but only {} witnesses are configured (WITNESSES)",
+                    self.witness_policy,
+                    witnesses.len()
+                ),
             ));
         }
         if self.log_interval.is_zero() {

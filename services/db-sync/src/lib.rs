@@ -17,6 +17,7 @@
 //! - `history`: the hash-chained, signed snapshot records;
 //! - `tlog`: the transparency log of every record, its checkpoints and proofs;
 //! - `tiles`: the log as C2SP tlog-tiles, over HTTP and GetLogTile;
+//! - `witness`: submitting checkpoints to witnesses, keeping their cosignatures;
 //! - `store`: the schema and the SQL.
 
 mod api;
@@ -33,6 +34,7 @@ mod store;
 mod sync;
 mod tiles;
 mod tlog;
+mod witness;
 
 use std::sync::{
     Arc,
@@ -167,6 +169,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         &config.log_origin,
         archive.signer.signing_key(),
     ));
+    let listed = witness::parse(&config.witnesses)?;
+    let policy = match config.witness_policy {
+        0 => listed.len(),
+        k => k as usize,
+    };
+    let witnesses = Arc::new(witness::Witnesses::new(
+        listed,
+        policy,
+        config.witness_timeout,
+    )?);
+    if !witnesses.list.is_empty() {
+        tracing::info!(
+            witnesses = witnesses.list.len(),
+            policy,
+            "checkpoints are submitted to witnesses"
+        );
+        witness::spawn(
+            witnesses.clone(),
+            archive.pool.clone(),
+            config.log_interval,
+            shutdown.clone(),
+        );
+    }
     tlog::spawn(
         log.clone(),
         archive.pool.clone(),
@@ -181,7 +206,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         tiles::spawn_http(listener, archive.pool.clone(), shutdown.clone());
     }
     let service = merkle_shared::limit_messages!(
-        DbSyncServiceServer::new(api::DbSyncApi::new(archive, log)),
+        DbSyncServiceServer::new(api::DbSyncApi::new(archive, log, witnesses)),
         config.common.server
     );
     server::serve(

@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "log",
         sql: include_str!("../migrations/0005_log.sql"),
     },
+    Migration {
+        version: 6,
+        name: "witnesses",
+        sql: include_str!("../migrations/0006_witnesses.sql"),
+    },
 ];
 
 /// Brings the schema up to date; returns how many migrations were applied.

@@ -41,8 +41,13 @@ pub async fn resource(
         return Ok(None);
     };
     let Some(tile) = tile else {
+        // Cosigned: the witnesses' lines follow the log's signature.
+        let mut note = checkpoint.note;
+        for line in crate::witness::cosignatures(client, checkpoint.size).await? {
+            note.push_str(&line);
+        }
         return Ok(Some(Resource {
-            body: checkpoint.note.into_bytes(),
+            body: note.into_bytes(),
             immutable: false,
         }));
     };

@@ -221,16 +221,11 @@ pub fn spawn(
     log: Arc<Log>,
     pool: PgPool,
     interval: Duration,
-    mut shutdown: merkle_shared::shutdown::Shutdown,
+    shutdown: merkle_shared::shutdown::Shutdown,
 ) {
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                () = shutdown.wait() => return,
-            }
+    merkle_shared::shutdown::spawn_every(interval, shutdown, move || {
+        let (log, pool) = (log.clone(), pool.clone());
+        async move {
             match log.integrate(&pool).await {
                 Ok(Some(size)) => tracing::debug!(size, "transparency log checkpoint signed"),
                 Ok(None) => {}
