@@ -1011,6 +1011,28 @@ async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed()
     let (code, out, err) = verify();
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("3 leaves seen before, 5 now"), "{out}");
+    // verify-history --log: the chain, and its last record in the log seen before.
+    let public = key_pair(&stack.dir().join("keys")).1;
+    let public = public.to_str().expect("utf-8").to_owned();
+    let history_with_log = || {
+        run_merklectl(&[
+            "verify-history",
+            "docs",
+            "--addr",
+            &uri,
+            "--trusted-key",
+            &public,
+            "--log",
+            "--log-state",
+            &state_arg,
+        ])
+    };
+    let (code, out, err) = history_with_log();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("record 5 is leaf 4 of the transparency log's checkpoint of 5 leaves"),
+        "{out}"
+    );
 
     // Someone with the database rewrites the log (the same records in another order) and
     // DbSync signs it again with its real key: the checkpoint verifies, the history does not.
@@ -1018,6 +1040,16 @@ async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed()
     exec(&db, &rewrite_log(5)).await;
     let forged = checkpoint_of(&mut c, 5).await;
     assert_ne!(forged.root_hash, first.root_hash);
+    let (code, out, err) = history_with_log();
+    assert_eq!(
+        code,
+        Some(1),
+        "the history checks out, the log does not: {out}{err}"
+    );
+    assert!(
+        err.contains("verification FAILED at the transparency log: the checkpoint of 5 leaves"),
+        "{err}"
+    );
     let (code, out, err) = verify();
     assert_eq!(code, Some(1), "a rewritten log must fail: {out}{err}");
     assert!(

@@ -107,6 +107,16 @@ pub struct VerifyHistoryArgs {
     /// record's root.
     #[arg(long, conflicts_with = "file")]
     pub deep: bool,
+    /// Also check the history against the transparency log: its last record must be a leaf of
+    /// the log's newest checkpoint (the inclusion proof is checked here), and that checkpoint
+    /// must pass `merklectl log verify`'s checks against the log state (signed by the pinned
+    /// key, consistent with the checkpoint seen before). Each record is chained to the one
+    /// before, so the whole range is then fixed in the log every verifier and witness sees.
+    #[arg(long, conflicts_with = "file")]
+    pub log: bool,
+    /// The log state file (`merklectl log verify --state`), with --log.
+    #[arg(long, value_name = "FILE", requires = "log")]
+    pub log_state: Option<PathBuf>,
     /// Check a file `export-history` wrote, with no server.
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
@@ -488,6 +498,52 @@ async fn check_trees(
 }
 
 /// `merklectl verify-history`: true when the history verified.
+/// The history's last record in the transparency log (see `--log`): (sequence, leaf, size).
+async fn check_log(
+    args: &VerifyHistoryArgs,
+    history: &History,
+) -> anyhow::Result<Result<(u64, u64, u64), Failure>> {
+    let failure = |what: String, why: String, sequence: Option<u64>| Failure {
+        what,
+        why,
+        sequence,
+    };
+    let Some(last) = history.records.last() else {
+        return Ok(Ok((0, 0, 0)));
+    };
+    let options = crate::log::LogOptions {
+        db_sync: args.db_sync.clone(),
+        verifier_key: None,
+        witnesses: Vec::new(),
+        witness_policy: None,
+        json: false,
+    };
+    let accepted = match crate::log::check_state(&options, args.log_state.as_deref()).await? {
+        Ok(accepted) => accepted,
+        Err(why) => {
+            return Ok(Err(failure("the transparency log".into(), why, None)));
+        }
+    };
+    Ok(
+        match crate::log::record_included(
+            &args.db_sync,
+            &accepted,
+            &history.source,
+            last.sequence,
+            &last.record_hash,
+        )
+        .await?
+        {
+            Ok(leaf) => Ok((last.sequence, leaf, accepted.size)),
+            Err(why) => Err(failure(
+                format!("record {}", last.sequence),
+                why,
+                Some(last.sequence),
+            )),
+        },
+    )
+}
+
 pub async fn verify_history(args: VerifyHistoryArgs) -> anyhow::Result<bool> {
     let history = match (&args.file, &args.source) {
         (Some(file), source) => {
@@ -517,6 +573,13 @@ pub async fn verify_history(args: VerifyHistoryArgs) -> anyhow::Result<bool> {
             .collect();
         match check_trees(&args.db_sync, &records).await? {
             Ok(n) => nodes = Some(n),
+            Err(failure) => outcome = Err(failure),
+        }
+    }
+    let mut in_log = None;
+    if args.log && outcome.is_ok() {
+        match check_log(&args, &history).await? {
+            Ok(found) => in_log = Some(found),
             Err(failure) => outcome = Err(failure),
         }
     }
@@ -579,6 +642,11 @@ pub async fn verify_history(args: VerifyHistoryArgs) -> anyhow::Result<bool> {
                 }
                 if let Some(n) = nodes {
                     println!("  every stored tree hashes to its root ({n} nodes checked)");
+                }
+                if let Some((sequence, leaf, size)) = in_log {
+                    println!(
+                        "  record {sequence} is leaf {leaf} of the transparency log's checkpoint of {size} leaves, consistent with the one this machine saw before"
+                    );
                 }
                 if !untrusted.is_empty() {
                     println!(

@@ -244,11 +244,24 @@ fn default_state(origin: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(base.join("merklectl").join(format!("log-{name}.json")))
 }
 
-/// `merklectl log verify`: true when the log is consistent with what was seen before.
-pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
-    let LogCommand::Verify { state, options } = &args.command else {
-        bail!("not the verify command");
-    };
+/// The newest checkpoint as [`check_state`] accepted it.
+pub struct Accepted {
+    pub size: u64,
+    pub root: Hash,
+    pub root_hash: String,
+    /// The size seen before, if this machine had seen the log.
+    pub before: Option<u64>,
+    pub state: std::path::PathBuf,
+}
+
+/// Checks the newest checkpoint against the log state kept in `state` (default: under
+/// ~/.local/state): signed by the key trusted (pinned on first use, or --verifier-key), with
+/// the witnesses' cosignatures asked for, and consistent with the checkpoint seen before; then
+/// keeps it. `Ok(Err(why))` when the log fails.
+pub async fn check_state(
+    options: &LogOptions,
+    state: Option<&std::path::Path>,
+) -> anyhow::Result<Result<Accepted, String>> {
     let mut c = options.db_sync.client()?;
     let newest = c
         .get_log_checkpoint(GetLogCheckpointRequest { size: 0 })
@@ -256,7 +269,7 @@ pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
         .map_err(options.db_sync.failed())?
         .into_inner();
     let path = match state {
-        Some(path) => path.clone(),
+        Some(path) => path.to_owned(),
         None => default_state(&newest.origin)?,
     };
     let seen: Option<SeenLog> = match std::fs::read(&path) {
@@ -285,10 +298,7 @@ pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
     };
     let cp = match checkpoint(&pinned, &mut c, newest.size).await {
         Ok(cp) => cp,
-        Err(e) => {
-            eprintln!("log verification FAILED: {e:#}");
-            return Ok(false);
-        }
+        Err(e) => return Ok(Err(format!("{e:#}"))),
     };
     if let Some(seen) = &seen {
         if seen.origin != cp.response.origin {
@@ -299,15 +309,14 @@ pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
                 cp.response.origin
             );
         }
-        let failed = |why: String| {
-            eprintln!(
-                "log verification FAILED: {why}; the log was rewritten since this machine saw it (state {})",
+        let rewritten = |why: String| {
+            Ok(Err(format!(
+                "{why}; the log was rewritten since this machine saw it (state {})",
                 path.display()
-            );
-            Ok(false)
+            )))
         };
         if cp.size < seen.size {
-            return failed(format!(
+            return rewritten(format!(
                 "it has {} leaves, fewer than the {} of the checkpoint seen before",
                 cp.size, seen.size
             ));
@@ -316,25 +325,24 @@ pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
             seen.root_hash.parse().context("the state's root hash")?;
         if cp.size == seen.size {
             if cp.response.root_hash != seen.root_hash {
-                return failed(format!(
+                return rewritten(format!(
                     "the checkpoint of {} leaves has root {}, the one seen before {}",
                     cp.size, cp.response.root_hash, seen.root_hash
                 ));
             }
-        } else {
-            if let Err(e) = consistency(options, &mut c, (seen.size, Hash(old_root.0)), &cp).await?
-            {
-                return failed(format!(
-                    "the log of {} leaves is not consistent with the one of {} seen before ({e})",
-                    cp.size, seen.size
-                ));
-            }
+        } else if let Err(e) =
+            consistency(options, &mut c, (seen.size, Hash(old_root.0)), &cp).await?
+        {
+            return rewritten(format!(
+                "the log of {} leaves is not consistent with the one of {} seen before ({e})",
+                cp.size, seen.size
+            ));
         }
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let state = SeenLog {
+    let kept = SeenLog {
         origin: cp.response.origin.clone(),
         verifier_key: key,
         size: cp.size,
@@ -347,25 +355,100 @@ pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
     }
     // Written whole, then renamed: a crash never leaves half a state.
     let temporary = path.with_extension("json.tmp");
-    std::fs::write(&temporary, serde_json::to_vec_pretty(&state)?)
+    std::fs::write(&temporary, serde_json::to_vec_pretty(&kept)?)
         .with_context(|| format!("{}", temporary.display()))?;
     std::fs::rename(&temporary, &path).with_context(|| format!("{}", path.display()))?;
-    match &seen {
-        Some(seen) => println!(
-            "the log is consistent: {} leaves seen before, {} now (root {}); state {}",
-            seen.size,
-            cp.size,
-            cp.response.root_hash,
-            path.display()
-        ),
-        None => println!(
-            "the log has {} leaves (root {}); first seen, state {}",
-            cp.size,
-            cp.response.root_hash,
-            path.display()
-        ),
+    Ok(Ok(Accepted {
+        size: cp.size,
+        root: cp.root,
+        root_hash: cp.response.root_hash,
+        before: seen.map(|s| s.size),
+        state: path,
+    }))
+}
+
+/// `merklectl log verify`: true when the log is consistent with what was seen before.
+pub async fn verify(args: LogArgs) -> anyhow::Result<bool> {
+    let LogCommand::Verify { state, options } = &args.command else {
+        bail!("not the verify command");
+    };
+    match check_state(options, state.as_deref()).await? {
+        Err(why) => {
+            eprintln!("log verification FAILED: {why}");
+            Ok(false)
+        }
+        Ok(accepted) => {
+            match accepted.before {
+                Some(before) => println!(
+                    "the log is consistent: {before} leaves seen before, {} now (root {}); state {}",
+                    accepted.size,
+                    accepted.root_hash,
+                    accepted.state.display()
+                ),
+                None => println!(
+                    "the log has {} leaves (root {}); first seen, state {}",
+                    accepted.size,
+                    accepted.root_hash,
+                    accepted.state.display()
+                ),
+            }
+            Ok(true)
+        }
     }
-    Ok(true)
+}
+
+/// Whether `source`'s record `sequence`, whose hash is `expected` (hex), is a leaf of the
+/// log's tree `accepted` (the inclusion proof checked here): its leaf index, or why not.
+pub async fn record_included(
+    db_sync: &DbSyncAddr,
+    accepted: &Accepted,
+    source: &str,
+    sequence: u64,
+    expected: &str,
+) -> anyhow::Result<Result<u64, String>> {
+    let mut c = db_sync.client()?;
+    let proof = match c
+        .get_log_inclusion_proof(GetLogInclusionProofRequest {
+            source: source.to_owned(),
+            sequence,
+            tree_size: accepted.size,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(p) => p.into_inner(),
+        Err(status)
+            if status.code() == tonic::Code::NotFound
+                || status.code() == tonic::Code::OutOfRange =>
+        {
+            return Ok(Err(format!(
+                "it is not in the transparency log's checkpoint of {} leaves ({})",
+                accepted.size,
+                status.message()
+            )));
+        }
+        Err(status) => return Err(db_sync.failed()(status)),
+    };
+    if proof.record_hash != expected {
+        return Ok(Err(format!(
+            "the log's leaf {} holds the record hash {}, not {expected}",
+            proof.leaf_index, proof.record_hash
+        )));
+    }
+    let data: merkle_core::Digest = proof.record_hash.parse().context("the record hash")?;
+    if let Err(e) = check_record(
+        &hashes(&proof.hashes)?,
+        accepted.size,
+        accepted.root,
+        proof.leaf_index,
+        record_hash(&data.0),
+    ) {
+        return Ok(Err(format!(
+            "its inclusion proof in the log's checkpoint of {} leaves does not verify ({e})",
+            accepted.size
+        )));
+    }
+    Ok(Ok(proof.leaf_index))
 }
 
 pub async fn run(args: LogArgs) -> anyhow::Result<()> {
