@@ -1319,6 +1319,26 @@ async fn checkpoints_are_cosigned_by_the_witnesses_and_a_fork_raises_the_alarm()
         &k2,
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
+    // verify-history --log asks the same of the checkpoint its last record is in.
+    let public = key_pair(&stack.dir().join("keys")).1;
+    let state = stack.dir().join("log-state.json");
+    let (code, out, err) = run_merklectl(&[
+        "verify-history",
+        "docs",
+        "--addr",
+        &uri,
+        "--trusted-key",
+        public.to_str().expect("utf-8"),
+        "--log",
+        "--log-state",
+        state.to_str().expect("utf-8"),
+        "--witness",
+        &k1,
+        "--witness",
+        &k2,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("record 3 is leaf 2"), "{out}");
     // A witness that never cosigned this log does not count.
     let stranger = WitnessStandIn::start("three.witness.test", [13; 32], &[])
         .await

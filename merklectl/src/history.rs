@@ -117,6 +117,13 @@ pub struct VerifyHistoryArgs {
     /// The log state file (`merklectl log verify --state`), with --log.
     #[arg(long, value_name = "FILE", requires = "log")]
     pub log_state: Option<PathBuf>,
+    /// With --log: a witness whose cosignature the checkpoint must carry (its cosignature
+    /// verifier key); repeat for several.
+    #[arg(long = "witness", value_name = "KEY", requires = "log")]
+    pub witnesses: Vec<String>,
+    /// With --log: how many of the --witness keys must have cosigned (default: all).
+    #[arg(long, requires = "log")]
+    pub witness_policy: Option<usize>,
     /// Check a file `export-history` wrote, with no server.
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
@@ -514,8 +521,8 @@ async fn check_log(
     let options = crate::log::LogOptions {
         db_sync: args.db_sync.clone(),
         verifier_key: None,
-        witnesses: Vec::new(),
-        witness_policy: None,
+        witnesses: args.witnesses.clone(),
+        witness_policy: args.witness_policy,
         json: false,
     };
     let accepted = match crate::log::check_state(&options, args.log_state.as_deref()).await? {
