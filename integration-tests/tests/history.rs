@@ -1287,6 +1287,10 @@ async fn checkpoints_are_cosigned_by_the_witnesses_and_a_fork_raises_the_alarm()
         two.verifier_key(),
         two.url()
     );
+    let metrics = std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        integration_tests::free_port().expect("port"),
+    ));
     let (uri, mut c) = start_db_sync(
         &mut stack,
         &[
@@ -1294,6 +1298,7 @@ async fn checkpoints_are_cosigned_by_the_witnesses_and_a_fork_raises_the_alarm()
             ("LOG_INTERVAL", "100ms".into()),
             ("WITNESSES", witnesses),
             ("WITNESS_TIMEOUT", "1s".into()),
+            ("METRICS_LISTEN_ADDR", metrics.to_string()),
         ],
     )
     .await;
@@ -1368,6 +1373,24 @@ async fn checkpoints_are_cosigned_by_the_witnesses_and_a_fork_raises_the_alarm()
     assert_eq!(five.size, 5);
     assert!(!five.witnessed, "one of two: {five:?}");
     assert_eq!(one.size(&five.origin), Some(5));
+    // ... and the metrics show which witness did not answer.
+    assert!(
+        counter(
+            metrics,
+            "merkle_log_witness_failures_total",
+            "two.witness.test"
+        ) >= 1,
+        "{}",
+        integration_tests::get_metrics(metrics)
+    );
+    assert_eq!(
+        counter(
+            metrics,
+            "merkle_log_witness_alarms_total",
+            "one.witness.test"
+        ),
+        0
+    );
 
     // The log rewritten in the database and signed again with the real key: the witness
     // that cosigned the real one refuses it, and DbSync says so loudly.
@@ -1398,4 +1421,215 @@ async fn checkpoints_are_cosigned_by_the_witnesses_and_a_fork_raises_the_alarm()
         Some(5),
         "it never cosigned the fork"
     );
+    assert!(
+        counter(
+            metrics,
+            "merkle_log_witness_alarms_total",
+            "one.witness.test"
+        ) >= 1
+    );
+}
+
+/// The value of the counter `name` for `witness` on DbSync's /metrics (0 when absent).
+fn counter(metrics: std::net::SocketAddr, name: &str, witness: &str) -> u64 {
+    let text = integration_tests::get_metrics(metrics);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!(r#"witness="{witness}""#)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// `merklectl prove --stored ... --bundle` writes one file proving "this file had this hash in
+/// this snapshot at this time"; `verify-proof` checks it offline with only the log's key (and
+/// a witness's), and refuses each part altered, a consistent lie about the snapshot, a key it
+/// was not signed with and a witness that did not cosign it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proof_bundle_proves_a_file_offline_with_only_the_log_key() {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    use merkle_stand_ins::witness::WitnessStandIn;
+    let mut stack = TestStack::new();
+    let (private, _) = key_pair(&stack.dir().join("keys"));
+    let log_key = signed_note::new_ed25519_verifier_key(
+        "merkle-mesh.local/log",
+        &signing_key(&private).verifying_key(),
+    );
+    let witness = WitnessStandIn::start("one.witness.test", [11; 32], &[&log_key])
+        .await
+        .expect("witness");
+    let (uri, mut c) = start_db_sync(
+        &mut stack,
+        &[
+            ("SIGNING_KEY_FILE", private.display().to_string()),
+            ("LOG_INTERVAL", "100ms".into()),
+            (
+                "WITNESSES",
+                format!("{}@{}", witness.verifier_key(), witness.url()),
+            ),
+        ],
+    )
+    .await;
+    push_versions(&stack, &uri, "docs", 0..3);
+    cosigned_checkpoint(&mut c, 3, 1).await;
+    let (code, bundle, err) = run_merklectl(&[
+        "prove",
+        "--stored",
+        "docs@2",
+        "sub/version",
+        "--bundle",
+        "--addr",
+        &uri,
+    ]);
+    assert_eq!(code, Some(0), "{bundle}{err}");
+    assert!(err.contains("leaf 1 of the log"), "{err}");
+    let dir = stack.dir().to_owned();
+    let file = dir.join("version.proof");
+    std::fs::write(&file, &bundle).expect("write");
+    // The file's content as it was in snapshot 2.
+    let content = dir.join("version-then");
+    std::fs::write(&content, "1").expect("write");
+    let w = witness.verifier_key();
+    let check = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["verify-proof", file.to_str().expect("utf-8")];
+        args.extend_from_slice(extra);
+        run_merklectl(&args)
+    };
+    let (code, out, err) = check(
+        &file,
+        &[
+            "--verifier-key",
+            &log_key,
+            "--witness",
+            &w,
+            "--content",
+            content.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("valid: sub/version was a file with hash")
+            && out.contains("in docs@2")
+            && out.contains("leaf 1 of the log's checkpoint signed by merkle-mesh.local/log")
+            && out.contains("cosigned by 1 of 1 witnesses"),
+        "{out}"
+    );
+    // Today's content is not what snapshot 2 held.
+    let today = dir.join("tree-docs/sub/version");
+    let (code, _, err) = check(
+        &file,
+        &[
+            "--verifier-key",
+            &log_key,
+            "--content",
+            today.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        code != Some(0) && err.contains("but the proof says"),
+        "{err}"
+    );
+    // No key: refused, naming the flag.
+    let (code, _, err) = check(&file, &[]);
+    assert!(code != Some(0) && err.contains("--verifier-key"), "{err}");
+    // Another log's key, a witness that never cosigned it.
+    let impostor = signed_note::new_ed25519_verifier_key(
+        "merkle-mesh.local/log",
+        &SigningKey::from_bytes(&[9; 32]).verifying_key(),
+    );
+    let (code, _, err) = check(&file, &["--verifier-key", &impostor]);
+    assert!(
+        code != Some(0) && err.contains("does not verify with --verifier-key"),
+        "{err}"
+    );
+    let stranger = WitnessStandIn::start("two.witness.test", [12; 32], &[])
+        .await
+        .expect("witness");
+    let (code, _, err) = check(
+        &file,
+        &[
+            "--verifier-key",
+            &log_key,
+            "--witness",
+            &stranger.verifier_key(),
+        ],
+    );
+    assert!(
+        code != Some(0) && err.contains("cosigned by 0 of the witnesses"),
+        "{err}"
+    );
+
+    // Each part altered.
+    let original: serde_json::Value = serde_json::from_str(&bundle).expect("json");
+    let record = |v: &serde_json::Value| {
+        Record::decode(
+            &STANDARD
+                .decode(v["record"].as_str().expect("record"))
+                .expect("b64"),
+        )
+        .expect("record")
+    };
+    let flip = |text: &str| {
+        let mut bytes = STANDARD.decode(text).expect("b64");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        serde_json::Value::String(STANDARD.encode(bytes))
+    };
+    type Alter = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Alter, &str)> = vec![
+        (
+            "the claimed hash",
+            Box::new(|v| v["claim"]["hash"] = "00".repeat(32).into()),
+            "the claim is not what the proofs prove",
+        ),
+        (
+            "the claimed sequence",
+            Box::new(|v| v["claim"]["sequence"] = 3.into()),
+            "the claim is not what the proofs prove",
+        ),
+        (
+            "a consistent lie: record and claim say snapshot 3",
+            Box::new(move |v| {
+                let mut r = record(v);
+                r.sequence = 3;
+                v["record"] = STANDARD.encode(r.encode()).into();
+                v["claim"]["sequence"] = 3.into();
+            }),
+            "the record is not leaf 1",
+        ),
+        (
+            "a directory node",
+            Box::new(move |v| v["nodes"][0] = flip(v["nodes"][0].as_str().expect("node"))),
+            "does not prove the entry",
+        ),
+        (
+            "a log proof hash",
+            Box::new(move |v| v["log_proof"][0] = flip(v["log_proof"][0].as_str().expect("hash"))),
+            "the record is not leaf 1",
+        ),
+        (
+            "the leaf index",
+            Box::new(|v| v["leaf_index"] = 0.into()),
+            "the record is not leaf 0",
+        ),
+        (
+            "the checkpoint's size",
+            Box::new(|v| {
+                let note = v["checkpoint"]
+                    .as_str()
+                    .expect("note")
+                    .replacen("\n3\n", "\n4\n", 1);
+                v["checkpoint"] = note.into();
+            }),
+            "does not verify with --verifier-key",
+        ),
+    ];
+    for (what, alter, why) in cases {
+        let mut altered = original.clone();
+        alter(&mut altered);
+        let path = dir.join("altered.proof");
+        std::fs::write(&path, altered.to_string()).expect("write");
+        let (code, out, err) = check(&path, &["--verifier-key", &log_key]);
+        assert!(code != Some(0), "{what}: must fail: {out}");
+        assert!(err.contains(why), "{what}: expected {why:?} in: {err}");
+    }
 }

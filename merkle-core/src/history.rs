@@ -75,6 +75,80 @@ impl Record {
         out
     }
 
+    /// Parses bytes made by [`Record::encode`]; `decode(b)` then `encode` gives `b` again,
+    /// so a record carried in its encoding is checked by hashing those bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Record, &'static str> {
+        struct Reader<'a>(&'a [u8]);
+        impl<'a> Reader<'a> {
+            fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+                if self.0.len() < n {
+                    return Err("the record ends early");
+                }
+                let (head, tail) = self.0.split_at(n);
+                self.0 = tail;
+                Ok(head)
+            }
+            fn u64(&mut self) -> Result<u64, &'static str> {
+                Ok(u64::from_be_bytes(
+                    self.take(8)?.try_into().unwrap_or_default(),
+                ))
+            }
+            fn digest(&mut self) -> Result<Digest, &'static str> {
+                Ok(Digest(self.take(32)?.try_into().unwrap_or_default()))
+            }
+            fn string(&mut self) -> Result<String, &'static str> {
+                let len = u32::from_be_bytes(self.take(4)?.try_into().unwrap_or_default());
+                String::from_utf8(self.take(len as usize)?.to_vec())
+                    .map_err(|_| "a string is not UTF-8")
+            }
+        }
+        let mut r = Reader(bytes);
+        if r.take(RECORD_DOMAIN.len())? != RECORD_DOMAIN {
+            return Err("not a record (wrong domain tag)");
+        }
+        let source = r.string()?;
+        let sequence = r.u64()?;
+        let root = r.digest()?;
+        let profile = Profile::from_byte(r.take(1)?[0]).ok_or("unknown profile")?;
+        let build_id = r.string()?;
+        let create_time_micros = r.u64()? as i64;
+        let mut counts = [0u64; 5];
+        for n in &mut counts {
+            *n = r.u64()?;
+        }
+        let [
+            file_count,
+            dir_count,
+            symlink_count,
+            skipped_count,
+            total_bytes,
+        ] = counts;
+        let previous = match r.take(1)?[0] {
+            0 => None,
+            1 => Some(r.digest()?),
+            _ => return Err("bad previous-record marker"),
+        };
+        if !r.0.is_empty() {
+            return Err("bytes after the record");
+        }
+        Ok(Record {
+            source,
+            sequence,
+            root,
+            profile,
+            build_id,
+            create_time_micros,
+            stats: TreeStats {
+                file_count,
+                dir_count,
+                symlink_count,
+                skipped_count,
+                total_bytes,
+            },
+            previous,
+        })
+    }
+
     /// The record hash: SHA-256 of [`Record::encode`].
     pub fn hash(&self) -> Digest {
         Digest(Sha256::digest(self.encode()).into())

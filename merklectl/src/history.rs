@@ -521,8 +521,10 @@ async fn check_log(
     let options = crate::log::LogOptions {
         db_sync: args.db_sync.clone(),
         verifier_key: None,
-        witnesses: args.witnesses.clone(),
-        witness_policy: args.witness_policy,
+        witnesses: crate::log::WitnessArgs {
+            keys: args.witnesses.clone(),
+            witness_policy: args.witness_policy,
+        },
         json: false,
     };
     let accepted = match crate::log::check_state(&options, args.log_state.as_deref()).await? {

@@ -2,6 +2,7 @@
 //! [`stack`] to start real PostgreSQL, Redis and service processes the same way `merklectl up`
 //! does.
 
+pub mod bundle;
 pub mod cache;
 pub mod check;
 pub mod clients;

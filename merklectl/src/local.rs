@@ -260,6 +260,12 @@ pub struct ProveArgs {
     /// Prove the entry in a snapshot stored in DbSync (the latest, or `SOURCE@SEQ`).
     #[arg(long, value_name = "SOURCE")]
     pub stored: Option<String>,
+    /// With --stored: write a proof bundle (docs/merkle-spec.md section 12) instead: the
+    /// entry's node path, the snapshot's record, its inclusion proof in the transparency log
+    /// and the log's signed checkpoint, so `verify-proof` checks it offline with only the
+    /// log's public key.
+    #[arg(long, requires = "stored")]
+    pub bundle: bool,
     #[command(flatten)]
     pub db_sync: crate::remote::DbSyncAddr,
     #[command(flatten)]
@@ -288,6 +294,14 @@ pub struct VerifyProofArgs {
     /// A local copy of the proven file: its content must hash to the proven leaf.
     #[arg(long)]
     pub content: Option<PathBuf>,
+    /// For a proof bundle: the transparency log's key you trust (`<origin>+<key id>+<base64
+    /// key>`, GetLogCheckpoint's verifier_key, pinned out of band); a bundle is checked
+    /// against it, never against a key it carries.
+    #[arg(long, env = "LOG_VERIFIER_KEY")]
+    pub verifier_key: Option<String>,
+    /// For a proof bundle: the witnesses its checkpoint must be cosigned by.
+    #[command(flatten)]
+    pub witnesses: crate::log::WitnessArgs,
 }
 
 pub fn verify_proof(args: VerifyProofArgs) -> anyhow::Result<()> {
@@ -297,6 +311,12 @@ pub fn verify_proof(args: VerifyProofArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.proof)
             .with_context(|| format!("reading {}", args.proof.display()))?
     };
+    let format = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("format")?.as_str().map(str::to_owned));
+    if format.as_deref() == Some(crate::bundle::FORMAT) {
+        return verify_bundle(&args, &text);
+    }
     let proof = InclusionProof::from_json(&text)?;
     let entry = proof.verify().context("the proof does not verify")?;
     if let Some(root) = &args.root {
@@ -308,18 +328,7 @@ pub fn verify_proof(args: VerifyProofArgs) -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(path) = &args.content {
-        let mut file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let (leaf, _) = file_leaf_from_reader(&mut file, ReadBuffer::new().get())?;
-        if leaf != entry.hash {
-            bail!(
-                "{} hashes to {leaf}, but the proof says {}",
-                path.display(),
-                entry.hash
-            );
-        }
-    }
+    check_content(args.content.as_deref(), &entry.hash)?;
     let joined = proof.path.join(&b'/');
     println!(
         "valid: {} is a {} with hash {} in root {} ({} profile){}",
@@ -332,6 +341,58 @@ pub fn verify_proof(args: VerifyProofArgs) -> anyhow::Result<()> {
             ", the trusted root"
         } else {
             "; pass --root to check it is a root you trust"
+        }
+    );
+    Ok(())
+}
+
+/// Checks that the file at `path` (when given) hashes to the proven leaf `proven`.
+fn check_content(path: Option<&Path>, proven: &Digest) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let (leaf, _) = file_leaf_from_reader(&mut file, ReadBuffer::new().get())?;
+    if leaf != *proven {
+        bail!(
+            "{} hashes to {leaf}, but the proof says {proven}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `verify-proof` of a proof bundle: everything checked against the log key given.
+fn verify_bundle(args: &VerifyProofArgs, text: &str) -> anyhow::Result<()> {
+    let bundle = crate::bundle::Bundle::from_json(text)?;
+    let key = args.verifier_key.as_deref().context(
+        "a proof bundle is checked against the transparency log's key: pass --verifier-key \
+         (GetLogCheckpoint's verifier_key, pinned out of band) or set LOG_VERIFIER_KEY",
+    )?;
+    if args.root.is_some() {
+        bail!("--root: a bundle proves its root by the log; give --verifier-key instead");
+    }
+    let hash = bundle
+        .verify(key, &args.witnesses)
+        .context("the proof bundle does not verify")?;
+    check_content(args.content.as_deref(), &hash)?;
+    let c = &bundle.claim;
+    println!(
+        "valid: {} was a {} with hash {} in {}@{} (root {}), stored {}; the record is leaf {} of the log's checkpoint signed by {}{}",
+        c.path.clone().or(c.path_hex.clone()).unwrap_or_default(),
+        c.kind,
+        c.hash,
+        c.source,
+        c.sequence,
+        c.root_hash,
+        c.time,
+        bundle.leaf_index,
+        key.split('+').next().unwrap_or(key),
+        match (args.witnesses.keys.len(), args.witnesses.witness_policy) {
+            (0, _) => String::new(),
+            (n, k) => format!(
+                ", cosigned by {} of {n} witnesses asked for",
+                k.unwrap_or(n)
+            ),
         }
     );
     Ok(())

@@ -33,16 +33,23 @@ pub struct LogOptions {
     /// shows it): every checkpoint's signature is checked against it.
     #[arg(long, env = "LOG_VERIFIER_KEY")]
     pub verifier_key: Option<String>,
-    /// A witness whose cosignature (C2SP tlog-cosignature) checkpoints must carry: its
-    /// verifier key (`name+id+base64(0x04 || key)`); repeat for several.
-    #[arg(long = "witness", value_name = "KEY")]
-    pub witnesses: Vec<String>,
-    /// How many of the --witness keys must have cosigned (default: all of them).
-    #[arg(long)]
-    pub witness_policy: Option<usize>,
+    #[command(flatten)]
+    pub witnesses: WitnessArgs,
     /// JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The witnesses a checkpoint must be cosigned by.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WitnessArgs {
+    /// A witness whose cosignature (C2SP tlog-cosignature) checkpoints must carry: its
+    /// verifier key (`name+id+base64(0x04 || key)`); repeat for several.
+    #[arg(long = "witness", value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// How many of the --witness keys must have cosigned (default: all of them).
+    #[arg(long)]
+    pub witness_policy: Option<usize>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -112,11 +119,34 @@ async fn checkpoint(args: &LogOptions, c: &mut Client, size: u64) -> anyhow::Res
         .await
         .map_err(args.db_sync.failed())?
         .into_inner();
-    let text = match &args.verifier_key {
+    let parsed = checked_note(
+        &response.note,
+        args.verifier_key.as_deref(),
+        &args.witnesses,
+    )?;
+    if parsed.size() != response.size || hex(parsed.hash()) != response.root_hash {
+        bail!("the checkpoint's text does not match its size and root fields");
+    }
+    Ok(Checked {
+        size: parsed.size(),
+        root: *parsed.hash(),
+        response,
+    })
+}
+
+/// A checkpoint note checked: its signature against `key` (when given) and the cosignatures
+/// `witnesses` asks for; the checkpoint it states.
+pub fn checked_note(
+    note: &str,
+    key: Option<&str>,
+    witnesses: &WitnessArgs,
+) -> anyhow::Result<Checkpoint> {
+    let (policy, witnesses) = (witnesses.witness_policy, &witnesses.keys);
+    let text = match key {
         Some(key) => {
             let verifier = StandardVerifier::new(key)
                 .map_err(|e| anyhow::anyhow!("--verifier-key {key:?}: {e}"))?;
-            let note = Note::from_bytes(response.note.as_bytes())
+            let note = Note::from_bytes(note.as_bytes())
                 .map_err(|e| anyhow::anyhow!("the checkpoint is not a signed note: {e}"))?;
             note.verify(&VerifierList::new(vec![Box::new(verifier)]))
                 .map_err(|e| {
@@ -127,20 +157,17 @@ async fn checkpoint(args: &LogOptions, c: &mut Client, size: u64) -> anyhow::Res
             note.text().to_vec()
         }
         // Unverified: the text up to the signatures.
-        None => match response.note.split_once("\n\n") {
+        None => match note.split_once("\n\n") {
             Some((text, _)) => format!("{text}\n").into_bytes(),
-            None => response.note.clone().into_bytes(),
+            None => note.as_bytes().to_vec(),
         },
     };
     let parsed = Checkpoint::from_bytes(&text)
         .map_err(|e| anyhow::anyhow!("the checkpoint text is malformed: {e}"))?;
-    if !args.witnesses.is_empty() {
-        let signatures = response
-            .note
-            .split_once("\n\n")
-            .map_or("", |(_, lines)| lines);
+    if !witnesses.is_empty() {
+        let signatures = note.split_once("\n\n").map_or("", |(_, lines)| lines);
         let mut cosigned = Vec::new();
-        for key in &args.witnesses {
+        for key in witnesses {
             let (name, public) = merkle_core::cosignature::parse_verifier_key(key)
                 .map_err(|e| anyhow::anyhow!("--witness: {e}"))?;
             if signatures
@@ -150,13 +177,13 @@ async fn checkpoint(args: &LogOptions, c: &mut Client, size: u64) -> anyhow::Res
                 cosigned.push(name);
             }
         }
-        let needed = args.witness_policy.unwrap_or(args.witnesses.len());
+        let needed = policy.unwrap_or(witnesses.len());
         if cosigned.len() < needed {
             bail!(
                 "the checkpoint of {} leaves is cosigned by {} of the witnesses you require ({needed} of {}): {}",
                 parsed.size(),
                 cosigned.len(),
-                args.witnesses.len(),
+                witnesses.len(),
                 if cosigned.is_empty() {
                     "none".to_owned()
                 } else {
@@ -165,14 +192,7 @@ async fn checkpoint(args: &LogOptions, c: &mut Client, size: u64) -> anyhow::Res
             );
         }
     }
-    if parsed.size() != response.size || hex(parsed.hash()) != response.root_hash {
-        bail!("the checkpoint's text does not match its size and root fields");
-    }
-    Ok(Checked {
-        size: parsed.size(),
-        root: *parsed.hash(),
-        response,
-    })
+    Ok(parsed)
 }
 
 fn hex(hash: &Hash) -> String {

@@ -179,9 +179,12 @@ fn main() -> ExitCode {
             }
         }),
         Command::Prove(args) => match (&args.stored, args.args.as_slice()) {
-            (Some(source), [path]) => {
-                block_on(merklectl::stored::prove(&args.db_sync, source, path))
-            }
+            (Some(source), [path]) => block_on(merklectl::stored::prove(
+                &args.db_sync,
+                source,
+                path,
+                args.bundle,
+            )),
             (Some(_), _) => Err(anyhow::anyhow!("prove --stored SOURCE takes one PATH")),
             (None, _) => merklectl::local::prove_cmd(args),
         }

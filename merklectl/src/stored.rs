@@ -455,7 +455,13 @@ pub async fn diff(
 
 /// Writes the inclusion proof of `path` in a stored snapshot (the same file format as the
 /// local `prove`, so `verify-proof` checks it offline).
-pub async fn prove(db_sync: &DbSyncAddr, spec: &str, path: &str) -> anyhow::Result<()> {
+/// With `bundle`, the proof bundle instead (see [`crate::bundle`]).
+pub async fn prove(
+    db_sync: &DbSyncAddr,
+    spec: &str,
+    path: &str,
+    bundle: bool,
+) -> anyhow::Result<()> {
     let mut client = db_sync.client()?;
     let (source, sequence) = source_and_sequence(spec);
     let snap = snapshot(&mut client, db_sync, &source, sequence).await?;
@@ -478,6 +484,20 @@ pub async fn prove(db_sync: &DbSyncAddr, spec: &str, path: &str) -> anyhow::Resu
             proof.root,
             snap.root_hash
         );
+    }
+    if bundle {
+        let bundle =
+            crate::bundle::fetch(db_sync, &snap, &proof, std::time::Duration::from_secs(5)).await?;
+        let text = bundle.to_json();
+        println!("{text}");
+        eprintln!(
+            "proof bundle of {path} in {}@{} (leaf {} of the log, {} bytes); check it with: merklectl verify-proof FILE --verifier-key KEY",
+            snap.source,
+            snap.sequence,
+            bundle.leaf_index,
+            text.len() + 1
+        );
+        return Ok(());
     }
     println!("{}", proof.to_json());
     eprintln!(
