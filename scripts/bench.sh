@@ -16,6 +16,8 @@
 #                                           RSS, storage per identical node, ListBuilds paging
 #   scripts/bench.sh log                    the transparency log: append rate, checkpoint lag,
 #                                           proofs at 1,000,000 leaves
+#   scripts/bench.sh bundle                 proof bundles: size and verify time for a file of
+#                                           a 1,000,000-file tree in a 1,000,000-leaf log
 #   scripts/bench.sh history                signing and chaining on a changed SyncTree (signed
 #                                           beside unsigned), verify-history of 100,000 records
 #   scripts/bench.sh load [--callers 200 --seconds 60]

@@ -17,10 +17,13 @@
 //!   100,000 signed records ([`history`]);
 //! - `log`: the transparency log's append rate, checkpoint lag and proofs at 1,000,000 leaves
 //!   ([`tlog`]);
+//! - `bundle`: a proof bundle's size and offline verification for a file of a 1,000,000-file
+//!   tree, beside the plain node proof ([`bundle`]);
 //! - `load`: the whole release stack under 200 concurrent callers of a mix of real calls while
 //!   builds run, beside the same mix with one caller ([`load`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
+mod bundle;
 mod cache;
 mod db_sync;
 mod discovery;
@@ -67,6 +70,9 @@ enum Command {
     /// The transparency log: records appended per second, checkpoint lag under concurrent
     /// syncs, inclusion and consistency proofs in a 1,000,000-leaf log.
     Log(tlog::LogBenchArgs),
+    /// Proof bundles: size and verify time for a file of a 1,000,000-file tree of several
+    /// directory widths, in a 1,000,000-leaf log, beside the plain node proof.
+    Bundle(bundle::BundleBenchArgs),
     /// The whole release stack under many concurrent callers of a mix of real calls while
     /// builds run: rate, p50/p90/p99 and errors per call, each service's peak RSS.
     Load(load::LoadArgs),
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Discovery(args)) => discovery::run(args),
         Some(Command::Fleet(args)) => fleet::run(args),
         Some(Command::Log(args)) => tlog::run(args),
+        Some(Command::Bundle(args)) => bundle::run(args),
         Some(Command::Load(args)) => load::run_load(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }

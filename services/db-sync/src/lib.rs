@@ -52,6 +52,8 @@ use merkle_shared::{
     service::RunError,
     shutdown::Shutdown,
 };
+/// The log's checkpoint signing, for tools that make checkpoints as DbSync does (benchmarks).
+pub use tlog::Log;
 
 /// What tools outside DbSync may rely on: the SQL it runs (benchmarks count it in
 /// `pg_stat_statements`, tests plan every statement) and the row form of a directory node

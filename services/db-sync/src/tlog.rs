@@ -103,7 +103,7 @@ impl Log {
     }
 
     /// The signed note of the checkpoint of a tree of `size` leaves with `root`.
-    fn checkpoint_note(&self, size: u64, root: Hash) -> Result<String, Error> {
+    pub fn checkpoint_note(&self, size: u64, root: Hash) -> Result<String, Error> {
         let text = Checkpoint::new(&self.origin, size, root, "")
             .map_err(|e| Error::Internal(format!("checkpoint: {e}")))?
             .to_bytes();
