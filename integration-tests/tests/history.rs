@@ -1030,9 +1030,53 @@ async fn the_log_client_state_catches_a_rewritten_log_even_when_validly_signed()
     let (code, out, err) = history_with_log();
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        out.contains("record 5 is leaf 4 of the transparency log's checkpoint of 5 leaves"),
+        out.contains("record 5 is leaf 4 of the transparency log's checkpoint of 5 leaves")
+            && out.contains("the last in the transparency log (which stands for their signatures)"),
         "{out}"
     );
+    // The log stands for the records' signatures, not for their hashes and links: a field
+    // altered in an earlier record is still caught, while a signature altered need not be
+    // (the log's proof of record 5 fixes record 3 through the chain).
+    let db = stack.sql().await;
+    let original = db
+        .query_one(
+            "SELECT build_id, signature FROM merkle_roots WHERE source = 'docs' AND sequence = 3",
+            &[],
+        )
+        .await
+        .expect("record 3");
+    let (build_id, signature): (String, Vec<u8>) = (original.get(0), original.get(1));
+    exec(
+        &db,
+        "UPDATE merkle_roots SET signature = set_byte(signature, 0, get_byte(signature, 0) # 1) \
+         WHERE source = 'docs' AND sequence = 3",
+    )
+    .await;
+    let (code, out, err) = history_with_log();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = self::verify(&uri, "docs", &["--trusted-key", &public]);
+    assert_eq!(
+        code,
+        Some(1),
+        "without --log the signature is checked: {err}"
+    );
+    exec(
+        &db,
+        "UPDATE merkle_roots SET build_id = 'forged' WHERE source = 'docs' AND sequence = 3",
+    )
+    .await;
+    let (code, out, err) = history_with_log();
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("FAILED at record 3:") && err.contains("a field was changed"),
+        "{err}"
+    );
+    db.execute(
+        "UPDATE merkle_roots SET build_id = $1, signature = $2 WHERE source = 'docs' AND sequence = 3",
+        &[&build_id, &signature],
+    )
+    .await
+    .expect("restore record 3");
 
     // Someone with the database rewrites the log (the same records in another order) and
     // DbSync signs it again with its real key: the checkpoint verifies, the history does not.

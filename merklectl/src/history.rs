@@ -111,7 +111,9 @@ pub struct VerifyHistoryArgs {
     /// the log's newest checkpoint (the inclusion proof is checked here), and that checkpoint
     /// must pass `merklectl log verify`'s checks against the log state (signed by the pinned
     /// key, consistent with the checkpoint seen before). Each record is chained to the one
-    /// before, so the whole range is then fixed in the log every verifier and witness sees.
+    /// before, so the whole range is then fixed in the log every verifier and witness sees:
+    /// the records' own signatures are not checked (the log's proofs stand for them; the
+    /// hashes and links of every record are).
     #[arg(long, conflicts_with = "file")]
     pub log: bool,
     /// The log state file (`merklectl log verify --state`), with --log.
@@ -571,7 +573,9 @@ pub async fn verify_history(args: VerifyHistoryArgs) -> anyhow::Result<bool> {
         (None, Some(source)) => fetch(&args.db_sync, source, &args.range).await?,
         (None, None) => bail!("name a SOURCE or pass --file"),
     };
-    let trust = Trust::new(trusted_keys(&args)?, !args.allow_unsigned);
+    let mut trust = Trust::new(trusted_keys(&args)?, !args.allow_unsigned);
+    // The log's proof of the last record, checked below, stands for every record's signature.
+    trust.records_in_log = args.log;
     let mut outcome = check(&history, &trust)?;
     let mut nodes = None;
     if args.deep && outcome.is_ok() {
@@ -627,7 +631,10 @@ pub async fn verify_history(args: VerifyHistoryArgs) -> anyhow::Result<bool> {
                     v.first,
                     v.last,
                     v.records,
-                    if signed.is_empty() {
+                    if args.log {
+                        ", the last in the transparency log (which stands for their signatures)"
+                            .to_owned()
+                    } else if signed.is_empty() {
                         String::new()
                     } else {
                         format!(", {}", signed.join(", "))
