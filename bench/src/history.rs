@@ -48,6 +48,10 @@ pub struct HistoryBenchArgs {
     /// Records verify-history checks.
     #[arg(long, default_value_t = 100_000)]
     records: u64,
+    /// A DbSync binary built from an older commit (e.g. the one before the transparency log):
+    /// its changed pushes are timed beside today's, in the same turns, on a database of its own.
+    #[arg(long, value_name = "BINARY")]
+    baseline_db_sync: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: HistoryBenchArgs) -> anyhow::Result<()> {
@@ -251,6 +255,28 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
     let unsigned = rpc::start_service(w, "db-sync", &[("DATABASE_URL", pg.url())]).await?;
     let (db, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
+    let baseline = match &args.baseline_db_sync {
+        None => None,
+        Some(binary) => {
+            db.batch_execute("CREATE DATABASE baseline").await?;
+            let url = format!(
+                "{}/baseline",
+                pg.url().rsplit_once('/').context("a database URL")?.0
+            );
+            Some(
+                rpc::start_binary(
+                    w,
+                    "db-sync",
+                    Some(binary),
+                    &[
+                        ("DATABASE_URL", url),
+                        ("SIGNING_KEY_FILE", private.display().to_string()),
+                    ],
+                )
+                .await?,
+            )
+        }
+    };
     db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         .await?;
 
@@ -267,14 +293,19 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
         Ok(DbSyncServiceClient::new(merklectl::remote::connect(uri)?))
     };
     let (mut to_signed, mut to_unsigned) = (channel(&signed.uri)?, channel(&unsigned.uri)?);
+    let mut to_baseline = baseline.as_ref().map(|b| channel(&b.uri)).transpose()?;
     // Warm-up: the first push of each tree writes every node.
     for tree in trees {
         upload(&mut to_signed, "signed", "", tree, &stats).await?;
         upload(&mut to_unsigned, "unsigned", "", tree, &stats).await?;
+        if let Some(c) = &mut to_baseline {
+            upload(c, "baseline", "", tree, &stats).await?;
+        }
     }
     db.batch_execute("SELECT pg_stat_statements_reset()")
         .await?;
-    let (mut signed_times, mut unsigned_times) = (Vec::new(), Vec::new());
+    let (mut signed_times, mut unsigned_times, mut baseline_times) =
+        (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
         let tree = trees[round % 2];
         for (client, source, times) in [
@@ -284,6 +315,12 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
             let started = Instant::now();
             let answer = upload(client, source, "", tree, &stats).await?;
             times.push(started.elapsed());
+            anyhow::ensure!(answer.changed, "a push of a new root stored nothing");
+        }
+        if let Some(c) = &mut to_baseline {
+            let started = Instant::now();
+            let answer = upload(c, "baseline", "", tree, &stats).await?;
+            baseline_times.push(started.elapsed());
             anyhow::ensure!(answer.changed, "a push of a new root stored nothing");
         }
     }
@@ -325,6 +362,9 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
     // signed one runs from here on.
     drop(to_unsigned);
     drop(unsigned);
+    drop(to_baseline);
+    drop(baseline);
+    let baseline_load = (!baseline_times.is_empty()).then(|| load(baseline_times));
     // 100,000 records, verified from DbSync and from a file.
     eprintln!("appending {} signed records ...", args.records);
     upload(&mut to_signed, "hundred-k", "", &a, &stats).await?;
@@ -422,7 +462,7 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
         calls_per_sec: 1.0 / d.as_secs_f64(),
         peak_rss: None,
     };
-    let rows = vec![
+    let mut rows = vec![
         Row {
             what: format!(
                 "changed push (GetLatestRoot, FindMissingNodes, SyncTree; 1,000 files, one changed), signed ({} calls)",
@@ -468,7 +508,7 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
             load: single(verify_by_log),
         },
     ];
-    let targets = vec![
+    let mut targets = vec![
         (
             format!(
                 "signing and chaining add under 1 ms to a changed SyncTree (is {added:.3} ms: signed - unsigned p50 {signature_cost:.3} ms + checkpoint upsert {checkpoint_ms:.3} ms + record hash {:.4} ms)",
@@ -495,6 +535,27 @@ async fn run_async(args: HistoryBenchArgs) -> anyhow::Result<()> {
             verify_by_log < Duration::from_secs(10),
         ),
     ];
+    if let (Some(b), Some(binary)) = (baseline_load, &args.baseline_db_sync) {
+        let added = ms(signed_load.p50) - ms(b.p50);
+        targets.push((
+            format!(
+                "the transparency log adds at most 0.5 ms to a changed sync (is {added:.3} ms: today's signed p50 {:.3} - the baseline's {:.3} ms)",
+                ms(signed_load.p50),
+                ms(b.p50)
+            ),
+            added <= 0.5,
+        ));
+        rows.insert(
+            1,
+            Row {
+                what: format!(
+                    "changed push, signed, by the baseline DbSync {} (its own database, same turns)",
+                    binary.display()
+                ),
+                load: b,
+            },
+        );
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     rpc::print(
         &format!(

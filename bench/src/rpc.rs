@@ -138,6 +138,17 @@ pub async fn start_service(
     name: &str,
     env: &[(&str, String)],
 ) -> anyhow::Result<Service> {
+    start_binary(work, name, None, env).await
+}
+
+/// [`start_service`] of another build of the service, `binary` (e.g. one built from an older
+/// commit, to measure a change beside it in one run).
+pub async fn start_binary(
+    work: &Path,
+    name: &str,
+    binary: Option<&Path>,
+    env: &[(&str, String)],
+) -> anyhow::Result<Service> {
     let spec = stack::SERVICES
         .iter()
         .find(|s| s.name == name)
@@ -154,7 +165,20 @@ pub async fn start_service(
         .map_err(anyhow::Error::msg)?;
     all.extend(env.iter().cloned());
     let log = work.join(format!("{name}-{port}.log"));
-    let process = stack::spawn_service(spec, port, &all, &log)?;
+    let process = match binary {
+        None => stack::spawn_service(spec, port, &all, &log)?,
+        Some(binary) => {
+            let mut command = std::process::Command::new(binary);
+            command.env("LISTEN_ADDR", format!("127.0.0.1:{port}"));
+            command.envs(all.iter().map(|(k, v)| (k, v)));
+            stack::ManagedProcess::spawn(
+                spec.name,
+                command,
+                nix::sys::signal::Signal::SIGTERM,
+                &log,
+            )?
+        }
+    };
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     stack::wait_for_status(
         addr,
