@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod cache;
 pub mod check;
 pub mod clients;
+pub mod console;
 pub mod credentials;
 pub mod drift;
 pub mod history;

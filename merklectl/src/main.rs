@@ -26,6 +26,9 @@ enum Command {
     /// Which nodes of a fleet source (or which of several sources) differ from the most common
     /// root, and in which paths: `drift SOURCE` or `drift A B C`. Exits 1 when some differ.
     Drift(merklectl::drift::DriftArgs),
+    /// Serve the operators' web console (loopback by default): sources, builds live, diffs,
+    /// fleet drift, the transparency log; it reads with a reader's token.
+    Console(merklectl::console::ConsoleArgs),
     /// Write an inclusion proof (JSON) that PATH is part of DIR's tree (or, with
     /// `--stored SOURCE[@SEQ]`, of a stored snapshot's).
     Prove(merklectl::local::ProveArgs),
@@ -119,6 +122,9 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             })
+        }
+        Command::Console(args) => {
+            block_on(merklectl::console::run(args)).map(|()| ExitCode::SUCCESS)
         }
         Command::Drift(args) => block_on(merklectl::drift::drift(args)).map(|differ| {
             if differ {
