@@ -144,6 +144,8 @@ pub struct TestStack {
     /// Streaming replicas of `postgres`; stopped before it.
     pub postgres_replicas: Vec<Postgres>,
     pub postgres: Option<Postgres>,
+    /// Settings every later start of a service gets: (service, variable, value).
+    service_env: Vec<(String, &'static str, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -162,8 +164,14 @@ impl TestStack {
             redis_cluster: None,
             postgres_replicas: Vec::new(),
             postgres: None,
+            service_env: Vec::new(),
             dir,
         }
+    }
+
+    /// Sets `variable` for every later start of `service` (before a call's own settings).
+    pub fn set_service_env(&mut self, service: &str, variable: &'static str, value: String) {
+        self.service_env.push((service.to_owned(), variable, value));
     }
 
     pub fn dir(&self) -> &Path {
@@ -325,6 +333,12 @@ impl TestStack {
         } else if let Some(cluster) = &self.redis_cluster {
             all_env.push(("REDIS_CLUSTER_NODES", cluster.urls()));
         }
+        all_env.extend(
+            self.service_env
+                .iter()
+                .filter(|(service, _, _)| service == name)
+                .map(|(_, k, v)| (*k, v.clone())),
+        );
         all_env.extend(env.iter().cloned());
         let port = free_port().expect("free port");
         let log = self.dir.path().join(format!("{name}-{port}.log"));

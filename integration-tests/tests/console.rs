@@ -172,6 +172,24 @@ impl Browser {
         }
     }
 
+    /// Loads `url` again until the text of `css` satisfies `ok` (up to 30 s): for a page that
+    /// shows what it read when it was served, as an operator would reload it.
+    async fn text_until_reloaded(&self, url: &str, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.go(url).await;
+            let text = self.text(css).await;
+            if ok(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} of {url} never matched; it says {text:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn click(&self, css: &str) {
         let element = self.find(css).await;
         self.call("POST", &format!("/element/{element}/click"), json!({}))
@@ -237,6 +255,17 @@ async fn console(stack: &mut TestStack, operator: bool) -> (String, ManagedProce
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real_browser() {
     let mut stack = TestStack::new();
+    // The history signed, as `merklectl up` signs it: a downloaded proof bundle checks out.
+    let keys = stack.dir().join("keys");
+    std::fs::create_dir_all(&keys).expect("mkdir");
+    let private = merklectl::history::ensure_signing_key(&keys).expect("key");
+    let log_key = {
+        use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+        let pem = std::fs::read_to_string(&private).expect("key");
+        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).expect("pem");
+        signed_note::new_ed25519_verifier_key("merkle-mesh.local/log", &key.verifying_key())
+    };
+    stack.set_service_env("db-sync", "SIGNING_KEY_FILE", private.display().to_string());
     stack.start_all().await;
     let scheduler = stack.service_mut("scheduler").uri();
     let db_sync = stack.service_mut("db-sync").uri();
@@ -314,6 +343,30 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     assert!(browser.text("#change-count").await.starts_with("1 changed"));
     browser.screenshot("diff").await;
 
+    // The newest snapshot's tree, browsed down to the edited file, and its proof bundle.
+    browser.go(&format!("{url}/sources/docs")).await;
+    browser.click("a.browse").await;
+    browser.text_until("#crumbs", |s| s == "docs").await;
+    browser.click("a.dir").await;
+    let entries = browser.text_until("#crumbs", |s| s == "docs / guide").await;
+    assert_eq!(entries, "docs / guide");
+    let rows = browser.text("#entries").await;
+    assert!(
+        rows.contains("page-042.md") && rows.contains("page-299.md"),
+        "{rows}"
+    );
+    let proof_href = browser
+        .script(
+            "return [...document.querySelectorAll('tr.entry')]\
+             .find(r => r.textContent.includes('page-042.md'))\
+             .querySelector('a.proof').getAttribute('href');",
+        )
+        .await;
+    let proof_href = proof_href.as_str().expect("a proof link").to_owned();
+    browser.screenshot("tree").await;
+    let (status, bundle) = http("GET", &format!("{url}{proof_href}"), &[], "").await;
+    assert_eq!(status, 200, "{bundle}");
+
     // Fleet drift: node-3 is the outlier, index.html the path.
     browser.go(&format!("{url}/drift/web")).await;
     assert!(
@@ -329,10 +382,12 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     );
     browser.screenshot("drift").await;
 
-    // The log: every record so far (two docs snapshots, three web nodes) once checkpointed.
-    browser.go(&format!("{url}/log")).await;
+    // The log: every record so far (two docs snapshots, three web nodes) once checkpointed
+    // (within LOG_INTERVAL of the last commit; the page shows the checkpoint it was served).
     let size = browser
-        .text_until("#log-size", |s| s.contains("holds 5 records"))
+        .text_until_reloaded(&format!("{url}/log"), "#log-size", |s| {
+            s.contains("holds 5 records")
+        })
         .await;
     assert!(size.contains("5"), "{size}");
     assert!(
@@ -341,7 +396,26 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
             .await
             .starts_with("merkle-mesh.local/log\n5\n")
     );
+    assert_eq!(browser.text("#verifier-key").await, log_key);
     browser.screenshot("log").await;
+    // The bundle downloaded above proves page-042.md's edited content with only that key.
+    let file = stack.dir().join("page-042.proof");
+    std::fs::write(&file, &bundle).expect("write");
+    let content = stack.dir().join("page-042-then");
+    std::fs::write(&content, "edited").expect("write");
+    let (code, out, err) = run_merklectl(&[
+        "verify-proof",
+        file.to_str().expect("utf-8"),
+        "--verifier-key",
+        &log_key,
+        "--content",
+        content.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("valid: guide/page-042.md was a file") && out.contains("in docs@2"),
+        "{out}"
+    );
     browser.call("DELETE", "", Value::Null).await;
 
     // A console with the reader's identity alone offers no Trigger and refuses one; an
@@ -385,4 +459,28 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     );
     let (status, _) = http("GET", &format!("{url}/sources/nope"), &[], "").await;
     assert_eq!(status, 404);
+    let (status, page) = http(
+        "GET",
+        &format!("{url}/sources/docs/tree?sequence=two"),
+        &[],
+        "",
+    )
+    .await;
+    assert!(
+        status == 400 && page.contains("sequence"),
+        "{status} {page}"
+    );
+    for missing in [
+        "tree?sequence=2&path=guide/none",
+        "tree?sequence=9",
+        "proof?sequence=2&path=guide/none.md",
+    ] {
+        let (status, page) = http("GET", &format!("{url}/sources/docs/{missing}"), &[], "").await;
+        assert!(
+            status == 404 && page.contains("NotFound"),
+            "{missing}: {status} {page}"
+        );
+    }
+    let (status, page) = http("GET", &format!("{url}/healthz"), &[], "").await;
+    assert_eq!((status, page.as_str()), (200, "ok\n"));
 }

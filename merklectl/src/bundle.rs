@@ -235,6 +235,15 @@ pub async fn fetch(
     proof: &InclusionProof,
     wait: std::time::Duration,
 ) -> anyhow::Result<Bundle> {
+    if proof.root.to_hex() != snapshot.root_hash {
+        bail!(
+            "DbSync's proof is for root {}, not {}@{}'s {}",
+            proof.root,
+            snapshot.source,
+            snapshot.sequence,
+            snapshot.root_hash
+        );
+    }
     let mut c = db_sync.client()?;
     let stored = record_from_proto(snapshot)
         .map_err(|e| anyhow::anyhow!("DbSync sent a bad snapshot: {e}"))?;

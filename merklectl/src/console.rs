@@ -23,7 +23,8 @@ use futures::StreamExt as _;
 use merkle_proto::{
     cache::v1::{GetStatsRequest, cache_service_client::CacheServiceClient},
     dbsync::v1::{
-        DiffSnapshotsRequest, GetDriftRequest, GetLogCheckpointRequest, ListSnapshotsRequest,
+        DiffSnapshotsRequest, GetDriftRequest, GetInclusionProofRequest, GetLogCheckpointRequest,
+        GetSnapshotRequest, ListDirectoryRequest, ListSnapshotsRequest, Snapshot,
         db_sync_service_client::DbSyncServiceClient,
     },
     discovery::v1::{ListClientsRequest, discovery_service_client::DiscoveryServiceClient},
@@ -35,7 +36,7 @@ use merkle_proto::{
 use merkle_shared::{client::Channel, ports};
 use serde::Deserialize;
 
-use crate::remote::connect;
+use crate::remote::{DbSyncAddr, connect};
 
 /// `merklectl console`.
 #[derive(Debug, Clone, clap::Args)]
@@ -69,6 +70,8 @@ struct Console {
     db_sync: DbSyncServiceClient<Channel>,
     cache: CacheServiceClient<Channel>,
     discovery: DiscoveryServiceClient<Channel>,
+    /// DbSync's address, for a proof bundle (fetched as `merklectl prove --bundle` does).
+    db_sync_addr: DbSyncAddr,
     operator: Option<HeaderValue>,
 }
 
@@ -89,6 +92,9 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
         cache: CacheServiceClient::new(connect(&args.cache_addr)?),
         discovery: DiscoveryServiceClient::new(connect(&args.discovery_addr)?)
             .max_decoding_message_size(64 << 20),
+        db_sync_addr: DbSyncAddr {
+            addr: args.db_sync_addr.clone(),
+        },
         operator: match &args.operator_token_file {
             None => None,
             Some(path) => Some(
@@ -124,6 +130,9 @@ fn router(console: Console) -> Router {
         .route("/sources/{name}", get(source))
         .route("/sources/{name}/trigger", post(trigger))
         .route("/sources/{name}/diff", get(diff))
+        .route("/sources/{name}/tree", get(tree))
+        .route("/sources/{name}/proof", get(proof))
+        .route("/healthz", get(healthz))
         .route("/builds/{id}/events", get(build_events))
         .route("/drift/{name}", get(drift))
         .route("/log", get(log))
@@ -422,4 +431,106 @@ async fn log(State(mut c): State<Console>) -> Page {
         .map_err(failed("DbSync"))?
         .into_inner();
     Ok(Html(views::log(&checkpoint).into_string()))
+}
+
+#[derive(Deserialize)]
+struct TreeQuery {
+    /// The snapshot's sequence in the source's history.
+    sequence: u64,
+    /// The directory, `/`-separated; empty for the root.
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    page: String,
+}
+
+/// Snapshot `sequence` of `source`.
+async fn snapshot(c: &mut Console, source: &str, sequence: u64) -> Result<Snapshot, Failed> {
+    c.db_sync
+        .get_snapshot(GetSnapshotRequest {
+            source: source.to_owned(),
+            sequence,
+            ..Default::default()
+        })
+        .await
+        .map_err(failed("DbSync"))?
+        .into_inner()
+        .snapshot
+        .ok_or_else(|| Failed(StatusCode::BAD_GATEWAY, "DbSync sent no snapshot".into()))
+}
+
+/// One directory of a stored snapshot's tree, a page at a time.
+async fn tree(
+    State(mut c): State<Console>,
+    Path(name): Path<String>,
+    Query(q): Query<TreeQuery>,
+) -> Page {
+    let snapshot = snapshot(&mut c, &name, q.sequence).await?;
+    let path = q.path.trim_matches('/').to_owned();
+    let dir = c
+        .db_sync
+        .list_directory(ListDirectoryRequest {
+            root_hash: snapshot.root_hash.clone(),
+            path: path.clone(),
+            page_size: 500,
+            page_token: q.page,
+            ..Default::default()
+        })
+        .await
+        .map_err(failed("DbSync"))?
+        .into_inner();
+    Ok(Html(views::tree(&snapshot, &path, &dir).into_string()))
+}
+
+#[derive(Deserialize)]
+struct ProofQuery {
+    sequence: u64,
+    path: String,
+}
+
+/// A proof bundle (docs/merkle-spec.md section 12) of one entry of a stored snapshot, as a
+/// file download: `merklectl verify-proof FILE --verifier-key KEY` checks it offline.
+async fn proof(
+    State(mut c): State<Console>,
+    Path(name): Path<String>,
+    Query(q): Query<ProofQuery>,
+) -> Result<Response, Failed> {
+    let snapshot = snapshot(&mut c, &name, q.sequence).await?;
+    let path = q.path.trim_matches('/').to_owned();
+    let proof = c
+        .db_sync
+        .get_inclusion_proof(GetInclusionProofRequest {
+            root_hash: snapshot.root_hash.clone(),
+            path: path.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(failed("DbSync"))?
+        .into_inner()
+        .proof
+        .ok_or_else(|| Failed(StatusCode::BAD_GATEWAY, "DbSync sent no proof".into()))?;
+    let bad = |e: anyhow::Error| Failed(StatusCode::BAD_GATEWAY, format!("{e:#}"));
+    let proof = merkle_shared::convert::proof_from_proto(&proof)
+        .map_err(|e| bad(anyhow::anyhow!("DbSync sent a bad proof: {e}")))?;
+    let bundle = crate::bundle::fetch(&c.db_sync_addr, &snapshot, &proof, Duration::from_secs(5))
+        .await
+        .map_err(bad)?;
+    let file = views::proof_file_name(&name, snapshot.sequence, &path);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file}\""),
+            ),
+        ],
+        format!("{}\n", bundle.to_json()),
+    )
+        .into_response())
+}
+
+/// Serving: the console's own liveness (it calls no service, so an outage of one never
+/// restarts the console).
+async fn healthz() -> &'static str {
+    "ok\n"
 }

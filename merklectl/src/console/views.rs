@@ -4,8 +4,10 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use merkle_proto::{
     cache::v1::GetStatsResponse,
-    common::v1::{BuildPhase, ChangeType, PathChange},
-    dbsync::v1::{DriftGroup, GetDriftResponse, GetLogCheckpointResponse, Snapshot},
+    common::v1::{BuildPhase, ChangeType, EntryKind, PathChange},
+    dbsync::v1::{
+        DriftGroup, GetDriftResponse, GetLogCheckpointResponse, ListDirectoryResponse, Snapshot,
+    },
     discovery::v1::ListClientsResponse,
     scheduler::v1::{Build, BuildState, Source},
 };
@@ -223,6 +225,7 @@ pub fn source(
                         td { (time(s.create_time)) }
                         td { code { (s.root_hash.get(..16).unwrap_or(&s.root_hash)) } }
                         td { (s.stats.map_or(0, |st| st.file_count)) " files" }
+                        td { a.browse href=(format!("/sources/{name}/tree?sequence={}", s.sequence)) { "browse" } }
                         td {
                             @if let Some(older) = snapshots.get(i + 1) {
                                 a.diff href=(format!("/sources/{name}/diff?from={}&to={}", older.root_hash, s.root_hash)) {
@@ -326,7 +329,7 @@ pub fn log(c: &GetLogCheckpointResponse) -> Markup {
         html! {
             p id="log-size" { "The log holds " strong { (c.size) } " records (newest checkpoint, " (time(c.create_time)) ")." }
             p { "Root " code { (c.root_hash) } }
-            p { "Checkpoint key " code { (c.verifier_key) } }
+            p { "Checkpoint key " code id="verifier-key" { (c.verifier_key) } }
             p id="witnesses" {
                 @if c.cosignatures == 0 && c.witnessed { "No witnesses are configured." }
                 @else {
@@ -337,6 +340,96 @@ pub fn log(c: &GetLogCheckpointResponse) -> Markup {
             h2 { "The signed checkpoint" }
             pre id="checkpoint" { (c.note) }
             p.muted { "Check it on your machine, against the key you pinned: merklectl log verify --verifier-key KEY" }
+        },
+    )
+}
+
+/// `<source>-<sequence>-<entry name>.proof`, the name a downloaded proof bundle is saved as
+/// (only characters safe in a file name and a header).
+pub fn proof_file_name(source: &str, sequence: u64, path: &str) -> String {
+    let entry = path.rsplit('/').next().unwrap_or_default();
+    let safe = |text: &str| -> String {
+        text.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("{}-{sequence}-{}.proof", safe(source), safe(entry))
+}
+
+/// `a/b` under `dir`.
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// A directory of a stored tree: subdirectories a click away, a proof bundle per entry.
+pub fn tree(snapshot: &Snapshot, path: &str, dir: &ListDirectoryResponse) -> Markup {
+    let name = encode(&snapshot.source);
+    let seq = snapshot.sequence;
+    let at = |p: &str| format!("/sources/{name}/tree?sequence={seq}&path={}", encode(p));
+    // The path as links, the root first.
+    let mut crumbs = vec![(snapshot.source.clone(), String::new())];
+    let mut so_far = String::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        so_far = join(&so_far, part);
+        crumbs.push((part.to_owned(), so_far.clone()));
+    }
+    page(
+        &format!(
+            "{}@{seq}: {}",
+            snapshot.source,
+            if path.is_empty() { "/" } else { path }
+        ),
+        html! {
+            p id="crumbs" {
+                @for (i, (label, p)) in crumbs.iter().enumerate() {
+                    @if i > 0 { " / " }
+                    a href=(at(p)) { (label) }
+                }
+            }
+            p { "Snapshot " (seq) " of " (time(snapshot.create_time)) ", root " code { (snapshot.root_hash) } br;
+                "This directory " code { (dir.directory_hash) } }
+            table id="entries" {
+                thead { tr { th { "name" } th { "kind" } th { "size" } th { "hash" } th {} } }
+                tbody {
+                    @for e in &dir.entries {
+                        @let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
+                        @let entry = join(path, &e.name);
+                        tr.entry {
+                            @if !e.raw_name.is_empty() {
+                                // Not UTF-8: shown lossily; the CLI addresses it by its bytes.
+                                td { code { (e.name) } " " span.muted { "(not UTF-8)" } }
+                            } @else if kind == EntryKind::Directory {
+                                td { a.dir href=(at(&entry)) { (e.name) "/" } }
+                            } @else {
+                                td { code { (e.name) } }
+                            }
+                            td { (kind.as_str_name().trim_start_matches("ENTRY_KIND_").to_lowercase()) }
+                            td { @if kind != EntryKind::Directory { (e.size) } }
+                            td { code { (e.hash.get(..16).unwrap_or(&e.hash)) } }
+                            td {
+                                @if e.raw_name.is_empty() {
+                                    a.proof href=(format!("/sources/{name}/proof?sequence={seq}&path={}", encode(&entry))) { "proof" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if dir.entries.is_empty() { p.muted { "An empty directory." } }
+            @if !dir.next_page_token.is_empty() {
+                a href=(format!("{}&page={}", at(path), encode(&dir.next_page_token))) { "More entries" }
+            }
+            p.muted { "A proof bundle proves one entry of this snapshot offline, with only the log's key: merklectl verify-proof FILE --verifier-key KEY" }
         },
     )
 }
