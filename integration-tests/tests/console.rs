@@ -216,40 +216,80 @@ impl Browser {
     }
 }
 
-/// Starts `merklectl console` on a free port; returns its URL and the process.
-async fn console(stack: &mut TestStack, operator: bool) -> (String, ManagedProcess) {
+/// How a console is started and which identity it reads with.
+#[derive(Clone, Copy, PartialEq)]
+enum Launch {
+    /// Flags, the reader's token and the operator's (Trigger build).
+    OperatorFlags,
+    /// The chart's way: environment variables only, the reader's token.
+    ReaderEnv,
+    /// The chart's way with auth.enabled=false: no token at all.
+    NoTokenEnv,
+}
+
+/// `merklectl health --http URL`, the chart's probe of the console: whether it exits 0.
+fn probe(url: &str) -> bool {
+    Command::new(binary("merklectl"))
+        .args(["health", "--http", url])
+        .output()
+        .expect("merklectl health")
+        .status
+        .success()
+}
+
+/// Starts `merklectl console` on a free port; returns its URL and the process once the
+/// chart's probe passes.
+async fn console(stack: &mut TestStack, launch: Launch) -> (String, ManagedProcess) {
     let port = free_port().expect("port");
     let mut command = Command::new(binary("merklectl"));
-    command
-        .args(["console", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--scheduler-addr", &stack.service_mut("scheduler").uri()])
-        .args(["--db-sync-addr", &stack.service_mut("db-sync").uri()])
-        .args(["--cache-addr", &stack.service_mut("cache").uri()])
-        .args(["--discovery-addr", &stack.service_mut("discovery").uri()])
-        .arg("--reader-token-file")
-        .arg(credentials().token_file("reader"))
-        .env_remove("MERKLE_TOKEN_FILE");
-    if operator {
+    command.arg("console").env_remove("MERKLE_TOKEN_FILE");
+    let services = [
+        ("scheduler", "SCHEDULER_ADDR"),
+        ("db-sync", "DB_SYNC_ADDR"),
+        ("cache", "CACHE_ADDR"),
+        ("discovery", "DISCOVERY_ADDR"),
+    ];
+    if launch == Launch::OperatorFlags {
+        command.args(["--listen", &format!("127.0.0.1:{port}")]);
+        for (service, _) in services {
+            command.args([
+                format!("--{service}-addr"),
+                stack.service_mut(service).uri(),
+            ]);
+        }
         command
+            .arg("--reader-token-file")
+            .arg(credentials().token_file("reader"))
             .arg("--operator-token-file")
             .arg(credentials().token_file("operator"));
+    } else {
+        command.env("CONSOLE_LISTEN_ADDR", format!("127.0.0.1:{port}"));
+        for (service, variable) in services {
+            command.env(variable, stack.service_mut(service).uri());
+        }
+        if launch == Launch::ReaderEnv {
+            command.env(
+                "CONSOLE_READER_TOKEN_FILE",
+                credentials().token_file("reader"),
+            );
+        } else {
+            command.env("CONSOLE_NO_TOKEN", "true");
+        }
     }
     let log = stack.dir().join(format!("console-{port}.log"));
     let process =
         ManagedProcess::spawn("console", command, Signal::SIGTERM, &log).expect("console");
+    let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
+    while !probe(&format!("{url}/healthz")) {
         assert!(
             Instant::now() < deadline,
-            "the console did not listen: {}",
+            "the console did not become healthy: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (format!("http://127.0.0.1:{port}"), process)
+    (url, process)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -300,7 +340,7 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     let (code, _, err) = run_merklectl(&["push", "web@node-3", web_arg, "--addr", &db_sync]);
     assert_eq!(code, Some(0), "{err}");
 
-    let (url, _console) = console(&mut stack, true).await;
+    let (url, _console) = console(&mut stack, Launch::OperatorFlags).await;
     let browser = Browser::start(stack.dir()).await;
 
     // The overview.
@@ -418,9 +458,10 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     );
     browser.call("DELETE", "", Value::Null).await;
 
-    // A console with the reader's identity alone offers no Trigger and refuses one; an
-    // operator's console refuses a trigger from another page's origin.
-    let (reader_url, _reader) = console(&mut stack, false).await;
+    // A console with the reader's identity alone (started as the chart starts it) offers no
+    // Trigger and refuses one; an operator's console refuses a trigger from another page's
+    // origin.
+    let (reader_url, _reader) = console(&mut stack, Launch::ReaderEnv).await;
     let (status, page) = http("GET", &format!("{reader_url}/sources/docs"), &[], "").await;
     assert_eq!(status, 200);
     assert!(
@@ -483,4 +524,16 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     }
     let (status, page) = http("GET", &format!("{url}/healthz"), &[], "").await;
     assert_eq!((status, page.as_str()), (200, "ok\n"));
+    // The chart's probe fails on a page that is not there and on a port nobody serves.
+    assert!(!probe(&format!("{url}/no-such-page")));
+    let closed = free_port().expect("port");
+    assert!(!probe(&format!("http://127.0.0.1:{closed}/healthz")));
+    // A console told to send no token (for services run with AUTH_DISABLED) sends none: this
+    // stack authenticates, so its pages are refused, naming why.
+    let (anonymous, _anonymous) = console(&mut stack, Launch::NoTokenEnv).await;
+    let (status, page) = http("GET", &anonymous, &[], "").await;
+    assert!(
+        status == 403 && page.contains("Unauthenticated"),
+        "{status} {page}"
+    );
 }

@@ -106,23 +106,65 @@ where
 
 #[derive(Debug, clap::Args)]
 pub struct HealthArgs {
-    /// The service's address.
+    /// The service's gRPC address.
+    #[arg(long, required_unless_present = "http", conflicts_with = "http")]
+    pub addr: Option<String>,
+    /// An HTTP URL to GET instead (`http://127.0.0.1:8088/healthz`, the console's), healthy
+    /// on a 200: the console's probe, which listens on the pod's loopback where the kubelet's
+    /// HTTP probe cannot reach.
     #[arg(long)]
-    pub addr: String,
+    pub http: Option<String>,
     /// The service name to ask about; empty: the whole server.
     #[arg(long, default_value = "")]
     pub service: String,
 }
 
 /// `merklectl health`: true when the service reports SERVING (an exec probe for clusters
-/// where the services speak TLS, which the kubelet's gRPC probe cannot).
+/// where the services speak TLS, which the kubelet's gRPC probe cannot), or the URL answers
+/// 200.
 pub async fn health_only(args: HealthArgs) -> anyhow::Result<bool> {
-    match health(&args.addr, &args.service).await {
+    let (target, result) = match (&args.addr, &args.http) {
+        (Some(addr), _) => (addr, health(addr, &args.service).await),
+        (None, Some(url)) => (url, http_ok(url).await),
+        (None, None) => anyhow::bail!("give --addr or --http"),
+    };
+    match result {
         Ok(()) => Ok(true),
         Err(why) => {
-            eprintln!("{}: {why}", args.addr);
+            eprintln!("{target}: {why}");
             Ok(false)
         }
+    }
+}
+
+/// GET `url` (plain `http://host:port/path`) and expect a 200. HTTP/1.0 with the connection
+/// closed by the server: enough for a probe of a loopback page, and no HTTP client to carry.
+async fn http_ok(url: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("--http: only http:// URLs are probed")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = Vec::new();
+        // The status line is all a probe needs; a page's body is not read past 4 KiB.
+        stream.take(4096).read_to_end(&mut head).await?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let head = tokio::time::timeout(Duration::from_secs(3), exchange)
+        .await
+        .map_err(|_| "no answer in 3 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status_line = String::from_utf8_lossy(&head);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    match status_line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(format!("answered {status_line:?}")),
     }
 }
 

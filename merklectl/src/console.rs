@@ -54,9 +54,12 @@ pub struct ConsoleArgs {
     #[arg(long, env = "DISCOVERY_ADDR", default_value_t = format!("http://127.0.0.1:{}", ports::DISCOVERY))]
     pub discovery_addr: String,
     /// The reader's token the console reads with (default: the local stack's
-    /// `.data/auth/reader.token`).
+    /// `.data/auth/reader.token`), read again when the file changes (a rotated Secret).
     #[arg(long, env = "CONSOLE_READER_TOKEN_FILE")]
     pub reader_token_file: Option<PathBuf>,
+    /// Read with no token at all: for services run with AUTH_DISABLED, where there is none.
+    #[arg(long, env = "CONSOLE_NO_TOKEN", conflicts_with = "reader_token_file")]
+    pub no_token: bool,
     /// An operator's token: with it the source page offers Trigger build (that call alone
     /// carries it). Without it the console can only read.
     #[arg(long, env = "CONSOLE_OPERATOR_TOKEN_FILE")]
@@ -105,22 +108,35 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
     };
     // After `connect` (which installs the command line's own token): every call the console
     // makes presents the reader's.
-    let reader = args
-        .reader_token_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(".data/auth/reader.token"));
-    merkle_shared::auth::token::install(&token_file(&reader)?)
-        .map_err(|rule| anyhow::anyhow!("{}: {rule}", reader.display()))?;
+    if args.no_token {
+        merkle_shared::auth::token::clear();
+    } else {
+        let reader = args
+            .reader_token_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".data/auth/reader.token"));
+        merkle_shared::auth::token::install_file(&reader).map_err(anyhow::Error::msg)?;
+    }
     let app = router(console);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("the console is at http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    // SIGTERM (Kubernetes) or Ctrl-C: stop accepting, let pages finish, and give live views
+    // (server-sent events, open as long as a build runs) a few seconds before closing them.
+    let shutdown = merkle_shared::shutdown::Shutdown::on_signals()?;
+    let mut stopping = shutdown.clone();
+    let serve = axum::serve(listener, app).with_graceful_shutdown({
+        let mut shutdown = shutdown;
+        async move { shutdown.wait().await }
+    });
+    tokio::select! {
+        served = serve => served?,
+        () = async {
+            stopping.wait().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => {}
+    }
     Ok(())
 }
 

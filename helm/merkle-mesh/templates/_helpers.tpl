@@ -24,10 +24,9 @@ app.kubernetes.io/instance: {{ .release }}
 {{- else }}{"enabled":false}{{- end -}}
 {{- end -}}
 
-{{/* The checkov checks skipped on every workload, with why (`checkov.io/skipN` annotations). */}}
+{{/* The checkov checks skipped on every workload, the console's too, with why (`checkov.io/skipN` annotations). */}}
 {{- define "merkle-mesh.checkovSkips" -}}
 checkov.io/skip1: "CKV_K8S_43=The image is referenced by the release tag the operator sets; pin a digest in image.tag to enforce one."
 checkov.io/skip2: "CKV_K8S_15=IfNotPresent is right for immutable release tags; image.pullPolicy can be set to Always."
 checkov.io/skip3: "CKV_K8S_11=No CPU limit on purpose: limits throttle latency-sensitive gRPC servers; requests reserve CPU and the HPA scales on it."
-checkov.io/skip4: "CKV_K8S_35=DATABASE_URL, DATABASE_READ_URL and REDIS_URL (or REDIS_CLUSTER_NODES) come from the operator's Secrets as environment variables, the one way the services read them."
 {{- end -}}

@@ -38,6 +38,11 @@ pub fn install(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Presents no token from now on (a client of a stack run with `AUTH_DISABLED`).
+pub fn clear() {
+    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
 /// Presents the token in `path`, and the file's new token whenever it changes.
 pub fn install_file(path: &Path) -> Result<(), String> {
     let read = |path: &Path| -> Result<(), String> {
