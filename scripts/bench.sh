@@ -24,6 +24,9 @@
 #                                           the whole stack under concurrent callers of a mix of
 #                                           real calls while builds run, beside one caller;
 #                                           each service's peak RSS
+#   scripts/bench.sh console [--sources 10000]
+#                                           the web console's pages at 10,000 sources beside
+#                                           the gRPC calls each page makes
 #   scripts/bench.sh faults                 the fault campaign's long variants (five sources,
 #                                           DbSync frozen 30 s): the integration suite
 #                                           tests/faults.rs with FAULTS_LONG=1

@@ -21,10 +21,13 @@
 //!   tree, beside the plain node proof ([`bundle`]);
 //! - `load`: the whole release stack under 200 concurrent callers of a mix of real calls while
 //!   builds run, beside the same mix with one caller ([`load`]);
+//! - `console`: `merklectl console`'s pages at 10,000 sources, beside the gRPC calls each
+//!   makes ([`console`]);
 //! - `echo-server`: that bare server, which the RPC benchmarks start as a separate process.
 
 mod bundle;
 mod cache;
+mod console;
 mod db_sync;
 mod discovery;
 mod fleet;
@@ -76,6 +79,8 @@ enum Command {
     /// The whole release stack under many concurrent callers of a mix of real calls while
     /// builds run: rate, p50/p90/p99 and errors per call, each service's peak RSS.
     Load(load::LoadArgs),
+    /// The console at 10,000 sources: each page's time beside the gRPC calls it makes.
+    Console(console::ConsoleBenchArgs),
     /// Serve the bare tonic echo (grpc.health.v1.Health/Check) on 127.0.0.1:PORT, optionally
     /// forwarding each call to another echo (two hops).
     #[command(hide = true)]
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Log(args)) => tlog::run(args),
         Some(Command::Bundle(args)) => bundle::run(args),
         Some(Command::Load(args)) => load::run_load(args),
+        Some(Command::Console(args)) => console::run(args),
         Some(Command::EchoServer(args)) => rpc::serve_echo(args),
     }
 }
