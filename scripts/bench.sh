@@ -39,4 +39,4 @@ if [ "${1:-}" = faults ]; then
   FAULTS_LONG=1 exec cargo test --locked -p integration-tests --test faults
 fi
 cargo build --release --locked -p merklectl -p merkle-tree-builder -p merkle-cache -p merkle-db-sync -p merkle-scheduler -p merkle-discovery -p merkle-bench
-exec target/release/merkle-bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/merkle-bench" "$@"

@@ -15,7 +15,9 @@ use anyhow::Context as _;
 use futures::{StreamExt as _, stream};
 use merkle_proto::{
     cache::v1::{GetStatsRequest, cache_service_client::CacheServiceClient},
-    dbsync::v1::{ListSnapshotsRequest, db_sync_service_client::DbSyncServiceClient},
+    dbsync::v1::{
+        GetChangeActivityRequest, ListSnapshotsRequest, db_sync_service_client::DbSyncServiceClient,
+    },
     discovery::v1::{ListClientsRequest, discovery_service_client::DiscoveryServiceClient},
     scheduler::v1::{
         CreateSourceRequest, GetSourceRequest, ListBuildsRequest, ListSourcesRequest, Source,
@@ -68,7 +70,7 @@ fn ms(d: Duration) -> String {
 }
 
 /// The overview's calls, as the console makes them: a page of sources, each one's last build
-/// at once, the cache's statistics, the fleet.
+/// and the page's change activity at once, the cache's statistics, the fleet.
 async fn overview_calls(mut c: Clients, token: String) -> anyhow::Result<()> {
     let page = c
         .scheduler
@@ -78,7 +80,7 @@ async fn overview_calls(mut c: Clients, token: String) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    futures::future::try_join_all(page.sources.iter().map(|s| {
+    let builds = futures::future::try_join_all(page.sources.iter().map(|s| {
         let mut scheduler = c.scheduler.clone();
         let source = s.name.clone();
         async move {
@@ -90,8 +92,14 @@ async fn overview_calls(mut c: Clients, token: String) -> anyhow::Result<()> {
                 })
                 .await
         }
-    }))
-    .await?;
+    }));
+    let activity = c.db_sync.get_change_activity(GetChangeActivityRequest {
+        sources: page.sources.iter().map(|s| s.name.clone()).collect(),
+        days: 14,
+    });
+    let (builds, activity) = tokio::join!(builds, activity);
+    builds?;
+    activity?;
     c.cache.get_stats(GetStatsRequest {}).await?;
     c.discovery
         .list_clients(ListClientsRequest::default())
@@ -99,7 +107,7 @@ async fn overview_calls(mut c: Clients, token: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The source page's calls: the source, its last 20 builds, its snapshots.
+/// The source page's calls: the source, its last 20 builds, its snapshots, its activity.
 async fn source_calls(mut c: Clients, name: String) -> anyhow::Result<()> {
     c.scheduler
         .get_source(GetSourceRequest { name: name.clone() })
@@ -113,9 +121,15 @@ async fn source_calls(mut c: Clients, name: String) -> anyhow::Result<()> {
         .await?;
     c.db_sync
         .list_snapshots(ListSnapshotsRequest {
-            source: name,
+            source: name.clone(),
             page_size: PAGE,
             ..Default::default()
+        })
+        .await?;
+    c.db_sync
+        .get_change_activity(GetChangeActivityRequest {
+            sources: vec![name],
+            days: 14,
         })
         .await?;
     Ok(())
@@ -339,7 +353,7 @@ async fn bench(args: ConsoleBenchArgs) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|");
     let rows = [
         (
-            "overview `/?page=` (50 sources, 50 ListBuilds)",
+            "overview `/?page=` (50 sources: 50 ListBuilds, 1 GetChangeActivity)",
             &overview,
             Some(&overview_peer),
         ),

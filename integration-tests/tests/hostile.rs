@@ -753,6 +753,15 @@ fn cases(root: &str) -> Vec<Case> {
             "sources: has 100000 names; compare 2 to 1000",
         ),
         case(
+            db("GetChangeActivity"),
+            dbsync::GetChangeActivityRequest {
+                sources: vec!["a".into(); 100_000],
+                days: 0,
+            },
+            InvalidArgument,
+            "sources: has 100000 names; name 1 to 100",
+        ),
+        case(
             db("GetLogCheckpoint"),
             dbsync::GetLogCheckpointRequest { size: u64::MAX },
             OutOfRange,

@@ -23,8 +23,9 @@ use futures::StreamExt as _;
 use merkle_proto::{
     cache::v1::{GetStatsRequest, cache_service_client::CacheServiceClient},
     dbsync::v1::{
-        DiffSnapshotsRequest, GetDriftRequest, GetInclusionProofRequest, GetLogCheckpointRequest,
-        GetSnapshotRequest, ListDirectoryRequest, ListSnapshotsRequest, Snapshot,
+        DiffSnapshotsRequest, GetChangeActivityRequest, GetChangeActivityResponse, GetDriftRequest,
+        GetInclusionProofRequest, GetLogCheckpointRequest, GetSnapshotRequest,
+        ListDirectoryRequest, ListSnapshotsRequest, Snapshot,
         db_sync_service_client::DbSyncServiceClient,
     },
     discovery::v1::{ListClientsRequest, discovery_service_client::DiscoveryServiceClient},
@@ -197,7 +198,7 @@ async fn overview(State(mut c): State<Console>, Query(paging): Query<Paging>) ->
         .await
         .map_err(failed("Scheduler"))?
         .into_inner();
-    // Each source's last build, all asked at once.
+    // Each source's last build, all asked at once, and the page's change activity in one call.
     let last_builds = futures::future::join_all(page.sources.iter().map(|s| {
         let mut scheduler = c.scheduler.clone();
         let source = s.name.clone();
@@ -212,8 +213,9 @@ async fn overview(State(mut c): State<Console>, Query(paging): Query<Paging>) ->
                 .ok()
                 .and_then(|r| r.into_inner().builds.into_iter().next())
         }
-    }))
-    .await;
+    }));
+    let activity = activity(&c, page.sources.iter().map(|s| s.name.clone()).collect());
+    let (last_builds, activity) = tokio::join!(last_builds, activity);
     let stats = c.cache.get_stats(GetStatsRequest {}).await.ok();
     let fleet = c
         .discovery
@@ -226,11 +228,26 @@ async fn overview(State(mut c): State<Console>, Query(paging): Query<Paging>) ->
             &page.sources,
             &last_builds,
             &page.next_page_token,
+            activity.as_ref(),
             stats.map(|s| s.into_inner()).as_ref(),
             fleet.as_ref(),
         )
         .into_string(),
     ))
+}
+
+/// How often each of `sources` changed over the last two weeks (DbSync's change activity);
+/// `None` when there are none or DbSync does not answer (the page then says so).
+async fn activity(c: &Console, sources: Vec<String>) -> Option<GetChangeActivityResponse> {
+    if sources.is_empty() {
+        return None;
+    }
+    c.db_sync
+        .clone()
+        .get_change_activity(GetChangeActivityRequest { sources, days: 14 })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
 }
 
 #[derive(Deserialize)]
@@ -278,6 +295,7 @@ async fn source(
         Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
         Err(status) => return Err(failed("DbSync")(status)),
     };
+    let activity = activity(&c, vec![name.clone()]).await;
     // Follow the build asked for, else one queued or running.
     let live = if q.build.is_empty() {
         builds
@@ -292,6 +310,7 @@ async fn source(
             &source,
             &builds,
             &snapshots,
+            activity.as_ref(),
             live.as_deref(),
             c.operator.is_some(),
         )

@@ -169,6 +169,8 @@ async fn every_hot_path_query_is_served_by_an_index() {
             "SOURCES" => db.query(&sql, &[&"", &100i64]).await,
             "LATEST_IN_RANGE" => db.query(&sql, &[&"docs@", &"docsA", &i64::MAX]).await,
             "LATEST_OF_NAMES" => db.query(&sql, &[&vec!["docs"], &i64::MAX]).await,
+            "ACTIVITY_TOTALS" => db.query(&sql, &[&vec!["docs"]]).await,
+            "ACTIVITY_DAYS" => db.query(&sql, &[&vec!["docs"], &now]).await,
             "FIND_NODES" => db.query(&sql, &[&hashes, &60.0f64]).await,
             "TOUCH_TREE" => {
                 db.query(&sql, &[&hashes, &60.0f64, &vec![0i32], &256i32])

@@ -4,6 +4,7 @@
 //! with Redis or the Cache service down, retention and garbage collection while a sync runs,
 //! PostgreSQL restarting mid-sync, bad input, and the indexes behind every hot-path query.
 
+mod activity;
 mod degradation;
 mod drift;
 mod input;

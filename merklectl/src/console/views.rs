@@ -6,7 +6,8 @@ use merkle_proto::{
     cache::v1::GetStatsResponse,
     common::v1::{BuildPhase, ChangeType, EntryKind, PathChange},
     dbsync::v1::{
-        DriftGroup, GetDriftResponse, GetLogCheckpointResponse, ListDirectoryResponse, Snapshot,
+        ChangeActivity, DriftGroup, GetChangeActivityResponse, GetDriftResponse,
+        GetLogCheckpointResponse, ListDirectoryResponse, Snapshot,
     },
     discovery::v1::ListClientsResponse,
     scheduler::v1::{Build, BuildState, Source},
@@ -17,7 +18,7 @@ nav{padding:.8em 0;border-bottom:1px solid #ddd;margin-bottom:1em}nav a{margin-r
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:.25em .8em;border-bottom:1px solid #eee;text-align:left}\
 code{font-size:12px}.ok{color:#176f2c}.bad{color:#b00020}.muted{color:#777}\
 .cards{display:flex;gap:1em;margin-bottom:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em}\
-.bar{display:inline-block;background:#4a7bd0;height:10px;vertical-align:middle}pre{background:#f6f6f6;padding:.8em}";
+.bar{display:inline-block;background:#4a7bd0;height:10px;vertical-align:middle}.spark rect.some{fill:#4a7bd0}.spark rect.none{fill:#ccc}pre{background:#f6f6f6;padding:.8em}";
 
 /// Follows a build over server-sent events and updates `#live` in place, no reload.
 const LIVE_SCRIPT: &str = r#"
@@ -114,9 +115,18 @@ pub fn overview(
     sources: &[Source],
     last_builds: &[Option<Build>],
     next_page: &str,
+    activity: Option<&GetChangeActivityResponse>,
     stats: Option<&GetStatsResponse>,
     fleet: Option<&ListClientsResponse>,
 ) -> Markup {
+    let activity_of = |name: &str| {
+        activity.and_then(|all| {
+            all.sources
+                .iter()
+                .find(|a| a.source == name)
+                .map(|a| (all, a))
+        })
+    };
     let (hits, misses) = stats.map_or((0, 0), |s| {
         s.namespaces
             .iter()
@@ -149,7 +159,7 @@ pub fn overview(
                 }
             }
             table id="sources" {
-                thead { tr { th { "source" } th { "path" } th { "last build" } th { "state" } th { "files" } th { "next build" } } }
+                thead { tr { th { "source" } th { "path" } th { "last build" } th { "state" } th { "files" } th { "last change" } th { "changes per day" } th { "next build" } } }
                 tbody {
                     @for (s, b) in sources.iter().zip(last_builds) {
                         tr {
@@ -163,6 +173,13 @@ pub fn overview(
                                 }
                                 None => { td.muted { "never built" } td {} td {} }
                             }
+                            @match activity_of(&s.name) {
+                                Some((all, a)) => {
+                                    td.changed { (a.last_change_time.map_or("never".to_owned(), |t| time(Some(t)))) }
+                                    td { (sparkline(all, a)) }
+                                }
+                                None => { td.muted { "DbSync did not answer" } td {} }
+                            }
                             td { (time(s.next_build_time)) }
                         }
                     }
@@ -174,18 +191,42 @@ pub fn overview(
     )
 }
 
-/// Builds per day of the snapshots listed, oldest day first, as a small bar chart.
-fn changes_per_day(snapshots: &[Snapshot]) -> Markup {
-    let mut days: std::collections::BTreeMap<String, u32> = Default::default();
-    for s in snapshots {
-        let day: String = time(s.create_time).chars().take(10).collect();
-        *days.entry(day).or_default() += 1;
+/// The day (`YYYY-MM-DD`, UTC) `i` days after the activity's first.
+fn day_of(activity: &GetChangeActivityResponse, i: usize) -> String {
+    let first = activity.first_day.unwrap_or_default();
+    let day = prost_types::Timestamp {
+        seconds: first.seconds + 86_400 * i as i64,
+        nanos: 0,
+    };
+    time(Some(day)).chars().take(10).collect()
+}
+
+/// A source's changes per day as a small inline bar chart, each bar titled with its day.
+fn sparkline(activity: &GetChangeActivityResponse, a: &ChangeActivity) -> Markup {
+    let most = a.changes_per_day.iter().copied().max().unwrap_or(0).max(1);
+    let width = 5 * a.changes_per_day.len();
+    html! {
+        svg.spark width=(width) height="16" role="img" aria-label=(format!("{} changes in {} days", a.changes_per_day.iter().sum::<u32>(), a.changes_per_day.len())) {
+            @for (i, n) in a.changes_per_day.iter().enumerate() {
+                @let h = if *n == 0 { 1 } else { 3 + 13 * n / most };
+                rect x=(5 * i) y=(16 - h) width="4" height=(h) class=(if *n == 0 { "none" } else { "some" }) {
+                    title { (day_of(activity, i)) ": " (n) }
+                }
+            }
+        }
     }
-    let most = days.values().copied().max().unwrap_or(1);
+}
+
+/// One source's changes per day (DbSync's change activity), newest day last, as bars.
+fn changes_per_day(activity: &GetChangeActivityResponse) -> Markup {
+    let Some(a) = activity.sources.first() else {
+        return html! {};
+    };
+    let most = a.changes_per_day.iter().copied().max().unwrap_or(0).max(1);
     html! {
         table id="per-day" {
-            @for (day, n) in &days {
-                tr { td { (day) } td { span.bar style=(format!("width:{}px", 4 + 200 * n / most)) {} " " (n) } }
+            @for (i, n) in a.changes_per_day.iter().enumerate() {
+                tr { td { (day_of(activity, i)) } td { span.bar style=(format!("width:{}px", 4 + 200 * n / most)) {} " " (n) } }
             }
         }
     }
@@ -195,6 +236,7 @@ pub fn source(
     source: &Source,
     builds: &[Build],
     snapshots: &[Snapshot],
+    activity: Option<&GetChangeActivityResponse>,
     live: Option<&str>,
     can_trigger: bool,
 ) -> Markup {
@@ -236,7 +278,10 @@ pub fn source(
                     }
                 }
             }
-            @if !snapshots.is_empty() { h2 { "Snapshots per day" } (changes_per_day(snapshots)) }
+            @if let Some(activity) = activity.filter(|_| !snapshots.is_empty()) {
+                h2 { "Changes per day (" (activity.sources.first().map_or(0, |a| a.changes_per_day.len())) " days, UTC)" }
+                (changes_per_day(activity))
+            }
             h2 { "Builds" }
             table id="builds" {
                 @for b in builds {

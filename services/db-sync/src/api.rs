@@ -7,16 +7,17 @@ use std::{pin::Pin, sync::Arc, time::SystemTime};
 use merkle_core::Digest;
 use merkle_proto::dbsync::v1::{
     DiffSnapshotsRequest, DiffSnapshotsResponse, DriftGroup, DriftMember, FindMissingNodesRequest,
-    FindMissingNodesResponse, GetDriftRequest, GetDriftResponse, GetHistoryProofRequest,
-    GetHistoryProofResponse, GetInclusionProofRequest, GetInclusionProofResponse,
-    GetLatestRootRequest, GetLatestRootResponse, GetLogCheckpointRequest, GetLogCheckpointResponse,
-    GetLogConsistencyProofRequest, GetLogConsistencyProofResponse, GetLogInclusionProofRequest,
-    GetLogInclusionProofResponse, GetLogTileRequest, GetLogTileResponse, GetRetentionPolicyRequest,
-    GetRetentionPolicyResponse, GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest,
-    ListDirectoryResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest,
-    ListSourcesResponse, SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary,
-    SyncTreeRequest, SyncTreeResponse, WarmCacheRequest, WarmCacheResponse,
-    db_sync_service_server::DbSyncService, sync_tree_request::Content,
+    FindMissingNodesResponse, GetChangeActivityRequest, GetChangeActivityResponse, GetDriftRequest,
+    GetDriftResponse, GetHistoryProofRequest, GetHistoryProofResponse, GetInclusionProofRequest,
+    GetInclusionProofResponse, GetLatestRootRequest, GetLatestRootResponse,
+    GetLogCheckpointRequest, GetLogCheckpointResponse, GetLogConsistencyProofRequest,
+    GetLogConsistencyProofResponse, GetLogInclusionProofRequest, GetLogInclusionProofResponse,
+    GetLogTileRequest, GetLogTileResponse, GetRetentionPolicyRequest, GetRetentionPolicyResponse,
+    GetSnapshotRequest, GetSnapshotResponse, ListDirectoryRequest, ListDirectoryResponse,
+    ListSnapshotsRequest, ListSnapshotsResponse, ListSourcesRequest, ListSourcesResponse,
+    SetRetentionPolicyRequest, SetRetentionPolicyResponse, SourceSummary, SyncTreeRequest,
+    SyncTreeResponse, WarmCacheRequest, WarmCacheResponse, db_sync_service_server::DbSyncService,
+    sync_tree_request::Content,
 };
 use merkle_shared::{
     cache::CacheSource,
@@ -31,6 +32,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use crate::{
+    activity,
     archive::Archive,
     browse, drift,
     error::Error,
@@ -730,6 +732,59 @@ impl DbSyncService for DbSyncApi {
             head: page.head,
             next_page_token,
             signing: signer.is_signing(),
+        }))
+    }
+
+    async fn get_change_activity(
+        &self,
+        request: Request<GetChangeActivityRequest>,
+    ) -> Result<Response<GetChangeActivityResponse>, Status> {
+        let request = request.into_inner();
+        let count = request.sources.len();
+        if !(1..=activity::MAX_SOURCES).contains(&count) {
+            return Err(Error::bad_request(
+                "sources",
+                format!("has {count} names; name 1 to {}", activity::MAX_SOURCES),
+            )
+            .into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut names = Vec::with_capacity(count);
+        for (i, name) in request.sources.iter().enumerate() {
+            let field = format!("sources[{i}]");
+            if !seen.insert(name.as_str()) {
+                return Err(Error::bad_request(&field, format!("names {name:?} twice")).into());
+            }
+            names.push(source(&field, name)?);
+        }
+        let days = match request.days {
+            0 => activity::DEFAULT_DAYS,
+            d if d <= activity::MAX_DAYS => d,
+            d => {
+                return Err(Error::bad_request(
+                    "days",
+                    format!(
+                        "is {d}; count 1 to {} days (0 means 14)",
+                        activity::MAX_DAYS
+                    ),
+                )
+                .into());
+            }
+        };
+        let first_day = activity::first_day(SystemTime::now(), days);
+        let wanted: Vec<&str> = names.iter().map(SourceName::as_str).collect();
+        let read = async |pool: &merkle_shared::postgres::PgPool| {
+            let conn = pool.get().await?;
+            activity::read(&*conn, &wanted, first_day, days).await
+        };
+        let target = self.archive.read_target().await;
+        let found = match read(target.pool).await {
+            failed if self.archive.read_again(&target, &failed) => read(&self.archive.pool).await,
+            outcome => outcome,
+        }?;
+        Ok(Response::new(GetChangeActivityResponse {
+            sources: found.iter().map(activity::Activity::to_proto).collect(),
+            first_day: Some(first_day.into()),
         }))
     }
 

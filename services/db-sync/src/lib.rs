@@ -20,6 +20,7 @@
 //! - `witness`: submitting checkpoints to witnesses, keeping their cosignatures;
 //! - `store`: the schema and the SQL.
 
+mod activity;
 mod api;
 mod archive;
 mod browse;

@@ -126,6 +126,16 @@ pub mod queries {
         " FROM merkle_roots m WHERE m.source = s.name AND m.id <= $2 ORDER BY m.sequence DESC \
          LIMIT 1) r WHERE s.name = ANY($1)"
     );
+    /// Each name asked ($1) with its snapshot count and its latest snapshot's time (the
+    /// (source, created_at) index's last entry); NULLs for a source with none.
+    pub const ACTIVITY_TOTALS: &str = "SELECT n.name, s.snapshot_count, \
+         (SELECT max(m.created_at) FROM merkle_roots m WHERE m.source = n.name) \
+         FROM unnest($1::text[]) AS n(name) LEFT JOIN merkle_sources s ON s.name = n.name";
+    /// Snapshots of the names ($1) stored since $2, counted per day from $2.
+    pub const ACTIVITY_DAYS: &str = "SELECT source, \
+         floor(extract(epoch FROM created_at - $2::timestamptz) / 86400)::int4, count(*) \
+         FROM merkle_roots WHERE source = ANY($1) AND created_at >= $2::timestamptz \
+         GROUP BY 1, 2";
     pub const SOURCE: &str = "SELECT name, keep_last, keep_within_secs, snapshot_count, retention_set_by FROM merkle_sources WHERE name = $1";
     /// Which of the hashes are stored; those found and not used for `$2` seconds (half of
     /// GC_GRACE) are marked used, so garbage collection spares them while the sync that asked
@@ -201,6 +211,8 @@ pub mod queries {
         ("SOURCE", SOURCE),
         ("LATEST_IN_RANGE", LATEST_IN_RANGE),
         ("LATEST_OF_NAMES", LATEST_OF_NAMES),
+        ("ACTIVITY_TOTALS", ACTIVITY_TOTALS),
+        ("ACTIVITY_DAYS", ACTIVITY_DAYS),
         ("FIND_NODES", FIND_NODES),
         ("TOUCH_TREE", TOUCH_TREE),
         ("EXISTING", EXISTING),

@@ -93,6 +93,7 @@ pub const RULES: &[Rule] = &[
     r(DB_SYNC, "DiffSnapshots",      READER,   NONE,           READS,  ""),
     r(DB_SYNC, "GetInclusionProof",  READER,   NONE,           READS,  ""),
     r(DB_SYNC, "GetDrift",           READER,   NONE,           READS,  ""),
+    r(DB_SYNC, "GetChangeActivity",  READER,   NONE,           READS,  ""),
     r(DB_SYNC, "WarmCache",          OPERATOR, &[Cache],       READS,  ""),
     r(DB_SYNC, "GetHistoryProof",    READER,   NONE,           READS,  ""),
     r(DB_SYNC, "GetLogCheckpoint",       READER, NONE, READS, ""),
@@ -200,7 +201,7 @@ mod tests {
     #[test]
     fn every_rpc_of_the_contract_has_exactly_one_rule() {
         let rpcs = contract_rpcs();
-        assert_eq!(rpcs.len(), 45, "the contract's RPCs: {rpcs:?}");
+        assert_eq!(rpcs.len(), 46, "the contract's RPCs: {rpcs:?}");
         for rpc in &rpcs {
             let rows = RULES.iter().filter(|r| &r.path() == rpc).count();
             assert_eq!(rows, 1, "{rpc} has {rows} rules");
