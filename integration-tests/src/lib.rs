@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod raw;
+pub mod up;
 
 pub use merkle_shared::auth::token::ClientAuth;
 pub use merklectl::credentials::Credentials;

@@ -1,14 +1,16 @@
 //! The web console in a real browser: Debian's chromium, driven over WebDriver (chromedriver,
 //! the W3C protocol spoken here with plain HTTP), against the real services and the real
 //! `merklectl console`. The overview lists the sources; a triggered build's progress updates
-//! on the source page without a reload; the diff page lists the changed path; the drift page
-//! shows the outlier node of a three-node fleet; the log page shows the checkpoint; a console
-//! without an operator's token offers no Trigger and refuses one.
+//! on the source page without a reload; the diff page lists the changed path; a stored tree is
+//! browsed and an entry's proof bundle downloaded and verified; the log page shows the
+//! checkpoint; a console without an operator's token offers no Trigger and refuses one. The
+//! drift page shows the node that differs in a real three-node local fleet (`merklectl up
+//! --fleet-nodes 2`).
 //!
 //! With `CONSOLE_SCREENSHOTS=DIR` the pages' screenshots are written there (the README's).
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -237,46 +239,61 @@ fn probe(url: &str) -> bool {
         .success()
 }
 
+/// What a console reads: the four services it calls, the tokens it may use, and where its log
+/// goes.
+struct Target {
+    /// Scheduler, DbSync, Cache and Discovery, in that order.
+    uris: [String; 4],
+    reader: PathBuf,
+    operator: PathBuf,
+    dir: PathBuf,
+}
+
+impl Target {
+    /// The services of a test stack, with the test credentials.
+    fn of(stack: &mut TestStack) -> Target {
+        Target {
+            uris: ["scheduler", "db-sync", "cache", "discovery"]
+                .map(|name| stack.service_mut(name).uri()),
+            reader: credentials().token_file("reader"),
+            operator: credentials().token_file("operator"),
+            dir: stack.dir().to_path_buf(),
+        }
+    }
+}
+
 /// Starts `merklectl console` on a free port; returns its URL and the process once the
 /// chart's probe passes.
-async fn console(stack: &mut TestStack, launch: Launch) -> (String, ManagedProcess) {
+async fn console(target: &Target, launch: Launch) -> (String, ManagedProcess) {
     let port = free_port().expect("port");
     let mut command = Command::new(binary("merklectl"));
     command.arg("console").env_remove("MERKLE_TOKEN_FILE");
-    let services = [
-        ("scheduler", "SCHEDULER_ADDR"),
-        ("db-sync", "DB_SYNC_ADDR"),
-        ("cache", "CACHE_ADDR"),
-        ("discovery", "DISCOVERY_ADDR"),
-    ];
+    let services = ["scheduler", "db-sync", "cache", "discovery"];
     if launch == Launch::OperatorFlags {
         command.args(["--listen", &format!("127.0.0.1:{port}")]);
-        for (service, _) in services {
-            command.args([
-                format!("--{service}-addr"),
-                stack.service_mut(service).uri(),
-            ]);
+        for (service, uri) in services.iter().zip(&target.uris) {
+            command.args([format!("--{service}-addr"), uri.clone()]);
         }
         command
             .arg("--reader-token-file")
-            .arg(credentials().token_file("reader"))
+            .arg(&target.reader)
             .arg("--operator-token-file")
-            .arg(credentials().token_file("operator"));
+            .arg(&target.operator);
     } else {
         command.env("CONSOLE_LISTEN_ADDR", format!("127.0.0.1:{port}"));
-        for (service, variable) in services {
-            command.env(variable, stack.service_mut(service).uri());
+        for (service, uri) in services.iter().zip(&target.uris) {
+            command.env(
+                format!("{}_ADDR", service.to_uppercase().replace('-', "_")),
+                uri,
+            );
         }
         if launch == Launch::ReaderEnv {
-            command.env(
-                "CONSOLE_READER_TOKEN_FILE",
-                credentials().token_file("reader"),
-            );
+            command.env("CONSOLE_READER_TOKEN_FILE", &target.reader);
         } else {
             command.env("CONSOLE_NO_TOKEN", "true");
         }
     }
-    let log = stack.dir().join(format!("console-{port}.log"));
+    let log = target.dir.join(format!("console-{port}.log"));
     let process =
         ManagedProcess::spawn("console", command, Signal::SIGTERM, &log).expect("console");
     let url = format!("http://127.0.0.1:{port}");
@@ -293,7 +310,7 @@ async fn console(stack: &mut TestStack, launch: Launch) -> (String, ManagedProce
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real_browser() {
+async fn the_console_shows_sources_live_builds_diffs_trees_and_the_log_in_a_real_browser() {
     let mut stack = TestStack::new();
     // The history signed, as `merklectl up` signs it: a downloaded proof bundle checks out.
     let keys = stack.dir().join("keys");
@@ -308,7 +325,6 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     stack.set_service_env("db-sync", "SIGNING_KEY_FILE", private.display().to_string());
     stack.start_all().await;
     let scheduler = stack.service_mut("scheduler").uri();
-    let db_sync = stack.service_mut("db-sync").uri();
     // A source with a snapshot, then a file changed (the next build stores a second one).
     let docs = stack.dir().join("docs");
     std::fs::create_dir_all(docs.join("guide")).expect("mkdir");
@@ -326,21 +342,8 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     let (code, out, err) = run_merklectl(&["build", "docs", "--addr", &scheduler]);
     assert_eq!(code, Some(0), "{out}{err}");
     std::fs::write(docs.join("guide/page-042.md"), "edited").expect("write");
-    // A fleet of three nodes as the Scheduler stores it (`web@<node>`), node-3 different.
-    let web = stack.dir().join("web");
-    std::fs::create_dir_all(&web).expect("mkdir");
-    std::fs::write(web.join("index.html"), "hello").expect("write");
-    let web_arg = web.to_str().expect("utf-8");
-    for node in ["node-1", "node-2"] {
-        let (code, _, err) =
-            run_merklectl(&["push", &format!("web@{node}"), web_arg, "--addr", &db_sync]);
-        assert_eq!(code, Some(0), "{err}");
-    }
-    std::fs::write(web.join("index.html"), "tampered").expect("write");
-    let (code, _, err) = run_merklectl(&["push", "web@node-3", web_arg, "--addr", &db_sync]);
-    assert_eq!(code, Some(0), "{err}");
 
-    let (url, _console) = console(&mut stack, Launch::OperatorFlags).await;
+    let (url, _console) = console(&Target::of(&mut stack), Launch::OperatorFlags).await;
     let browser = Browser::start(stack.dir()).await;
 
     // The overview.
@@ -351,6 +354,12 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
         "{sources}"
     );
     assert!(browser.text("#fleet").await.contains("1 ready"));
+    // Its last change and changes per day (DbSync's change activity): one snapshot, today.
+    assert!(!browser.text("#sources td.changed").await.contains("never"));
+    let spark = browser
+        .script("return document.querySelector('#sources svg.spark').getAttribute('aria-label');")
+        .await;
+    assert_eq!(spark, json!("1 changes in 14 days"));
     browser.screenshot("overview").await;
 
     // A build triggered from the source page, followed live: the page is not reloaded (a
@@ -371,6 +380,22 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
         "the page reloaded"
     );
     browser.screenshot("source").await;
+    // Reloaded, the page counts today's two changes among its 14 days.
+    browser.go(&format!("{url}/sources/docs")).await;
+    let days = browser
+        .script(
+            "return [...document.querySelectorAll('#per-day tr')]\
+             .map(r => r.cells[1].textContent.trim());",
+        )
+        .await;
+    let days: Vec<&str> = days
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|d| d.as_str().expect("text"))
+        .collect();
+    assert_eq!(days.len(), 14, "{days:?}");
+    assert_eq!(days[13], "2", "{days:?}");
 
     // The diff of the two snapshots.
     browser.go(&format!("{url}/sources/docs")).await;
@@ -407,34 +432,19 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     let (status, bundle) = http("GET", &format!("{url}{proof_href}"), &[], "").await;
     assert_eq!(status, 200, "{bundle}");
 
-    // Fleet drift: node-3 is the outlier, index.html the path.
-    browser.go(&format!("{url}/drift/web")).await;
-    assert!(
-        browser
-            .text("#drift-summary")
-            .await
-            .starts_with("3 members, 1 differ")
-    );
-    let outlier = browser.text(".outlier").await;
-    assert!(
-        outlier.contains("node-3") && outlier.contains("index.html"),
-        "{outlier}"
-    );
-    browser.screenshot("drift").await;
-
-    // The log: every record so far (two docs snapshots, three web nodes) once checkpointed
+    // The log: every record so far (the two docs snapshots) once checkpointed
     // (within LOG_INTERVAL of the last commit; the page shows the checkpoint it was served).
     let size = browser
         .text_until_reloaded(&format!("{url}/log"), "#log-size", |s| {
-            s.contains("holds 5 records")
+            s.contains("holds 2 records")
         })
         .await;
-    assert!(size.contains("5"), "{size}");
+    assert!(size.contains("2"), "{size}");
     assert!(
         browser
             .text("#checkpoint")
             .await
-            .starts_with("merkle-mesh.local/log\n5\n")
+            .starts_with("merkle-mesh.local/log\n2\n")
     );
     assert_eq!(browser.text("#verifier-key").await, log_key);
     browser.screenshot("log").await;
@@ -461,7 +471,7 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     // A console with the reader's identity alone (started as the chart starts it) offers no
     // Trigger and refuses one; an operator's console refuses a trigger from another page's
     // origin.
-    let (reader_url, _reader) = console(&mut stack, Launch::ReaderEnv).await;
+    let (reader_url, _reader) = console(&Target::of(&mut stack), Launch::ReaderEnv).await;
     let (status, page) = http("GET", &format!("{reader_url}/sources/docs"), &[], "").await;
     assert_eq!(status, 200);
     assert!(
@@ -530,10 +540,120 @@ async fn the_console_shows_sources_live_builds_diffs_drift_and_the_log_in_a_real
     assert!(!probe(&format!("http://127.0.0.1:{closed}/healthz")));
     // A console told to send no token (for services run with AUTH_DISABLED) sends none: this
     // stack authenticates, so its pages are refused, naming why.
-    let (anonymous, _anonymous) = console(&mut stack, Launch::NoTokenEnv).await;
+    let (anonymous, _anonymous) = console(&Target::of(&mut stack), Launch::NoTokenEnv).await;
     let (status, page) = http("GET", &anonymous, &[], "").await;
     assert!(
         status == 403 && page.contains("Unauthenticated"),
         "{status} {page}"
     );
+}
+
+/// The drift page on a real local fleet: `merklectl up --fleet-nodes 2` (the nodes `local`,
+/// `node-1` and `node-2`, each resolving a relative path in its own folder), one fleet source,
+/// node-2's copy of a file changed before the build.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drift_page_shows_the_node_that_differs_in_a_three_node_local_fleet() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let local = data.path().join("local");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    // Five services and two fleet nodes.
+    let base = integration_tests::up::free_port_block(25_000, 7);
+    let child = integration_tests::up::command(data.path(), base, free_port().expect("port"))
+        .args(["--fleet-nodes", "2", "--allowed-root"])
+        .arg(&local)
+        .spawn()
+        .expect("start merklectl up");
+    let _up = integration_tests::up::StopOnDrop(child);
+    let addr = |offset: u16| format!("http://127.0.0.1:{}", base + offset);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let scheduler_port = merkle_shared::ports::SCHEDULER;
+    let tree_builder = integration_tests::SERVICES
+        .iter()
+        .find(|s| s.name == "tree-builder")
+        .expect("tree-builder")
+        .grpc_name;
+    let serving = integration_tests::SERVICES
+        .iter()
+        .map(|spec| (spec.port - scheduler_port, spec.grpc_name))
+        .chain([(5, tree_builder), (6, tree_builder)]);
+    for (offset, grpc_name) in serving {
+        let at = ([127, 0, 0, 1], base + offset).into();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        integration_tests::wait_for_status(
+            at,
+            grpc_name,
+            integration_tests::ServingStatus::Serving,
+            remaining,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}",
+                std::fs::read_to_string(data.path().join("merklectl.stderr")).unwrap_or_default()
+            )
+        });
+    }
+    // The same site on the three nodes, but node-2's index.html.
+    let stack_dir = data.path().join("stack");
+    let copies = [
+        local.join("web"),
+        merklectl::up::node_root(&stack_dir, 1).join("web"),
+        merklectl::up::node_root(&stack_dir, 2).join("web"),
+    ];
+    for (i, copy) in copies.iter().enumerate() {
+        std::fs::create_dir_all(copy.join("css")).expect("mkdir");
+        std::fs::write(copy.join("css/site.css"), "body {}").expect("write");
+        let index = if i == 2 { "tampered" } else { "hello" };
+        std::fs::write(copy.join("index.html"), index).expect("write");
+    }
+    let admin = stack_dir.join("auth/admin.token");
+    let run = |args: &[&str]| integration_tests::run_merklectl_with_token(&admin, args);
+    let (code, out, err) = run(&["source", "add", "web", "web", "--fleet", "--addr", &addr(0)]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("web"), "{out}");
+    let (code, out, err) = run(&["build", "web", "--addr", &addr(0)]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // The terminal's answer first: node-2 differs, in index.html.
+    let (code, out, err) = run(&["drift", "web", "--addr", &addr(2)]);
+    assert_eq!(
+        code,
+        Some(1),
+        "drift exits 1 when a node differs: {out}{err}"
+    );
+    assert!(
+        out.contains("node-2") && out.contains("index.html"),
+        "{out}"
+    );
+
+    let target = Target {
+        uris: [addr(0), addr(2), addr(3), addr(4)],
+        reader: stack_dir.join("auth/reader.token"),
+        operator: stack_dir.join("auth/operator.token"),
+        dir: data.path().to_path_buf(),
+    };
+    let (url, _console) = console(&target, Launch::ReaderEnv).await;
+    let browser = Browser::start(data.path()).await;
+    browser.go(&format!("{url}/")).await;
+    assert!(browser.text("#fleet").await.contains("3 ready"));
+    // From the fleet source's page to its drift, a click.
+    browser.go(&format!("{url}/sources/web")).await;
+    browser.click("a[href='/drift/web']").await;
+    let summary = browser
+        .text_until("#drift-summary", |s| !s.is_empty())
+        .await;
+    assert!(summary.starts_with("3 members, 1 differ"), "{summary}");
+    let outlier = browser.text(".outlier").await;
+    assert!(
+        outlier.contains("node-2")
+            && outlier.contains("index.html")
+            && !outlier.contains("site.css"),
+        "{outlier}"
+    );
+    let baseline = browser.text("body").await;
+    assert!(
+        baseline.contains("local") && baseline.contains("node-1"),
+        "{baseline}"
+    );
+    browser.screenshot("drift").await;
+    browser.call("DELETE", "", Value::Null).await;
 }

@@ -5,28 +5,18 @@ use std::{
     io::{BufRead as _, BufReader},
     net::TcpListener,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    SERVICES, ServingStatus, binary, free_port, process_exists, run_merklectl_with_token, stack,
+    SERVICES, ServingStatus, free_port, process_exists, run_merklectl_with_token, stack,
+    up::{StopOnDrop, free_port_block},
 };
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-
-/// A base port with the six ports after it free (five services and one fleet node), searched
-/// from `from` (tests that run at once search different ranges).
-fn free_port_block(from: u16) -> u16 {
-    for base in (from..from + 10_000).step_by(37) {
-        if (base..base + 6).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no block of six free ports");
-}
 
 /// The pids of every descendant of `root` (PostgreSQL's workers included), from /proc.
 fn descendants(root: u32) -> Vec<u32> {
@@ -62,49 +52,14 @@ fn descendants(root: u32) -> Vec<u32> {
 /// PostgreSQL, Redis and OTLP ports, and its stderr in `data/merklectl.stderr`; nothing of the
 /// caller's environment picked up.
 fn up(data: &Path, base: u16) -> Command {
-    up_with_redis_port(data, base, free_port().expect("port"))
-}
-
-/// [`up`] with its Redis (or the first node of its Redis Cluster) on `redis_port`.
-fn up_with_redis_port(data: &Path, base: u16, redis_port: u16) -> Command {
-    let stderr = std::fs::File::create(data.join("merklectl.stderr")).expect("log file");
-    let mut command = Command::new(binary("merklectl"));
-    command
-        .arg("up")
-        .arg("--data-dir")
-        .arg(data.join("stack"))
-        .args(["--postgres-port", &free_port().expect("port").to_string()])
-        .args(["--redis-port", &redis_port.to_string()])
-        .args(["--base-port", &base.to_string(), "--no-build"])
-        .args(["--otlp-port", &free_port().expect("port").to_string()])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .env_remove("CARGO")
-        .env_remove("DISCOVERY_BACKEND")
-        .env_remove("STATIC_FILE")
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-    command
-}
-
-/// Stops `merklectl up` if the test fails midway, so that nothing outlives the test.
-struct StopOnDrop(std::process::Child);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGINT);
-            let _ = self.0.wait();
-        }
-    }
+    integration_tests::up::command(data, base, free_port().expect("port"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
     let data = tempfile::tempdir().expect("temporary folder");
     let data_dir = data.path().join("stack");
-    let base = free_port_block(20_000);
+    let base = free_port_block(20_000, 6);
     let mut child = up(data.path(), base)
         .args(["--fleet-nodes", "1"])
         .spawn()
@@ -267,7 +222,7 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
     let watched = data.path().join("site");
     std::fs::create_dir_all(watched.join("a")).expect("mkdir");
     std::fs::write(watched.join("a/page.html"), "v1").expect("write");
-    let base = free_port_block(40_000);
+    let base = free_port_block(40_000, 6);
     let mut child = up(data.path(), base)
         .arg("--watch")
         .arg(&watched)
@@ -391,7 +346,7 @@ fn service_addr(base: u16, name: &str) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crashed_service_is_restarted_saying_why_and_the_others_keep_running() {
     let data = tempfile::tempdir().expect("temporary folder");
-    let base = free_port_block(50_000);
+    let base = free_port_block(50_000, 6);
     let mut child = up(data.path(), base).spawn().expect("start merklectl up");
     let stdout = child.stdout.take().expect("stdout");
     let child = StopOnDrop(child);
@@ -463,7 +418,7 @@ async fn a_crashed_service_is_restarted_saying_why_and_the_others_keep_running()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
     let data = tempfile::tempdir().expect("temporary folder");
-    let base = free_port_block(55_000);
+    let base = free_port_block(55_000, 6);
     // Someone else holds DbSync's port.
     let _taken = TcpListener::bind(service_addr(base, "db-sync")).expect("take the port");
     let started = Instant::now();
@@ -507,14 +462,14 @@ async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_with_a_redis_cluster_serves_on_it_and_stops_all_six_nodes() {
     let data = tempfile::tempdir().expect("temporary folder");
-    let base = free_port_block(30_000);
+    let base = free_port_block(30_000, 6);
     // Six node ports and their six bus ports (+10): sixteen in a row, below the ephemeral
     // ports (which any test's connections take) and apart from the other tests' blocks.
     let redis_port = (26_000..30_000)
         .step_by(41)
         .find(|&p| (p..p + 16).all(|q| TcpListener::bind(("127.0.0.1", q)).is_ok()))
         .expect("sixteen free ports");
-    let child = up_with_redis_port(data.path(), base, redis_port)
+    let child = integration_tests::up::command(data.path(), base, redis_port)
         .arg("--redis-cluster")
         .spawn()
         .expect("start merklectl up --redis-cluster");

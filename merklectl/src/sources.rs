@@ -175,7 +175,8 @@ pub struct AddArgs {
     #[arg(long)]
     pub disabled: bool,
     /// Build PATH on every ready client node Discovery lists (each node's snapshots stored
-    /// as NAME@<node id>) instead of on the Scheduler's own TreeBuilder.
+    /// as NAME@<node id>) instead of on the Scheduler's own TreeBuilder. A relative PATH is
+    /// then sent as typed: each node resolves it in its own first allowed root.
     #[arg(long)]
     pub fleet: bool,
     #[arg(long)]
@@ -195,9 +196,17 @@ pub fn source_from(args: &AddArgs) -> anyhow::Result<Source> {
         })),
         (None, None) => None,
     };
-    let path = std::fs::canonicalize(&args.path)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| args.path.clone());
+    // A local source's path is made absolute here (where the person means it). A fleet
+    // source's relative path is each node's own (resolved in its first allowed root), so it
+    // is sent as typed.
+    let relative = !std::path::Path::new(&args.path).is_absolute();
+    let path = if args.fleet && relative {
+        args.path.clone()
+    } else {
+        std::fs::canonicalize(&args.path)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| args.path.clone())
+    };
     Ok(Source {
         name: args.name.clone(),
         path,

@@ -77,7 +77,10 @@ pub struct UpArgs {
     pub nomad_addr: Option<String>,
     /// Also run N more TreeBuilders (on the ports after Discovery's), listed with this
     /// machine's as the fleet's clients `node-1` ... `node-N`: a local fleet for sources
-    /// added with `--fleet`. Only with the default static backend and file.
+    /// added with `--fleet`. Each node's first allowed root is its own folder,
+    /// DATA_DIR/nodes/node-N, so a relative fleet path names a different directory on each
+    /// node, as on separate machines (absolute paths under the allowed roots are shared).
+    /// Only with the default static backend and file.
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=16))]
     pub fleet_nodes: u16,
@@ -97,6 +100,11 @@ impl UpArgs {
     fn node_port(&self, n: u16) -> u16 {
         self.base_port + SERVICES.len() as u16 - 1 + n
     }
+}
+
+/// The folder the local fleet's node `n` resolves relative paths in: its own "machine".
+pub fn node_root(data_dir: &std::path::Path, n: u16) -> PathBuf {
+    data_dir.join("nodes").join(format!("node-{n}"))
 }
 
 /// Runs the stack until Ctrl-C or SIGTERM.
@@ -255,8 +263,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let mut env = service_env(&tree_builder_spec, &args, &database_url, &redis_url);
         env.extend(telemetry_env.iter().cloned());
         env.extend(credentials.service_env(tree_builder_spec.name));
-        let roots: Vec<String> = allowed_roots
-            .iter()
+        let own = node_root(&data_dir, n);
+        std::fs::create_dir_all(&own).with_context(|| format!("creating {}", own.display()))?;
+        let roots: Vec<String> = std::iter::once(&own)
+            .chain(&allowed_roots)
             .map(|p| p.display().to_string())
             .collect();
         env.push(("ALLOWED_ROOTS", roots.join(",")));
@@ -296,13 +306,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &database_url,
         &redis_url,
     );
-    for node in &nodes {
+    for (node, n) in nodes.iter().zip(1..) {
         println!(
-            "{:<14} {:<18} {:>8}  SERVING  {} (a fleet node)",
+            "{:<14} {:<18} {:>8}  SERVING  {} (a fleet node; relative paths in {})",
             node.name,
             node.addr.to_string(),
             node.pid(),
-            tree_builder_spec.grpc_name
+            tree_builder_spec.grpc_name,
+            node_root(&data_dir, n).display()
         );
     }
     let tree_builder = SERVICES
