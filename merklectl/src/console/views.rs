@@ -78,6 +78,11 @@ fn time(t: Option<prost_types::Timestamp>) -> String {
     crate::sources::time(t)
 }
 
+/// "1 group", "2 groups".
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn state(state: i32) -> &'static str {
     BuildState::try_from(state)
         .map(|s| s.as_str_name().trim_start_matches("BUILD_STATE_"))
@@ -344,7 +349,7 @@ pub fn drift(name: &str, drift: &GetDriftResponse) -> Markup {
         html! {
             p id="drift-summary" {
                 (drift.source_count) " members, " (drift.outlier_count) " differ from the most common tree in "
-                (drift.outlier_group_count) " groups"
+                (plural(drift.outlier_group_count, "group", "groups"))
             }
             @if let Some(b) = &drift.baseline {
                 h2 { "The most common tree (" (b.member_count) ")" }
@@ -356,7 +361,7 @@ pub fn drift(name: &str, drift: &GetDriftResponse) -> Markup {
                     summary { (g.member_count) " differ: " (members(g)) }
                     p { "Root " code { (g.root_hash) } }
                     @if !g.incomparable.is_empty() { p.muted { (g.incomparable) } }
-                    p { (g.change_count) " paths differ from the most common tree:" }
+                    p { (plural(g.change_count, "path differs", "paths differ")) " from the most common tree:" }
                     (changes_table(&g.changes))
                 }
             }
