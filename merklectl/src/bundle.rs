@@ -11,8 +11,11 @@ use merkle_core::{
     history::Record,
     proof::{InclusionProof, split_path},
 };
-use merkle_proto::dbsync::v1::{GetLogCheckpointRequest, GetLogInclusionProofRequest};
-use merkle_shared::convert::record_from_proto;
+use merkle_proto::dbsync::v1::{
+    GetLogCheckpointRequest, GetLogInclusionProofRequest,
+    db_sync_service_client::DbSyncServiceClient,
+};
+use merkle_shared::{client::Channel, convert::record_from_proto};
 use serde::{Deserialize, Serialize};
 use tlog_tiles::{Hash, check_record, record_hash};
 
@@ -226,10 +229,12 @@ impl Bundle {
     }
 }
 
-/// Fetches from DbSync the rest of the bundle of `proof` (an entry in `snapshot`'s tree): the
-/// record's inclusion proof in the log's newest checkpoint, and that checkpoint. A record is in the log within LOG_INTERVAL of its
-/// commit: a snapshot stored a moment ago is waited for, up to `wait`.
+/// Fetches from DbSync (`c`, at `db_sync`, which errors name) the rest of the bundle of
+/// `proof` (an entry in `snapshot`'s tree): the record's inclusion proof in the log's newest
+/// checkpoint, and that checkpoint. A record is in the log within LOG_INTERVAL of its commit:
+/// a snapshot stored a moment ago is waited for, up to `wait`.
 pub async fn fetch(
+    c: &mut DbSyncServiceClient<Channel>,
     db_sync: &DbSyncAddr,
     snapshot: &merkle_proto::dbsync::v1::Snapshot,
     proof: &InclusionProof,
@@ -244,7 +249,6 @@ pub async fn fetch(
             snapshot.root_hash
         );
     }
-    let mut c = db_sync.client()?;
     let stored = record_from_proto(snapshot)
         .map_err(|e| anyhow::anyhow!("DbSync sent a bad snapshot: {e}"))?;
     if stored.record.hash() != stored.record_hash {

@@ -137,34 +137,11 @@ pub async fn health_only(args: HealthArgs) -> anyhow::Result<bool> {
     }
 }
 
-/// GET `url` (plain `http://host:port/path`) and expect a 200. HTTP/1.0 with the connection
-/// closed by the server: enough for a probe of a loopback page, and no HTTP client to carry.
+/// GET `url` and expect a 200.
 async fn http_ok(url: &str) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("--http: only http:// URLs are probed")?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(authority).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
-            .await?;
-        let mut head = Vec::new();
-        // The status line is all a probe needs; a page's body is not read past 4 KiB.
-        stream.take(4096).read_to_end(&mut head).await?;
-        Ok::<_, std::io::Error>(head)
-    };
-    let head = tokio::time::timeout(Duration::from_secs(3), exchange)
-        .await
-        .map_err(|_| "no answer in 3 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let status_line = String::from_utf8_lossy(&head);
-    let status_line = status_line.lines().next().unwrap_or_default();
-    match status_line.split(' ').nth(1) {
-        Some("200") => Ok(()),
-        _ => Err(format!("answered {status_line:?}")),
+    match merkle_shared::http_get::status_of(url, Duration::from_secs(3)).await? {
+        merkle_shared::http_get::StatusCode::OK => Ok(()),
+        status => Err(format!("answered {status}")),
     }
 }
 

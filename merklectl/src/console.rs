@@ -547,9 +547,15 @@ async fn proof(
     let bad = |e: anyhow::Error| Failed(StatusCode::BAD_GATEWAY, format!("{e:#}"));
     let proof = merkle_shared::convert::proof_from_proto(&proof)
         .map_err(|e| bad(anyhow::anyhow!("DbSync sent a bad proof: {e}")))?;
-    let bundle = crate::bundle::fetch(&c.db_sync_addr, &snapshot, &proof, Duration::from_secs(5))
-        .await
-        .map_err(bad)?;
+    let bundle = crate::bundle::fetch(
+        &mut c.db_sync,
+        &c.db_sync_addr,
+        &snapshot,
+        &proof,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(bad)?;
     let file = views::proof_file_name(&name, snapshot.sequence, &path);
     Ok((
         [

@@ -486,8 +486,14 @@ pub async fn prove(
         );
     }
     if bundle {
-        let bundle =
-            crate::bundle::fetch(db_sync, &snap, &proof, std::time::Duration::from_secs(5)).await?;
+        let bundle = crate::bundle::fetch(
+            &mut client,
+            db_sync,
+            &snap,
+            &proof,
+            std::time::Duration::from_secs(5),
+        )
+        .await?;
         let text = bundle.to_json();
         println!("{text}");
         eprintln!(

@@ -1,5 +1,6 @@
 //! The one small read-only HTTP/1.1 server: each GET (or HEAD) answered by a handler from the
 //! request path. It serves the admin port's `/metrics` and DbSync's transparency-log tiles.
+//! And its one-call client, [`status_of`], for probes of such a page.
 
 use std::future::Future;
 
@@ -85,6 +86,42 @@ where
                 .await;
         });
     }
+}
+
+/// The status a plain `http://host:port/path` URL answers a GET with, within `timeout`: a
+/// probe of a loopback page (`merklectl health --http`, the console's). The body is not read.
+pub async fn status_of(url: &str, timeout: std::time::Duration) -> Result<StatusCode, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url:?}: only http:// URLs are probed"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?} names no host"))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect((authority.host(), port))
+            .await
+            .map_err(|e| format!("connecting to {authority}: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header("host", authority.as_str())
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.status())
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer in {timeout:?}"))?
 }
 
 fn bytes_of(body: Vec<u8>) -> hyper::body::Bytes {
