@@ -153,7 +153,7 @@ pub fn run(args: BundleBenchArgs) -> anyhow::Result<()> {
         witness_policy: None,
     };
     let verifier = signed_note::new_ed25519_verifier_key(origin, &key.verifying_key());
-    let log = merkle_db_sync::Log::new(origin, Some(&key));
+    let log = merkle_db_sync::Log::new(origin, Some(&key), &[key.verifying_key()]);
 
     println!(
         "\nProof bundles: one file of a {}-file tree, its snapshot's record leaf {leaf} of a {}-leaf log, checkpoint cosigned by 2 witnesses\n",

@@ -1677,3 +1677,81 @@ async fn a_proof_bundle_proves_a_file_offline_with_only_the_log_key() {
         assert!(err.contains(why), "{what}: expected {why:?} in: {err}");
     }
 }
+
+/// Three DbSync replicas on one PostgreSQL, one log: A signs with key a, B with another key b
+/// it was not told is a's successor, C with none. While A is down the log stands still: B
+/// would make two keys sign it by turns, C would extend a signed log unsigned, and each says
+/// so once. Back up, A takes every replica's records in, and every checkpoint is signed by a.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_with_another_key_or_none_never_sign_a_shared_log() {
+    let mut stack = TestStack::new();
+    let (a_key, _) = key_pair(&stack.dir().join("keys-a"));
+    let (b_key, _) = key_pair(&stack.dir().join("keys-b"));
+    let logged = |key: Option<&Path>| {
+        let mut env = vec![("LOG_INTERVAL", "100ms".to_owned())];
+        if let Some(key) = key {
+            env.push(("SIGNING_KEY_FILE", key.display().to_string()));
+        }
+        env
+    };
+    let (a_uri, mut a) = start_db_sync(&mut stack, &logged(Some(&a_key))).await;
+    push_versions(&stack, &a_uri, "docs", 0..2);
+    checkpoint_of(&mut a, 2).await;
+    let (b_uri, _) = start_db_sync(&mut stack, &logged(Some(&b_key))).await;
+    let (c_uri, mut c) = start_db_sync(&mut stack, &logged(None)).await;
+    let at = |uri: &str, stack: &TestStack| {
+        stack
+            .services()
+            .iter()
+            .position(|s| s.uri() == uri)
+            .expect("the replica")
+    };
+    let mut a_service = stack.remove_service(at(&a_uri, &stack));
+    a_service.process.stop(Duration::from_secs(10));
+    push_versions(&stack, &b_uri, "site", 0..3);
+    push_versions(&stack, &c_uri, "notes", 0..3);
+    // Many integration rounds of B and C (100 ms each): the log does not grow.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let standing = c
+        .get_log_checkpoint(GetLogCheckpointRequest::default())
+        .await
+        .expect("checkpoint")
+        .into_inner();
+    assert_eq!(standing.size, 2);
+    for (uri, why) in [
+        (&b_uri, "neither this DbSync's key"),
+        (&c_uri, "no SIGNING_KEY_FILE"),
+    ] {
+        let log = std::fs::read_to_string(&stack.services()[at(uri, &stack)].log).expect("log");
+        assert_eq!(log.matches(why).count(), 1, "said once: {uri}: {log}");
+    }
+    // A again: every record is taken in, under a's signature.
+    a_service.restart();
+    a_service.wait_for(ServingStatus::Serving).await;
+    let newest = checkpoint_of(&mut a, 8).await;
+    assert_eq!(newest.size, 8);
+    let verifier = signed_note::new_ed25519_verifier_key(
+        "merkle-mesh.local/log",
+        &signing_key(&a_key).verifying_key(),
+    );
+    let known = signed_note::VerifierList::new(vec![Box::new(
+        signed_note::StandardVerifier::new(&verifier).expect("verifier"),
+    )]);
+    let db = stack.sql().await;
+    let notes: Vec<String> = db
+        .query("SELECT note FROM merkle_log_checkpoints ORDER BY size", &[])
+        .await
+        .expect("checkpoints")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(notes.len() >= 2, "{notes:?}");
+    for note in &notes {
+        let parsed = signed_note::Note::from_bytes(note.as_bytes())
+            .unwrap_or_else(|e| panic!("an unsigned checkpoint: {e:?}\n{note}"));
+        let (verified, unverified) = parsed
+            .verify(&known)
+            .unwrap_or_else(|e| panic!("not signed by a: {e:?}\n{note}"));
+        assert_eq!((verified.len(), unverified.len()), (1, 0), "{note}");
+    }
+}

@@ -121,6 +121,11 @@ impl Signer {
             .unwrap_or_default()
     }
 
+    /// Every published public key: the signing one (if any) and the retired ones.
+    pub fn published_keys(&self) -> &[VerifyingKey] {
+        &self.published
+    }
+
     /// Every published public key, hex, by key id.
     pub fn public_keys(&self) -> HashMap<String, String> {
         self.published

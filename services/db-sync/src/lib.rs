@@ -171,6 +171,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let log = Arc::new(tlog::Log::new(
         &config.log_origin,
         archive.signer.signing_key(),
+        archive.signer.published_keys(),
     ));
     let listed = witness::parse(&config.witnesses)?;
     let policy = match config.witness_policy {

@@ -30,6 +30,9 @@ const BATCH: i64 = 10_000;
 pub struct Log {
     origin: String,
     key: Option<NoteKey>,
+    /// The note key ids of every key this replica publishes (its own and the retired ones): a
+    /// checkpoint signed by one of them may be followed by this replica's.
+    known: Vec<u32>,
 }
 
 /// DbSync's Ed25519 key as a signed-note key named by the origin.
@@ -72,8 +75,23 @@ pub struct Leaf {
 }
 
 impl Log {
-    /// The log of `origin` (a valid note key name: the config checks it), signed with `key`.
-    pub fn new(origin: &str, key: Option<&SigningKey>) -> Log {
+    /// The log of `origin` (a valid note key name: the config checks it), signed with `key`;
+    /// `published` are the public keys this replica publishes (its own and retired ones).
+    pub fn new(
+        origin: &str,
+        key: Option<&SigningKey>,
+        published: &[ed25519_dalek::VerifyingKey],
+    ) -> Log {
+        let known = published
+            .iter()
+            .filter_map(|k| {
+                signed_note::StandardVerifier::new(&signed_note::new_ed25519_verifier_key(
+                    origin, k,
+                ))
+                .ok()
+                .map(|v| signed_note::Verifier::key_id(&v))
+            })
+            .collect();
         let key = key.map(|key| {
             let verifier = signed_note::new_ed25519_verifier_key(origin, &key.verifying_key());
             let id = signed_note::StandardVerifier::new(&verifier)
@@ -89,6 +107,45 @@ impl Log {
         Log {
             origin: origin.to_owned(),
             key,
+            known,
+        }
+    }
+
+    /// The key ids of the log's own signatures on a stored checkpoint note (witnesses'
+    /// cosignatures, under their own names, are not the log's).
+    fn signed_by(&self, note: &str) -> Vec<u32> {
+        let Some((_, signatures)) = note.split_once("\n\n") else {
+            return Vec::new();
+        };
+        signatures
+            .lines()
+            .filter_map(|line| signed_note::Signature::from_bytes(line.as_bytes()).ok())
+            .filter(|sig| sig.name() == self.origin)
+            .map(|sig| sig.id())
+            .collect()
+    }
+
+    /// Whether this replica may sign the checkpoint after `newest`: never downgrade a signed
+    /// log to unsigned, and never alternate with a replica whose key this one does not know
+    /// (two keys signing one log by turns). Rotating forward is allowed: a checkpoint signed by
+    /// a key this replica lists as retired (PREVIOUS_PUBLIC_KEYS) may be followed by its own.
+    fn may_follow(&self, newest: &str) -> Result<(), String> {
+        let previous = self.signed_by(newest);
+        let Some(first) = previous.first() else {
+            return Ok(());
+        };
+        match &self.key {
+            None => Err(format!(
+                "the log's newest checkpoint is signed (key id {first:08x}) and this DbSync has no \
+                 SIGNING_KEY_FILE: it does not extend a signed log unsigned"
+            )),
+            Some(_) if previous.iter().any(|id| self.known.contains(id)) => Ok(()),
+            Some(key) => Err(format!(
+                "the log's newest checkpoint is signed by key id {first:08x}, which is neither this \
+                 DbSync's key ({:08x}) nor one of its PREVIOUS_PUBLIC_KEYS: replicas with \
+                 different keys would sign the log by turns; give every replica the same key",
+                key.id
+            )),
         }
     }
 
@@ -157,6 +214,10 @@ impl Log {
         if pending.is_empty() {
             return Ok((size, 0));
         }
+        if let Some(newest) = checkpoint(&tx, None).await? {
+            self.may_follow(&newest.note)
+                .map_err(Error::FailedPrecondition)?;
+        }
         let records: Vec<Hash> = pending
             .iter()
             .map(|row| hash_of(row.get(3)))
@@ -223,14 +284,25 @@ pub fn spawn(
     interval: Duration,
     shutdown: merkle_shared::shutdown::Shutdown,
 ) {
+    // The same failure every round is logged once, until it changes or the log grows again.
+    let last_error = Arc::new(std::sync::Mutex::new(String::new()));
     merkle_shared::shutdown::spawn_every(interval, shutdown, move || {
-        let (log, pool) = (log.clone(), pool.clone());
+        let (log, pool, last_error) = (log.clone(), pool.clone(), last_error.clone());
         async move {
-            match log.integrate(&pool).await {
-                Ok(Some(size)) => tracing::debug!(size, "transparency log checkpoint signed"),
+            let outcome = log.integrate(&pool).await;
+            let mut last = last_error.lock().unwrap_or_else(|e| e.into_inner());
+            match outcome {
+                Ok(Some(size)) => {
+                    last.clear();
+                    tracing::debug!(size, "transparency log checkpoint signed");
+                }
                 Ok(None) => {}
                 Err(err) => {
-                    tracing::warn!(error = %err, "transparency log: integrating records failed; retrying")
+                    let text = err.to_string();
+                    if *last != text {
+                        tracing::warn!(error = %text, "transparency log: integrating records failed; retrying");
+                        *last = text;
+                    }
                 }
             }
         }
@@ -435,5 +507,84 @@ impl From<tlog_tiles::Error> for Error {
             }
             other => Error::Internal(format!("transparency log: {other}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "example.com/log";
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    /// A replica's log signing with `own` and knowing `retired` too.
+    fn replica(own: Option<&SigningKey>, retired: &[&SigningKey]) -> Log {
+        let published: Vec<_> = own
+            .into_iter()
+            .chain(retired.iter().copied())
+            .map(SigningKey::verifying_key)
+            .collect();
+        Log::new(ORIGIN, own, &published)
+    }
+
+    fn note_of(log: &Log) -> String {
+        log.checkpoint_note(3, Hash([7; 32])).expect("note")
+    }
+
+    #[test]
+    fn a_replica_extends_only_a_log_whose_newest_signer_it_knows() {
+        let (a, b) = (key(1), key(2));
+        let signed_by_a = note_of(&replica(Some(&a), &[]));
+        let unsigned = note_of(&replica(None, &[]));
+        // An unsigned log may be extended by anyone, signing turned on included.
+        for follower in [
+            replica(None, &[]),
+            replica(Some(&a), &[]),
+            replica(Some(&b), &[]),
+        ] {
+            assert_eq!(follower.may_follow(&unsigned), Ok(()));
+        }
+        assert_eq!(replica(Some(&a), &[]).may_follow(&signed_by_a), Ok(()));
+        // Rotating forward: b lists a as retired.
+        assert_eq!(replica(Some(&b), &[&a]).may_follow(&signed_by_a), Ok(()));
+        let unknown = replica(Some(&b), &[])
+            .may_follow(&signed_by_a)
+            .expect_err("refused");
+        assert!(unknown.contains("neither this DbSync's key"), "{unknown}");
+        let downgrade = replica(None, &[&a])
+            .may_follow(&signed_by_a)
+            .expect_err("refused");
+        assert!(downgrade.contains("no SIGNING_KEY_FILE"), "{downgrade}");
+        // The replica with the old key does not follow the new one's checkpoint.
+        let signed_by_b = note_of(&replica(Some(&b), &[&a]));
+        assert!(replica(Some(&a), &[]).may_follow(&signed_by_b).is_err());
+    }
+
+    #[test]
+    fn a_witness_cosignature_is_not_the_logs_signature() {
+        let a = key(1);
+        let witness = key(9);
+        let log = replica(Some(&a), &[]);
+        let text = note_of(&replica(None, &[]));
+        // The unsigned checkpoint with only a witness's line under another name.
+        let id = signed_note::StandardVerifier::new(&signed_note::new_ed25519_verifier_key(
+            "witness.example",
+            &witness.verifying_key(),
+        ))
+        .map(|v| signed_note::Verifier::key_id(&v))
+        .expect("verifier");
+        let line = signed_note::Signature::new("witness.example".into(), id, vec![0; 72])
+            .expect("signature")
+            .to_bytes();
+        let line = String::from_utf8(line).expect("utf-8");
+        let cosigned = format!("{text}\n{line}");
+        assert!(log.signed_by(&cosigned).is_empty());
+        assert_eq!(replica(None, &[]).may_follow(&cosigned), Ok(()));
+        // The log's own signature is still found beside a witness's.
+        let both = format!("{}{line}", note_of(&log));
+        assert_eq!(log.signed_by(&both), [log.key.as_ref().expect("key").id]);
     }
 }
