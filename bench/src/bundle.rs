@@ -18,7 +18,7 @@ use merkle_core::{
     history::Record, proof::prove,
 };
 use merklectl::{bundle::Bundle, log::WitnessArgs};
-use tlog_tiles::{Hash, HashReader, prove_record, record_hash, stored_hashes_for_record_hash};
+use tlog_tiles::{prove_record, record_hash, stored_hashes_for_record_hash};
 
 /// Options of `merkle-bench bundle`.
 #[derive(Debug, clap::Args)]
@@ -32,23 +32,6 @@ pub struct BundleBenchArgs {
     /// Directory widths (entries per directory) to build a tree of.
     #[arg(long, value_delimiter = ',', default_value = "10,32,100,1000")]
     widths: Vec<u64>,
-}
-
-/// Stored hashes in memory, appended in order.
-struct Stored(Vec<Hash>);
-
-impl HashReader for Stored {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        indexes
-            .iter()
-            .map(|&i| {
-                self.0
-                    .get(i as usize)
-                    .copied()
-                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
-            })
-            .collect()
-    }
 }
 
 /// A tree of `files` files, `width` entries per directory, and the path of file `target`.
@@ -169,7 +152,8 @@ pub fn run(args: BundleBenchArgs) -> anyhow::Result<()> {
         let proof = prove(&tree, tree.root, tree.profile, path.as_bytes())?;
         let record = record(tree.root);
         // The log, its leaf `leaf` this record (rebuilt per tree: the record names the root).
-        let mut stored = Stored(Vec::with_capacity((args.leaves * 2) as usize));
+        let mut stored =
+            merkle_shared::log_tiles::MemoryHashes(Vec::with_capacity((args.leaves * 2) as usize));
         for i in 0..args.leaves {
             let data = if i == leaf {
                 record.hash()

@@ -605,24 +605,6 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A log's stored hashes in memory, by stored hash index (they are appended in order).
-#[derive(Default)]
-struct Stored(Vec<Hash>);
-
-impl tlog_tiles::HashReader for Stored {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        indexes
-            .iter()
-            .map(|&i| {
-                self.0
-                    .get(i as usize)
-                    .copied()
-                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
-            })
-            .collect()
-    }
-}
-
 /// Writes the log as C2SP tlog-tiles into a directory, then checks what is there from scratch:
 /// the tree is rebuilt from the entries, its root must be the checkpoint's, and every tile must
 /// list the rebuilt hashes. (`TileHashReader` of `tlog_tiles` and of Go's sumdb/tlog does not
@@ -656,7 +638,7 @@ pub async fn export(args: ExportLogArgs) -> anyhow::Result<()> {
         fetched += 1;
     }
     // The tree again, from the entries alone.
-    let mut stored = Stored::default();
+    let mut stored = merkle_shared::log_tiles::MemoryHashes::default();
     let mut leaf = 0u64;
     while leaf < cp.size {
         let end = (leaf + WIDTH).min(cp.size);

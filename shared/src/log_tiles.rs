@@ -3,7 +3,7 @@
 //! bundles, mapped to and from `tlog_tiles::Tile` (whose own paths are Go sumdb's,
 //! `tile/8/<L>/...` and `tile/8/data/...`).
 
-use tlog_tiles::Tile;
+use tlog_tiles::{Hash, HashReader, Tile};
 
 /// Tile height of C2SP tlog-tiles.
 pub const HEIGHT: u8 = 8;
@@ -45,6 +45,26 @@ pub fn paths(size: u64) -> Vec<String> {
         out.push(path_of(&tile));
     }
     out
+}
+
+/// A log's stored hashes in memory, by stored hash index (appended in order): what a client
+/// rebuilding a log from its entries (`merklectl export-log`, the bundle bench) reads proofs
+/// and tree hashes from.
+#[derive(Debug, Default)]
+pub struct MemoryHashes(pub Vec<Hash>);
+
+impl HashReader for MemoryHashes {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        indexes
+            .iter()
+            .map(|&i| {
+                self.0
+                    .get(i as usize)
+                    .copied()
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
