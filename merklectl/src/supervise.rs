@@ -55,8 +55,23 @@ pub struct Supervised {
 pub fn why_exited(status: ExitStatus, log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n    ");
-    format!("{status}; the last lines of {}:\n    {tail}", log.display())
+    let start = lines.len().saturating_sub(TAIL_LINES);
+    let mut shown: Vec<&str> = Vec::new();
+    // The error that ended it, also when background tasks logged more lines after it while
+    // the process wound down (a migration finishing, a health probe).
+    let is_error = |l: &&str| l.contains("\"level\":\"ERROR\"") || l.contains(" ERROR ");
+    if let Some(error) = lines[..start].iter().rposition(is_error)
+        && !lines[start..].iter().any(is_error)
+    {
+        shown.push(lines[error]);
+        shown.push("...");
+    }
+    shown.extend(&lines[start..]);
+    format!(
+        "{status}; the last lines of {}:\n    {}",
+        log.display(),
+        shown.join("\n    ")
+    )
 }
 
 impl Supervised {
@@ -190,5 +205,28 @@ mod tests {
         assert!(why.contains("exit status: 3"), "{why}");
         assert!(why.contains("line 19") && why.contains("line 14"), "{why}");
         assert!(!why.contains("line 13"), "{why}");
+    }
+
+    #[test]
+    fn the_error_that_ended_it_is_shown_when_later_lines_push_it_out_of_the_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("x.log");
+        let mut lines = vec![r#"{"level":"INFO","fields":{"message":"starting"}}"#.to_owned()];
+        lines.push(
+            r#"{"level":"ERROR","fields":{"error":"cannot listen on 127.0.0.1:1: Address already in use"}}"#
+                .into(),
+        );
+        lines.extend(
+            (0..8).map(|i| format!(r#"{{"level":"INFO","fields":{{"message":"late {i}"}}}}"#)),
+        );
+        std::fs::write(&log, lines.join("\n")).expect("write");
+        let status = std::process::Command::new("sh")
+            .args(["-c", "exit 1"])
+            .status()
+            .expect("sh");
+        let why = why_exited(status, &log);
+        assert!(why.contains("Address already in use"), "{why}");
+        assert!(why.contains("late 7") && !why.contains("late 1\""), "{why}");
+        assert!(!why.contains("starting"), "{why}");
     }
 }
