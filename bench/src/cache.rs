@@ -131,6 +131,20 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
     let quiet_uri = quiet.uri.clone();
     let connect_quiet = || rpc::channel(&quiet_uri).map(CacheServiceClient::new);
 
+    // The same service on one runtime worker thread: on two cores shared with the callers,
+    // fewer hand-offs between threads per call against less parallelism.
+    let single = rpc::start_service(
+        work.path(),
+        "cache",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("TOKIO_WORKER_THREADS", "1".into()),
+        ],
+    )
+    .await?;
+    let single_uri = single.uri.clone();
+    let connect_single = || rpc::channel(&single_uri).map(CacheServiceClient::new);
+
     // The same service on a Redis Cluster of three masters and three replicas.
     let ports = [(); 6].map(|()| stack::free_port().unwrap_or_default());
     let bus_ports = [(); 6].map(|()| stack::free_port().unwrap_or_default());
@@ -147,7 +161,7 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
 
     let echo = rpc::start_echo(work.path(), None).await?;
     let connect_echo = || rpc::channel(&echo.uri).map(HealthClient::new);
-    eprintln!("measuring (about {} s) ...", 15 * args.seconds + 15);
+    eprintln!("measuring (about {} s) ...", 17 * args.seconds + 15);
 
     let redis_pid = redis.pid().unwrap_or_default();
     rpc::reset_peak_rss(redis_pid)?;
@@ -160,9 +174,9 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
     // fall on all alike; each is reported by its median round.
     let get = |c| get_key(c, true);
     let round = duration / ROUNDS;
-    let mut rounds: [Vec<Load>; 8] = Default::default();
+    let mut rounds: [Vec<Load>; 10] = Default::default();
     for _ in 0..ROUNDS {
-        for (i, clients) in [(0, 1), (4, args.clients)] {
+        for (i, clients) in [(0, 1), (5, args.clients)] {
             let echo_run = rpc::measure(clients, round, connect_echo, rpc::echo_call);
             rounds[i].push(rpc::on(echo.pid, echo_run).await?);
             let get_run = rpc::measure(clients, round, connect_cache, get);
@@ -171,6 +185,8 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
             rounds[i + 2].push(rpc::on(quiet.pid, quiet_run).await?);
             let cluster_run = rpc::measure(clients, round, connect_clustered, get);
             rounds[i + 3].push(rpc::on(clustered.pid, cluster_run).await?);
+            let single_run = rpc::measure(clients, round, connect_single, get);
+            rounds[i + 4].push(rpc::on(single.pid, single_run).await?);
         }
     }
     let [
@@ -178,10 +194,12 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
         get_1,
         get_1_quiet,
         get_1_cluster,
+        get_1_single,
         echo_n,
         get_n,
         get_n_quiet,
         get_n_cluster,
+        get_n_single,
     ] = rounds.map(rpc::median);
     let many_1 = rpc::on(
         cache.pid,
@@ -278,6 +296,14 @@ async fn run_async(args: CacheBenchArgs) -> anyhow::Result<()> {
         row("Cache Get, OTEL_TRACES_SAMPLER=always_off", get_1_quiet),
         row("Cache Get", get_n),
         row("Cache Get, OTEL_TRACES_SAMPLER=always_off", get_n_quiet),
+        row(
+            "Cache Get, one runtime worker thread (TOKIO_WORKER_THREADS=1)",
+            get_1_single,
+        ),
+        row(
+            "Cache Get, one runtime worker thread (TOKIO_WORKER_THREADS=1)",
+            get_n_single,
+        ),
         row(
             "Redis GET from this process: bb8 pool of 4 bb8-redis connections (the service's default)",
             pooled,
