@@ -280,7 +280,7 @@ async fn bench(args: ConsoleBenchArgs) -> anyhow::Result<()> {
     )?;
     let base = format!("http://127.0.0.1:{port}");
     // Plain HTTP only, but reqwest's TLS stack wants a provider chosen.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    merkle_shared::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;

@@ -25,7 +25,7 @@ async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> 
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let client = CLIENT.get_or_init(|| {
         // Plain HTTP only, but reqwest's TLS stack wants a provider chosen.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        merkle_shared::tls::install_crypto_provider();
         reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::none())

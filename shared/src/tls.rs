@@ -82,6 +82,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process's rustls crypto provider. HTTP clients built on rustls without one
+/// of their own (reqwest for Nomad and witnesses, kube) find no provider otherwise, since
+/// more than one is compiled in; call it before building such a client. Calling it again, or
+/// after another part of the process chose, changes nothing.
+pub fn install_crypto_provider() {
+    // Err only says a provider is installed already, which is what was asked.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn read(variable: &str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|e| ConfigError::new(variable, format!("{}: {e}", path.display())))
 }

@@ -65,8 +65,7 @@ impl Witnesses {
         policy: usize,
         timeout: Duration,
     ) -> Result<Witnesses, ConfigError> {
-        // reqwest's rustls needs a process-wide crypto provider (ring, as everywhere here).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        merkle_shared::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()

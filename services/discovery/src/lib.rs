@@ -28,9 +28,8 @@ pub const SERVICE_NAME: &str = merkle_proto::service_names::DISCOVERY;
 
 /// Serves Discovery until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
-    // reqwest (Nomad) and kube (Kubernetes) share rustls with the ring provider; whichever
-    // asks first must find it installed. Err means it already was.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // reqwest (Nomad) and kube (Kubernetes) share rustls; whichever asks first must find it.
+    merkle_shared::tls::install_crypto_provider();
     let cache = CacheClient::new(&config.cache, &config.common.client)?;
     // Discovery has no database to share a key through: replicas share one only when given a
     // key file.
