@@ -154,7 +154,7 @@ impl NodeSink for DiscardNodes {
     }
 }
 
-/// The phase of a build, as [`Progress::phase`] reports it.
+/// The phase of a build, as `Progress::phase` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Scanning = 1,

@@ -10,7 +10,7 @@ const RED_ZONE: usize = 256 * 1024;
 /// The size of a segment added when the red zone is reached.
 const SEGMENT: usize = 4 * 1024 * 1024;
 
-/// Runs `f` (one level of a walk) on a stack with at least [`RED_ZONE`] bytes left.
+/// Runs `f` (one level of a walk) on a stack with at least `RED_ZONE` bytes left.
 pub fn deeper<R>(f: impl FnOnce() -> R) -> R {
     stacker::maybe_grow(RED_ZONE, SEGMENT, f)
 }

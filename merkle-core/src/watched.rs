@@ -1,4 +1,4 @@
-//! A built tree kept in memory and watched ([`crate::watch`]), so that the next build lists
+//! A built tree kept in memory and watched (`crate::watch`), so that the next build lists
 //! only the directories that had change events and reads only the files named in them: a
 //! rebuild costs what changed, not the size of the tree (the stat cache still costs one
 //! `lstat` per entry). A long-running builder keeps one per tree it builds often.

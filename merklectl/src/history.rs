@@ -96,7 +96,7 @@ pub struct VerifyHistoryArgs {
     pub range: Range,
     /// A public key (PEM, BEGIN PUBLIC KEY) whose signatures to accept; repeat for several,
     /// e.g. the keys before and after a rotation. Default: the local stack's,
-    /// <data-dir>/signing-key.pub.pem.
+    /// DATA_DIR/signing-key.pub.pem.
     #[arg(long = "trusted-key", value_name = "FILE")]
     pub trusted_keys: Vec<PathBuf>,
     /// Accept unsigned records (written while DbSync had no signing key); their chain is

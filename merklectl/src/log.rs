@@ -78,7 +78,7 @@ pub enum LogCommand {
     /// consistent with it, so a rewritten log is caught even when it was validly signed again.
     /// Exits 1 when it is not.
     Verify {
-        /// The state file (default: $XDG_STATE_HOME or ~/.local/state, merklectl/log-<origin>.json).
+        /// The state file (default: $XDG_STATE_HOME or ~/.local/state, merklectl/log-ORIGIN.json).
         #[arg(long)]
         state: Option<std::path::PathBuf>,
         #[command(flatten)]

@@ -175,7 +175,7 @@ pub struct AddArgs {
     #[arg(long)]
     pub disabled: bool,
     /// Build PATH on every ready client node Discovery lists (each node's snapshots stored
-    /// as NAME@<node id>) instead of on the Scheduler's own TreeBuilder. A relative PATH is
+    /// as NAME@NODE_ID) instead of on the Scheduler's own TreeBuilder. A relative PATH is
     /// then sent as typed: each node resolves it in its own first allowed root.
     #[arg(long)]
     pub fleet: bool,

@@ -25,7 +25,7 @@ const SECONDS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
-/// A histogram of seconds with [`SECONDS`] buckets.
+/// A histogram of seconds with `SECONDS` buckets.
 pub fn seconds_histogram(name: &'static str, description: &'static str) -> Histogram<f64> {
     meter()
         .f64_histogram(name)

@@ -105,7 +105,7 @@ impl Call {
     }
 }
 
-/// A response body that finishes its [`Call`] when it ends: with the `grpc-status` of its
+/// A response body that finishes its `Call` when it ends: with the `grpc-status` of its
 /// trailers, or CANCELLED when dropped before its end (the caller went away).
 pub struct ObservedBody<B> {
     inner: B,

@@ -3,7 +3,7 @@
 //! propagation, authentication and authorization (`crate::auth`), a per-call timeout, a global concurrency limit, HTTP/2 keepalive, and graceful
 //! shutdown on SIGTERM/SIGINT that drains in-flight calls for up to `SHUTDOWN_GRACE`.
 //!
-//! Message size limits are set on each generated server with [`limit_messages!`], since they
+//! Message size limits are set on each generated server with [`limit_messages!`](crate::limit_messages), since they
 //! are methods of the generated types rather than of the transport.
 
 use std::{net::SocketAddr, time::Duration};

@@ -1,5 +1,6 @@
 //! The key layout in Redis, `<prefix>:v<schema version>:<namespace>:<key>`, and the checked
-//! request values it is built from: a [`Namespace`], a [`Key`], a [`Pattern`].
+//! request values it is built from: a [`Namespace`], a key ([`check_key`]), a
+//! pattern ([`check_pattern`]).
 //!
 //! The prefix lets several deployments share one Redis (Clear touches only its own); the schema
 //! version lets a release change a value format without ever reading old bytes.

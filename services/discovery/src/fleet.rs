@@ -10,7 +10,7 @@
 //!   with none, UNAVAILABLE naming the backend.
 //!
 //! Every change of the known list is broadcast as ADDED, CHANGED and REMOVED events for
-//! WatchClients; while anyone watches, [`Fleet::follow`] waits on the backend's changes and
+//! WatchClients; while anyone watches, `Fleet::follow` waits on the backend's changes and
 //! refreshes on each.
 
 use std::{

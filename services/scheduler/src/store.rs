@@ -1,6 +1,6 @@
 //! The Scheduler's PostgreSQL side: its migrations (component `scheduler`) and every query.
 //!
-//! Writes the leader makes carry a fence, [`FENCE`]: they apply only while the lease row
+//! Writes the leader makes carry a fence (`fence`): they apply only while the lease row
 //! still names this replica with the epoch it was granted, so a leader that was paused past
 //! its lease, and lost it, writes nothing when it wakes up.
 

@@ -253,7 +253,7 @@ impl AuthArgs {
 
 /// Reads the identities file and this service's token; call once at start, inside the
 /// runtime (both files are then watched). The server's layer comes from
-/// [`layer::AuthLayer::installed`].
+/// [`layer::AuthLayer`].
 pub fn init(args: &AuthArgs) -> Result<(), ConfigError> {
     args.validate()?;
     layer::install(args)?;

@@ -28,7 +28,7 @@ pub enum Refused {
     #[error("the value is not sealed by this service's key (forged or altered)")]
     Forged,
     /// Sealed under another key: a replica with a key of its own (expected only where
-    /// [`Seal::shared`] is false).
+    /// `Seal::shared` is false).
     #[error("the value is sealed under another key")]
     ForeignKey,
 }
