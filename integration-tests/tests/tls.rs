@@ -2,7 +2,8 @@
 //! DbSync binaries and certificates made by the openssl command line: both serve TLS and
 //! refuse a caller without a certificate (and a plaintext one); DbSync reaches Cache over
 //! mutual TLS with its own certificate; a renewed certificate is served without a restart; a
-//! bad TLS setting stops a service at start, naming it.
+//! bad TLS setting stops a service at start, naming it. DbSync reaches a real PostgreSQL over
+//! TLS when its URL says `sslmode=require`, checking the server's certificate.
 
 use std::{
     net::SocketAddr,
@@ -11,7 +12,8 @@ use std::{
 };
 
 use integration_tests::{
-    SERVICE_EXTENSIONS, TestStack, issue_certificate, make_certificates, run_grpcurl, tail,
+    SERVICE_EXTENSIONS, ServingStatus, TestStack, issue_certificate, make_certificates,
+    run_grpcurl, tail,
 };
 
 /// grpcurl's flags for a caller with the client certificate (or without one).
@@ -309,5 +311,129 @@ async fn a_bad_tls_setting_stops_the_service_naming_it() {
         let text = std::fs::read_to_string(&log).expect("log");
         assert_eq!(status.code(), Some(2), "{named}: {text}");
         assert!(text.contains(named), "{named} is not named: {text}");
+    }
+}
+
+/// A copy of the server's key PostgreSQL accepts: owned by the user it runs as (`postgres`
+/// when the tests run as root), readable by that user alone.
+fn postgres_key(pki: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = pki.join("postgres.key");
+    std::fs::copy(pki.join("server.key"), &key).expect("copy the key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .expect("users")
+            .expect("a postgres user");
+        nix::unistd::chown(&key, Some(user.uid), Some(user.gid)).expect("chown");
+    }
+    key.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn db_sync_reaches_postgres_over_tls_and_checks_its_certificate() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    let other = make_certificates(&stack.dir().join("other"));
+    let file = |pki: &Path, name: &str| pki.join(name).display().to_string();
+    let key = postgres_key(&pki);
+    let cert = file(&pki, "server.pem");
+    stack
+        .start_postgres_with(&[
+            ("ssl", "on"),
+            ("ssl_cert_file", &cert),
+            ("ssl_key_file", &key),
+        ])
+        .await;
+    let plain_url = stack.postgres.as_ref().expect("started").url();
+    let url = format!("{plain_url}?sslmode=require");
+
+    // The server's certificate checked against its CA: serving, every connection encrypted.
+    let db_sync = stack.start_service(
+        "db-sync",
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("PGSSLROOTCERT", file(&pki, "ca.pem")),
+        ],
+    );
+    db_sync.wait_for(ServingStatus::Serving).await;
+    let sql = stack.sql().await;
+    let row = sql
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    let (encrypted, plain): (i64, i64) = (row.get(0), row.get(1));
+    assert!(encrypted >= 1, "DbSync has no TLS connection");
+    assert_eq!(plain, 0, "DbSync has a plaintext connection");
+
+    // libpq's verify-full means the same here.
+    let verify_full = stack.start_service(
+        "db-sync",
+        &[
+            ("DATABASE_URL", format!("{plain_url}?sslmode=verify-full")),
+            ("PGSSLROOTCERT", file(&pki, "ca.pem")),
+        ],
+    );
+    verify_full.wait_for(ServingStatus::Serving).await;
+
+    // A certificate from a CA DbSync was not given is refused: never serving, the reason logged.
+    let refused = stack.start_service(
+        "db-sync",
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("PGSSLROOTCERT", file(&other, "ca.pem")),
+        ],
+    );
+    refused.wait_for(ServingStatus::NotServing).await;
+    let log = refused.log.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("certificate") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no certificate error logged:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Asking for TLS without saying whom to trust stops it at start, naming both settings;
+    // so do a CA file that is not there and an sslmode nobody knows.
+    for (env, named) in [
+        (
+            vec![("DATABASE_URL", url.clone())],
+            ["DATABASE_URL", "PGSSLROOTCERT"],
+        ),
+        (
+            vec![
+                ("DATABASE_URL", url.clone()),
+                ("PGSSLROOTCERT", file(&pki, "missing.pem")),
+            ],
+            ["PGSSLROOTCERT", "missing.pem"],
+        ),
+        (
+            vec![("DATABASE_URL", format!("{plain_url}?sslmode=allow"))],
+            ["DATABASE_URL", "sslmode"],
+        ),
+    ] {
+        let service = stack.start_service("db-sync", &env);
+        let log = service.log.clone();
+        let status = stack
+            .service_mut("db-sync")
+            .process
+            .wait_timeout(Duration::from_secs(30))
+            .expect("the service exits");
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(status.code(), Some(2), "{named:?}: {text}");
+        for name in named {
+            assert!(text.contains(name), "{name} is not named: {text}");
+        }
     }
 }

@@ -1,20 +1,26 @@
 //! PostgreSQL: the connection pool and forward-only migrations embedded in the binary.
 //!
+//! With `sslmode=require` (or libpq's `verify-ca` / `verify-full`) in the URL, connections use
+//! TLS and the server's certificate is checked against `PGSSLROOTCERT`, its name included,
+//! whichever of the three is written; without it (`prefer`, the default, or `disable`) they are
+//! plaintext, as libpq's `prefer` is against a server without TLS.
+//!
 //! The pool connects lazily, so a service starts (and reports NOT_SERVING) while PostgreSQL is
 //! down. [`migrate`] applies a component's migrations in one transaction under an advisory
 //! lock, so replicas starting together apply each migration exactly once.
 
-use std::{str::FromStr as _, time::Duration};
+use std::{path::PathBuf, str::FromStr as _, time::Duration};
 
 use bb8_postgres::PostgresConnectionManager;
 use clap::Args;
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{ConfigError, parse_duration};
 use crate::error::ErrorCode;
 
 /// A pool of PostgreSQL connections.
-pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type PgPool = bb8::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
 
 /// PostgreSQL settings.
 /// `Debug` redacts the password in the URL, so the effective config can be logged.
@@ -30,6 +36,10 @@ pub struct PostgresArgs {
     /// Timeout for connecting and for taking a connection from the pool.
     #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub database_connect_timeout: Duration,
+    /// CA certificates (PEM) the server's certificate is checked against when the URL asks for
+    /// TLS (sslmode=require, verify-ca or verify-full); libpq's variable.
+    #[arg(long, env = "PGSSLROOTCERT")]
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// Errors of PostgreSQL access.
@@ -117,7 +127,9 @@ impl PostgresArgs {
     }
 
     fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        parse_url("DATABASE_URL (--database-url)", &self.database_url)
+        let config = parse_url("DATABASE_URL (--database-url)", &self.database_url)?;
+        tls_for("DATABASE_URL (--database-url)", &config, self)?;
+        Ok(config)
     }
 }
 
@@ -141,18 +153,109 @@ pub fn pool_at(
 ) -> Result<PgPool, ConfigError> {
     let mut config = parse_url(variable, url)?;
     config.connect_timeout(args.database_connect_timeout);
+    let tls = tls_for(variable, &config, args)?;
+    if tls.is_none() {
+        // Without a CA to check a server against, `prefer` would offer TLS and then refuse
+        // every certificate: it stays plaintext, as it was with no TLS at all.
+        config.ssl_mode(SslMode::Disable);
+    }
+    let connector = tls.unwrap_or_else(|| {
+        MakeRustlsConnect::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        )
+    });
     let pool = bb8::Pool::builder()
         .max_size(args.database_pool_size)
         .connection_timeout(args.database_connect_timeout)
-        .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+        .error_sink(Box::new(ConnectErrors::new(&pool_name)))
+        .build_unchecked(PostgresConnectionManager::new(config, connector));
     crate::metrics::observe_pool(pool_name, pool.clone());
     Ok(pool)
 }
 
+/// Logs why connections could not be opened, since a checkout reports only that it timed out:
+/// a new reason at once, the same one again at most once a minute.
+#[derive(Debug, Clone)]
+struct ConnectErrors {
+    pool: String,
+    last: std::sync::Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
+}
+
+impl ConnectErrors {
+    const REPEAT_AFTER: Duration = Duration::from_secs(60);
+
+    fn new(pool: &str) -> ConnectErrors {
+        ConnectErrors {
+            pool: pool.to_owned(),
+            last: Default::default(),
+        }
+    }
+}
+
+impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
+    fn sink(&self, error: tokio_postgres::Error) {
+        // tokio-postgres says "error performing TLS handshake"; the why is in its sources.
+        let mut reason = describe(&error);
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            reason = format!("{reason}: {cause}");
+            source = cause.source();
+        }
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let repeated = matches!(&*last, Some((before, at)) if *before == reason && at.elapsed() < Self::REPEAT_AFTER);
+        if !repeated {
+            tracing::warn!(pool = %self.pool, %reason, "cannot connect to PostgreSQL");
+            *last = Some((reason, std::time::Instant::now()));
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
+}
+
 fn parse_url(variable: &str, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
     crate::config::require_scheme(variable, url, &["postgres", "postgresql"])?;
-    tokio_postgres::Config::from_str(url)
-        .map_err(|e| ConfigError::new(variable, format!("not a valid PostgreSQL URL: {e}")))
+    // libpq's two checking modes are what `require` does here (the certificate and its name
+    // are always checked), so a URL written for libpq works unchanged.
+    let url = url
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require");
+    tokio_postgres::Config::from_str(&url).map_err(|e| {
+        ConfigError::new(
+            variable,
+            format!("not a valid PostgreSQL URL: {e} (sslmode is disable, prefer, require, verify-ca or verify-full)"),
+        )
+    })
+}
+
+/// The TLS connector `config` asks for: `None` unless its sslmode is `require`, which needs
+/// `PGSSLROOTCERT`.
+fn tls_for(
+    variable: &str,
+    config: &tokio_postgres::Config,
+    args: &PostgresArgs,
+) -> Result<Option<MakeRustlsConnect>, ConfigError> {
+    if config.get_ssl_mode() != SslMode::Require {
+        return Ok(None);
+    }
+    let Some(ca) = &args.database_ca_file else {
+        return Err(ConfigError::new(
+            variable,
+            "sslmode=require needs PGSSLROOTCERT (--database-ca-file), the CA certificates the server's certificate is checked against",
+        ));
+    };
+    let client = crate::tls::verifying_client("PGSSLROOTCERT (--database-ca-file)", ca)?;
+    Ok(Some(MakeRustlsConnect::new(client)))
 }
 
 /// Checks that PostgreSQL answers, within `timeout`.
@@ -273,6 +376,7 @@ impl std::fmt::Debug for PostgresArgs {
             )
             .field("database_pool_size", &self.database_pool_size)
             .field("database_connect_timeout", &self.database_connect_timeout)
+            .field("database_ca_file", &self.database_ca_file)
             .finish()
     }
 }

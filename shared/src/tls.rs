@@ -82,6 +82,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A client configuration that checks a server's certificate, and its name, against the CA
+/// certificates in `path` (named `variable` in errors), presenting none of its own: for
+/// PostgreSQL over TLS.
+pub fn verifying_client(variable: &str, path: &PathBuf) -> Result<ClientConfig, ConfigError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::new(variable, e.to_string()))?
+        .with_root_certificates(roots(variable, path)?)
+        .with_no_client_auth())
+}
+
 /// Makes ring the process's rustls crypto provider. HTTP clients built on rustls without one
 /// of their own (reqwest for Nomad and witnesses, kube) find no provider otherwise, since
 /// more than one is compiled in; call it before building such a client. Calling it again, or
