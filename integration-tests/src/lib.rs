@@ -359,6 +359,20 @@ impl TestStack {
         self.services.last().expect("just pushed")
     }
 
+    /// Starts the service `name` with `env` expecting it to refuse its configuration: waits for
+    /// it to exit (30 s at most), requires exit code 2, and returns its log.
+    pub fn start_refused(&mut self, name: &str, env: &[(&str, String)]) -> String {
+        let log = self.start_service(name, env).log.clone();
+        let status = self
+            .service_mut(name)
+            .process
+            .wait_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{name} did not exit:\n{}", tail(&log)));
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(status.code(), Some(2), "{name} exited otherwise:\n{text}");
+        text
+    }
+
     /// Starts a service with its dependencies running and waits until it is SERVING.
     pub async fn start_serving(&mut self, name: &str) -> &RunningService {
         let spec = SERVICES

@@ -301,15 +301,7 @@ async fn a_bad_tls_setting_stops_the_service_naming_it() {
             "TLS_CA_FILE",
         ),
     ] {
-        let service = stack.start_service("tree-builder", &env);
-        let log = service.log.clone();
-        let status = stack
-            .service_mut("tree-builder")
-            .process
-            .wait_timeout(Duration::from_secs(30))
-            .expect("the service exits");
-        let text = std::fs::read_to_string(&log).expect("log");
-        assert_eq!(status.code(), Some(2), "{named}: {text}");
+        let text = stack.start_refused("tree-builder", &env);
         assert!(text.contains(named), "{named} is not named: {text}");
     }
 }
@@ -423,15 +415,7 @@ async fn db_sync_reaches_postgres_over_tls_and_checks_its_certificate() {
             ["DATABASE_URL", "sslmode"],
         ),
     ] {
-        let service = stack.start_service("db-sync", &env);
-        let log = service.log.clone();
-        let status = stack
-            .service_mut("db-sync")
-            .process
-            .wait_timeout(Duration::from_secs(30))
-            .expect("the service exits");
-        let text = std::fs::read_to_string(&log).expect("log");
-        assert_eq!(status.code(), Some(2), "{named:?}: {text}");
+        let text = stack.start_refused("db-sync", &env);
         for name in named {
             assert!(text.contains(name), "{name} is not named: {text}");
         }
