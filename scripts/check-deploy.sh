@@ -44,6 +44,7 @@ refused networkPolicy.postgresPort=70000 /networkPolicy/postgresPort
 refused otlpEndpoint=otel:4317 /otlpEndpoint
 refused tls.enabled=yes /tls/enabled
 refused databaseCaSecret=Not_A_Name /databaseCaSecret
+refused redisCaSecret=Not_A_Name /redisCaSecret
 refused auth.enabled=yes /auth/enabled
 refused auth.secret=Bad_Name /auth/secret
 refused cache.redisWaitReplicas=-1 /cache/redisWaitReplicas
@@ -100,9 +101,10 @@ mode signing-key --set dbSync.signingKeySecret=merkle-mesh-history \
 grep -q 'value: /etc/merkle-mesh/history/2025.pub.pem,/etc/merkle-mesh/history/2024.pub.pem' \
   "$work/modes/signing-key.yaml"
 mode tls --set tls.enabled=true --set tls.secret=merkle-mesh-tls
-# PostgreSQL over TLS: the CA reaches DbSync and the Scheduler, and no other service.
-mode postgres-tls --set databaseCaSecret=merkle-mesh-db-ca
-test "$(grep -c 'value: /etc/merkle-mesh/postgres-ca/ca.crt' "$work/modes/postgres-tls.yaml")" = 2
+# PostgreSQL and Redis over TLS: each CA reaches the services of that store, no other.
+mode store-tls --set databaseCaSecret=merkle-mesh-db-ca --set redisCaSecret=merkle-mesh-redis-ca
+test "$(grep -c 'value: /etc/merkle-mesh/postgres-ca/ca.crt' "$work/modes/store-tls.yaml")" = 2
+test "$(grep -c 'value: /etc/merkle-mesh/redis-ca/ca.crt' "$work/modes/store-tls.yaml")" = 1
 mode redis-cluster --set redisCluster=true --set cache.redisWaitReplicas=1 \
   --set dbSync.readReplicasSecret=merkle-mesh-db-read
 grep -q 'key: DATABASE_READ_URL' "$work/modes/redis-cluster.yaml"

@@ -348,6 +348,7 @@ async fn pools(redis: &Redis, clients: usize, duration: Duration) -> anyhow::Res
         redis_pool_size: 4,
         redis_timeout: timeout,
         redis_wait_replicas: None,
+        redis_ca_file: None,
     };
     let pool = merkle_cache::redis::pool(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
     let client = redis::Client::open(redis.url())?;

@@ -216,6 +216,15 @@ impl TestStack {
         index
     }
 
+    /// Starts Redis on a free port with more `redis-server` arguments.
+    pub async fn start_redis_with(&mut self, extra: Vec<String>) -> &mut Redis {
+        let port = free_port().expect("free port");
+        let redis = Redis::start_with(&self.dir.path().join("redis"), port, extra)
+            .await
+            .unwrap_or_else(|e| panic!("starting Redis: {e}"));
+        self.redis.insert(redis)
+    }
+
     /// Starts Redis on a free port.
     pub async fn start_redis(&mut self) -> &mut Redis {
         let port = free_port().expect("free port");

@@ -3,7 +3,8 @@
 //! refuse a caller without a certificate (and a plaintext one); DbSync reaches Cache over
 //! mutual TLS with its own certificate; a renewed certificate is served without a restart; a
 //! bad TLS setting stops a service at start, naming it. DbSync reaches a real PostgreSQL over
-//! TLS when its URL says `sslmode=require`, checking the server's certificate.
+//! TLS when its URL says `sslmode=require`, and the Cache a real Redis at a `rediss://` URL,
+//! each checking the server's certificate.
 
 use std::{
     net::SocketAddr,
@@ -416,6 +417,91 @@ async fn db_sync_reaches_postgres_over_tls_and_checks_its_certificate() {
         ),
     ] {
         let text = stack.start_refused("db-sync", &env);
+        for name in named {
+            assert!(text.contains(name), "{name} is not named: {text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cache_reaches_redis_over_tls_and_checks_its_certificate() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    let other = make_certificates(&stack.dir().join("other"));
+    let file = |pki: &Path, name: &str| pki.join(name).display().to_string();
+    let tls_port = integration_tests::free_port().expect("free port");
+    let mut extra = vec!["--tls-port".to_owned(), tls_port.to_string()];
+    for (flag, name) in [
+        ("--tls-cert-file", "server.pem"),
+        ("--tls-key-file", "server.key"),
+        ("--tls-ca-cert-file", "ca.pem"),
+    ] {
+        extra.extend([flag.to_owned(), file(&pki, name)]);
+    }
+    extra.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
+    let plain_url = stack.start_redis_with(extra).await.url();
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+
+    // Checked against its CA: serving, with connections on the TLS port (which speaks nothing
+    // else) and none on the plain one.
+    let cache = stack.start_service(
+        "cache",
+        &[
+            ("REDIS_URL", url.clone()),
+            ("REDIS_CA_FILE", file(&pki, "ca.pem")),
+        ],
+    );
+    cache.wait_for(ServingStatus::Serving).await;
+    let client = redis::Client::open(plain_url.as_str()).expect("url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("plain connection");
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT LIST");
+    let on_tls = format!("laddr=127.0.0.1:{tls_port} ");
+    let on_tls_port = clients.lines().filter(|l| l.contains(&on_tls)).count();
+    assert!(
+        on_tls_port >= 1,
+        "no connection on the TLS port:\n{clients}"
+    );
+    assert_eq!(
+        clients.lines().count(),
+        on_tls_port + 1,
+        "a connection besides this one on the plain port:\n{clients}"
+    );
+
+    // A certificate from a CA it was not given is refused: never serving.
+    let refused = stack.start_service(
+        "cache",
+        &[
+            ("REDIS_URL", url.clone()),
+            ("REDIS_CA_FILE", file(&other, "ca.pem")),
+        ],
+    );
+    refused.wait_for(ServingStatus::NotServing).await;
+
+    // TLS asked for by halves, or a CA file that is not there, stops it at start, naming it.
+    for (env, named) in [
+        (
+            vec![
+                ("REDIS_URL", plain_url.clone()),
+                ("REDIS_CA_FILE", file(&pki, "ca.pem")),
+            ],
+            ["REDIS_CA_FILE", "rediss://"],
+        ),
+        (
+            vec![
+                ("REDIS_URL", url.clone()),
+                ("REDIS_CA_FILE", file(&pki, "missing.pem")),
+            ],
+            ["REDIS_CA_FILE", "missing.pem"],
+        ),
+    ] {
+        let text = stack.start_refused("cache", &env);
         for name in named {
             assert!(text.contains(name), "{name} is not named: {text}");
         }

@@ -524,7 +524,9 @@ impl Redis {
         Self::start_with(dir, port, Vec::new()).await
     }
 
-    async fn start_with(dir: &Path, port: u16, extra: Vec<String>) -> Result<Self, StackError> {
+    /// [`Redis::start`] with more `redis-server` arguments (e.g. a TLS port beside the plain
+    /// one, which stays for the readiness check).
+    pub async fn start_with(dir: &Path, port: u16, extra: Vec<String>) -> Result<Self, StackError> {
         let mut redis = Redis {
             dir: dir.to_owned(),
             port,

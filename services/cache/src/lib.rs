@@ -74,6 +74,8 @@ fn observe(store: &std::sync::Arc<store::Store>) {
 
 /// Serves Cache until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    // The redis crate's TLS (rediss://) takes the process's rustls provider.
+    merkle_shared::tls::install_crypto_provider();
     redis::check_mode(&config.redis).await?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
     let pool = redis::pool(&config.redis)?;

@@ -15,10 +15,14 @@
 //!   connection per node, which routes each command by its key's slot and follows MOVED and
 //!   ASK redirects (a failover, a resharding) by itself.
 //!
+//! A `rediss://` URL connects over TLS (rustls), the server's certificate and name checked
+//! against `REDIS_CA_FILE`, else the system's roots.
+//!
 //! With no connection to be had within `REDIS_TIMEOUT` (Redis unreachable, every connection
 //! retired), the call is UNAVAILABLE, never a hang.
 
 use std::{
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -41,6 +45,7 @@ use merkle_shared::config::{ConfigError, parse_duration, redact_url, require_sch
 use crate::cluster::Topology;
 
 const URL_VARIABLE: &str = "REDIS_URL (--redis-url)";
+const CA_VARIABLE: &str = "REDIS_CA_FILE (--redis-ca-file)";
 const CLUSTER_VARIABLE: &str = "REDIS_CLUSTER_NODES (--redis-cluster-nodes)";
 
 /// Redis settings: one server (`REDIS_URL`) or a cluster (`REDIS_CLUSTER_NODES`).
@@ -69,6 +74,10 @@ pub struct RedisArgs {
     #[arg(long, env = "REDIS_WAIT_REPLICAS",
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub redis_wait_replicas: Option<u32>,
+    /// CA certificates (PEM) a rediss:// server's certificate is checked against, its name
+    /// included. Unset: the system's roots (SSL_CERT_FILE names others).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 /// Which kind of Redis the settings name.
@@ -90,8 +99,64 @@ impl RedisArgs {
                 URL_VARIABLE,
                 "must be set (or REDIS_CLUSTER_NODES, for a Redis Cluster)",
             )),
-            (Some(_), true) => self.client().map(drop),
-            (None, false) => self.cluster_client().map(drop),
+            (Some(url), true) => {
+                self.tls_consistent(URL_VARIABLE, [url.as_str()])?;
+                self.client().map(drop)
+            }
+            (None, false) => {
+                let urls = self.redis_cluster_nodes.iter().map(String::as_str);
+                self.tls_consistent(CLUSTER_VARIABLE, urls)?;
+                self.cluster_client().map(drop)
+            }
+        }
+    }
+
+    /// Refuses TLS asked for by halves: a CA file for plaintext URLs (TLS is the URL's
+    /// `rediss://`), or cluster nodes that mix the two.
+    fn tls_consistent<'a>(
+        &self,
+        variable: &str,
+        urls: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ConfigError> {
+        let tls: Vec<bool> = urls.into_iter().map(uses_tls).collect();
+        if tls.contains(&true) && tls.contains(&false) {
+            return Err(ConfigError::new(
+                variable,
+                "mixes rediss:// (TLS) and redis:// nodes; one cluster speaks one",
+            ));
+        }
+        if self.redis_ca_file.is_some() && !tls.contains(&true) {
+            return Err(ConfigError::new(
+                CA_VARIABLE,
+                format!("is set, but {variable} does not use TLS: write rediss://"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The CA certificates to check a TLS server against, when given; `None` means the
+    /// system's.
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+        let Some(path) = &self.redis_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .map_err(|e| ConfigError::new(CA_VARIABLE, format!("{}: {e}", path.display())))?;
+        Ok(Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
+    }
+
+    /// A client of `url` (checked already), with the CA file when it speaks TLS.
+    fn open(&self, url: &str) -> Result<redis::Client, ConfigError> {
+        match self.certificates()? {
+            Some(certificates) if uses_tls(url) => redis::Client::build_with_tls(url, certificates)
+                .map_err(|e| {
+                    ConfigError::new(CA_VARIABLE, format!("not usable CA certificates: {e}"))
+                }),
+            _ => redis::Client::open(url)
+                .map_err(|e| ConfigError::new(URL_VARIABLE, format!("not a valid Redis URL: {e}"))),
         }
     }
 
@@ -117,23 +182,33 @@ impl RedisArgs {
             None => self
                 .redis_cluster_nodes
                 .iter()
-                .map(|url| node_client(url))
+                .map(|url| self.node_client(url))
                 .collect(),
         }
     }
 
     pub(crate) fn client(&self) -> Result<redis::Client, ConfigError> {
         let url = self.redis_url.as_deref().unwrap_or_default();
-        require_scheme(URL_VARIABLE, url, &["redis", "unix", "redis+unix"])?;
+        require_scheme(
+            URL_VARIABLE,
+            url,
+            &["redis", "rediss", "unix", "redis+unix"],
+        )?;
         redis::Client::open(url)
-            .map_err(|e| ConfigError::new(URL_VARIABLE, format!("not a valid Redis URL: {e}")))
+            .map_err(|e| ConfigError::new(URL_VARIABLE, format!("not a valid Redis URL: {e}")))?;
+        self.open(url)
     }
 
     fn cluster_client(&self) -> Result<ClusterClient, ConfigError> {
         for url in &self.redis_cluster_nodes {
-            node_client(url)?;
+            self.node_client(url)?;
         }
-        ClusterClientBuilder::new(self.redis_cluster_nodes.iter().map(String::as_str))
+        let mut builder =
+            ClusterClientBuilder::new(self.redis_cluster_nodes.iter().map(String::as_str));
+        if let Some(certificates) = self.certificates()? {
+            builder = builder.certs(certificates);
+        }
+        builder
             .connection_timeout(self.redis_timeout)
             .response_timeout(self.redis_timeout)
             // Redirects and reconnections are retried within the caller's timeout, not past it.
@@ -143,17 +218,23 @@ impl RedisArgs {
             .build()
             .map_err(|e| ConfigError::new(CLUSTER_VARIABLE, format!("cannot use these nodes: {e}")))
     }
+
+    /// One cluster node's client, its URL checked.
+    fn node_client(&self, url: &str) -> Result<redis::Client, ConfigError> {
+        require_scheme(CLUSTER_VARIABLE, url, &["redis", "rediss"])?;
+        redis::Client::open(url).map_err(|e| {
+            ConfigError::new(
+                CLUSTER_VARIABLE,
+                format!("{} is not a valid Redis URL: {e}", redact_url(url)),
+            )
+        })?;
+        self.open(url)
+    }
 }
 
-/// One cluster node's client, its URL checked.
-fn node_client(url: &str) -> Result<redis::Client, ConfigError> {
-    require_scheme(CLUSTER_VARIABLE, url, &["redis"])?;
-    redis::Client::open(url).map_err(|e| {
-        ConfigError::new(
-            CLUSTER_VARIABLE,
-            format!("{} is not a valid Redis URL: {e}", redact_url(url)),
-        )
-    })
+/// Whether `url` asks for TLS.
+fn uses_tls(url: &str) -> bool {
+    url.starts_with("rediss://")
 }
 
 /// Refuses a Redis of the wrong kind at start, naming the variable: REDIS_URL pointing at a
@@ -163,7 +244,10 @@ fn node_client(url: &str) -> Result<redis::Client, ConfigError> {
 pub async fn check_mode(args: &RedisArgs) -> Result<(), ConfigError> {
     let (client, variable) = match args.mode() {
         Mode::Standalone => (args.client()?, URL_VARIABLE),
-        Mode::Cluster => (node_client(&args.redis_cluster_nodes[0])?, CLUSTER_VARIABLE),
+        Mode::Cluster => (
+            args.node_client(&args.redis_cluster_nodes[0])?,
+            CLUSTER_VARIABLE,
+        ),
     };
     let asking = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
@@ -612,6 +696,7 @@ impl std::fmt::Debug for RedisArgs {
             .field("redis_pool_size", &self.redis_pool_size)
             .field("redis_timeout", &self.redis_timeout)
             .field("redis_wait_replicas", &self.wait_replicas())
+            .field("redis_ca_file", &self.redis_ca_file)
             .finish()
     }
 }
