@@ -196,6 +196,19 @@ impl ConnectErrors {
             last: Default::default(),
         }
     }
+
+    /// Whether `reason` is worth a log line now, remembering it if so.
+    fn news(&self, reason: &str) -> bool {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let repeated = matches!(&*last, Some((before, at)) if before == reason && at.elapsed() < Self::REPEAT_AFTER);
+        if !repeated {
+            *last = Some((reason.to_owned(), std::time::Instant::now()));
+        }
+        !repeated
+    }
 }
 
 impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
@@ -207,14 +220,8 @@ impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
             reason = format!("{reason}: {cause}");
             source = cause.source();
         }
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let repeated = matches!(&*last, Some((before, at)) if *before == reason && at.elapsed() < Self::REPEAT_AFTER);
-        if !repeated {
+        if self.news(&reason) {
             tracing::warn!(pool = %self.pool, %reason, "cannot connect to PostgreSQL");
-            *last = Some((reason, std::time::Instant::now()));
         }
     }
 
@@ -482,8 +489,17 @@ pub trait Traced: tokio_postgres::GenericClient + Sync {
 impl<C: tokio_postgres::GenericClient + Sync> Traced for C {}
 
 #[cfg(test)]
-mod span_tests {
-    use super::{first_table, is_transient};
+mod tests {
+    use super::{ConnectErrors, first_table, is_transient};
+
+    #[test]
+    fn a_connection_error_is_logged_when_it_is_new_not_at_every_retry() {
+        let errors = ConnectErrors::new("postgresql");
+        assert!(errors.news("connection refused"));
+        assert!(!errors.news("connection refused"));
+        assert!(errors.news("invalid peer certificate: UnknownIssuer"));
+        assert!(errors.news("connection refused"));
+    }
 
     #[test]
     fn sqlstates_that_pass_are_worth_a_retry() {
