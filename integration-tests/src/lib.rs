@@ -237,20 +237,43 @@ impl TestStack {
     /// Starts a Redis Cluster (three masters, three replicas) on free ports; the services of
     /// this stack then get `REDIS_CLUSTER_NODES` instead of `REDIS_URL`.
     pub async fn start_redis_cluster(&mut self) -> &mut RedisCluster {
-        // Twelve ports found free may be taken by a test running beside this one before the
+        self.start_redis_cluster_inner(None).await
+    }
+
+    /// [`TestStack::start_redis_cluster`] whose nodes also serve TLS with `tls`'s files (and
+    /// talk among themselves over TLS); its `urls()` are then `rediss://` ones.
+    pub async fn start_redis_cluster_tls(
+        &mut self,
+        tls: &merklectl::stack::RedisTls<'_>,
+    ) -> &mut RedisCluster {
+        self.start_redis_cluster_inner(Some(tls)).await
+    }
+
+    async fn start_redis_cluster_inner(
+        &mut self,
+        tls: Option<&merklectl::stack::RedisTls<'_>>,
+    ) -> &mut RedisCluster {
+        // The ports found free may be taken by a test running beside this one before the
         // nodes bind them: then again, on others.
         for attempt in 1.. {
             let mut ports: Vec<u16> = Vec::new();
-            while ports.len() < 12 {
+            while ports.len() < 18 {
                 let port = free_port().expect("free port");
                 if !ports.contains(&port) {
                     ports.push(port);
                 }
             }
             let node_ports: [u16; 6] = ports[..6].try_into().expect("six");
-            let bus_ports: [u16; 6] = ports[6..].try_into().expect("six");
+            let bus_ports: [u16; 6] = ports[6..12].try_into().expect("six");
+            let tls_ports: [u16; 6] = ports[12..].try_into().expect("six");
             let dir = self.dir.path().join(format!("redis-cluster-{attempt}"));
-            match RedisCluster::start(&dir, node_ports, bus_ports).await {
+            let started = match tls {
+                Some(tls) => {
+                    RedisCluster::start_tls(&dir, node_ports, bus_ports, tls_ports, tls).await
+                }
+                None => RedisCluster::start(&dir, node_ports, bus_ports).await,
+            };
+            match started {
                 Ok(cluster) => return self.redis_cluster.insert(cluster),
                 Err(e) if attempt < 3 => eprintln!("a Redis Cluster did not start ({e}); again"),
                 Err(e) => panic!("starting a Redis Cluster: {e}"),

@@ -3,8 +3,8 @@
 //! refuse a caller without a certificate (and a plaintext one); DbSync reaches Cache over
 //! mutual TLS with its own certificate; a renewed certificate is served without a restart; a
 //! bad TLS setting stops a service at start, naming it. DbSync reaches a real PostgreSQL over
-//! TLS when its URL says `sslmode=require`, and the Cache a real Redis at a `rediss://` URL,
-//! each checking the server's certificate.
+//! TLS when its URL says `sslmode=require`, and the Cache a real Redis (one server, and a
+//! Redis Cluster of six) at `rediss://` URLs, each checking the server's certificate.
 
 use std::{
     net::SocketAddr,
@@ -423,6 +423,21 @@ async fn db_sync_reaches_postgres_over_tls_and_checks_its_certificate() {
     }
 }
 
+/// `CLIENT LIST` of the Redis at `url` (plaintext): one line per connection, with the local
+/// address (`laddr=`) it came in on.
+async fn client_list(url: &str) -> String {
+    let client = redis::Client::open(url).expect("url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("plain connection");
+    redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT LIST")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cache_reaches_redis_over_tls_and_checks_its_certificate() {
     let mut stack = TestStack::new();
@@ -452,16 +467,7 @@ async fn the_cache_reaches_redis_over_tls_and_checks_its_certificate() {
         ],
     );
     cache.wait_for(ServingStatus::Serving).await;
-    let client = redis::Client::open(plain_url.as_str()).expect("url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("plain connection");
-    let clients: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut redis)
-        .await
-        .expect("CLIENT LIST");
+    let clients = client_list(&plain_url).await;
     let on_tls = format!("laddr=127.0.0.1:{tls_port} ");
     let on_tls_port = clients.lines().filter(|l| l.contains(&on_tls)).count();
     assert!(
@@ -506,4 +512,60 @@ async fn the_cache_reaches_redis_over_tls_and_checks_its_certificate() {
             assert!(text.contains(name), "{name} is not named: {text}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cache_reaches_a_redis_cluster_over_tls() {
+    let mut stack = TestStack::new();
+    let pki = make_certificates(stack.dir());
+    let (cert, key, ca) = (
+        pki.join("server.pem"),
+        pki.join("server.key"),
+        pki.join("ca.pem"),
+    );
+    let tls = integration_tests::stack::RedisTls {
+        cert: &cert,
+        key: &key,
+        ca: &ca,
+    };
+    let cluster = stack.start_redis_cluster_tls(&tls).await;
+    let urls = cluster.urls();
+    assert!(urls.starts_with("rediss://"), "{urls}");
+    let plain_port = cluster.nodes()[0].port();
+    let cache = stack.start_service("cache", &[("REDIS_CA_FILE", ca.display().to_string())]);
+    cache.wait_for(ServingStatus::Serving).await;
+
+    // A value written (as DbSync, which owns the namespace) and read back through the Cache,
+    // over TLS to whichever master holds it.
+    let mut client = merkle_proto::cache::v1::cache_service_client::CacheServiceClient::new(
+        stack.service_mut("cache").channel_as("db-sync"),
+    );
+    let ns = merkle_proto::cache::v1::Namespace::TreeMeta as i32;
+    client
+        .set(merkle_proto::cache::v1::SetRequest {
+            namespace: ns,
+            key: "over-tls".into(),
+            value: b"hello".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("Set");
+    let got = client
+        .get(merkle_proto::cache::v1::GetRequest {
+            namespace: ns,
+            key: "over-tls".into(),
+        })
+        .await
+        .expect("Get")
+        .into_inner();
+    assert!(got.found && got.value == b"hello", "{got:?}");
+
+    // The first node's plain port sees no connection from the Cache: only this one.
+    let clients = client_list(&format!("redis://127.0.0.1:{plain_port}")).await;
+    let on_plain = format!("laddr=127.0.0.1:{plain_port} ");
+    assert_eq!(
+        clients.lines().filter(|l| l.contains(&on_plain)).count(),
+        1,
+        "a connection besides this one on the plain port:\n{clients}"
+    );
 }

@@ -599,6 +599,16 @@ impl Redis {
 /// (1 s), so a killed master's replica takes over within a few seconds.
 pub struct RedisCluster {
     nodes: Vec<Redis>,
+    /// Each node's TLS port, when the cluster speaks TLS (see [`RedisCluster::start_tls`]).
+    tls_ports: Option<[u16; 6]>,
+}
+
+/// What a cluster of TLS Redis nodes serves with: PEM files, the certificate valid for
+/// 127.0.0.1.
+pub struct RedisTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub ca: &'a Path,
 }
 
 impl RedisCluster {
@@ -612,9 +622,31 @@ impl RedisCluster {
         ports: [u16; 6],
         bus_ports: [u16; 6],
     ) -> Result<Self, StackError> {
+        Self::start_inner(dir, ports, bus_ports, None).await
+    }
+
+    /// [`RedisCluster::start`] with each node also serving TLS on its port of `tls_ports`, and
+    /// the cluster's bus and replication over TLS: its clients find the nodes' TLS ports in
+    /// `CLUSTER SLOTS` when they ask over TLS. The plain ports stay for the readiness checks.
+    pub async fn start_tls(
+        dir: &Path,
+        ports: [u16; 6],
+        bus_ports: [u16; 6],
+        tls_ports: [u16; 6],
+        tls: &RedisTls<'_>,
+    ) -> Result<Self, StackError> {
+        Self::start_inner(dir, ports, bus_ports, Some((tls_ports, tls))).await
+    }
+
+    async fn start_inner(
+        dir: &Path,
+        ports: [u16; 6],
+        bus_ports: [u16; 6],
+        tls: Option<([u16; 6], &RedisTls<'_>)>,
+    ) -> Result<Self, StackError> {
         let mut nodes = Vec::new();
-        for (port, bus_port) in ports.into_iter().zip(bus_ports) {
-            let extra = [
+        for (i, (port, bus_port)) in ports.into_iter().zip(bus_ports).enumerate() {
+            let mut extra = [
                 "--cluster-enabled",
                 "yes",
                 // Not port + 10000, the default, which may be taken or past 65535.
@@ -630,11 +662,42 @@ impl RedisCluster {
             ]
             .map(str::to_owned)
             .to_vec();
+            if let Some((tls_ports, files)) = &tls {
+                let file = |path: &Path| path.display().to_string();
+                extra.extend([
+                    "--tls-port".to_owned(),
+                    tls_ports[i].to_string(),
+                    "--tls-cert-file".to_owned(),
+                    file(files.cert),
+                    "--tls-key-file".to_owned(),
+                    file(files.key),
+                    "--tls-ca-cert-file".to_owned(),
+                    file(files.ca),
+                    // Clients are checked by the services' own credentials, not certificates.
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                    "--tls-cluster".to_owned(),
+                    "yes".to_owned(),
+                    "--tls-replication".to_owned(),
+                    "yes".to_owned(),
+                ]);
+            }
             nodes.push(Redis::start_with(&dir.join(port.to_string()), port, extra).await?);
         }
-        let cluster = RedisCluster { nodes };
-        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new(redis_cli_path()?)
+        let cluster = RedisCluster {
+            nodes,
+            tls_ports: tls.as_ref().map(|(tls_ports, _)| *tls_ports),
+        };
+        let create_ports = tls.as_ref().map_or(ports, |(tls_ports, _)| *tls_ports);
+        let addresses: Vec<String> = create_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let mut create = Command::new(redis_cli_path()?);
+        if let Some((_, files)) = &tls {
+            create.arg("--tls").arg("--cacert").arg(files.ca);
+        }
+        let out = create
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -679,13 +742,22 @@ impl RedisCluster {
         }
     }
 
-    /// The nodes' URLs, comma-separated: the value of `REDIS_CLUSTER_NODES`.
+    /// The nodes' URLs, comma-separated: the value of `REDIS_CLUSTER_NODES` (`rediss://` at
+    /// the TLS ports of a TLS cluster).
     pub fn urls(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
-            .collect::<Vec<_>>()
-            .join(",")
+        match self.tls_ports {
+            Some(tls_ports) => tls_ports
+                .iter()
+                .map(|port| format!("rediss://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            None => self
+                .nodes
+                .iter()
+                .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
     }
 
     pub fn nodes(&self) -> &[Redis] {
