@@ -700,3 +700,70 @@ impl std::fmt::Debug for RedisArgs {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: Option<&str>, nodes: &[&str], ca: Option<&str>) -> RedisArgs {
+        RedisArgs {
+            redis_url: url.map(str::to_owned),
+            redis_cluster_nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            redis_pool_size: 4,
+            redis_timeout: Duration::from_secs(1),
+            redis_wait_replicas: None,
+            redis_ca_file: ca.map(PathBuf::from),
+        }
+    }
+
+    fn refusal(args: &RedisArgs) -> String {
+        args.validate().expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn tls_is_asked_for_by_the_url_and_never_by_halves() {
+        assert!(
+            args(Some("rediss://127.0.0.1:6380/0"), &[], None)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            args(
+                None,
+                &["rediss://127.0.0.1:7000", "rediss://127.0.0.1:7001"],
+                None
+            )
+            .validate()
+            .is_ok()
+        );
+        let mixed = refusal(&args(
+            None,
+            &["rediss://127.0.0.1:7000", "redis://127.0.0.1:7001"],
+            None,
+        ));
+        assert!(
+            mixed.contains("REDIS_CLUSTER_NODES") && mixed.contains("mixes"),
+            "{mixed}"
+        );
+        let plaintext = refusal(&args(
+            Some("redis://127.0.0.1:6379/0"),
+            &[],
+            Some("/nonexistent/ca.pem"),
+        ));
+        assert!(
+            plaintext.contains("REDIS_CA_FILE") && plaintext.contains("rediss://"),
+            "{plaintext}"
+        );
+        let missing = refusal(&args(
+            Some("rediss://127.0.0.1:6380/0"),
+            &[],
+            Some("/nonexistent/ca.pem"),
+        ));
+        assert!(
+            missing.contains("REDIS_CA_FILE") && missing.contains("/nonexistent/ca.pem"),
+            "{missing}"
+        );
+        let scheme = refusal(&args(Some("https://127.0.0.1:6379"), &[], None));
+        assert!(scheme.contains("REDIS_URL"), "{scheme}");
+    }
+}
