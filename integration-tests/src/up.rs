@@ -15,14 +15,32 @@ use nix::{
 use crate::{binary, free_port};
 
 /// A base port with the `count` ports from it free (the five services and any fleet nodes),
-/// searched from `from` (tests that run at once search different ranges).
+/// and their metrics ports (each + 1000), searched from `from` (tests that run at once search
+/// different ranges). Blocks are kept out of the kernel's ephemeral range: there, a connection
+/// any test opens meanwhile may be given one of the ports before `merklectl up` binds it.
 pub fn free_port_block(from: u16, count: u16) -> u16 {
-    for base in (from..from + 10_000).step_by(37) {
-        if (base..base + count).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+    let (low, high) = ephemeral_ports();
+    for base in (from..from.saturating_add(10_000)).step_by(37) {
+        let mut ports = (base..base + count).chain(base + 1000..base + 1000 + count);
+        if ports.clone().any(|p| (low..=high).contains(&p)) {
+            continue;
+        }
+        if ports.all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
     }
-    panic!("no block of {count} free ports");
+    panic!("no block of {count} free ports from {from} outside {low}-{high}");
+}
+
+/// The kernel's range of ports for outgoing connections (Linux's default when unreadable).
+fn ephemeral_ports() -> (u16, u16) {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().filter_map(|n| n.parse().ok());
+    match (bounds.next(), bounds.next()) {
+        (Some(low), Some(high)) => (low, high),
+        _ => (32768, 60999),
+    }
 }
 
 /// `merklectl up` with its data under `data/stack`, its services from port `base`, its own

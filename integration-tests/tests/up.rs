@@ -59,7 +59,7 @@ fn up(data: &Path, base: u16) -> Command {
 async fn up_serves_everything_and_ctrl_c_leaves_nothing_running() {
     let data = tempfile::tempdir().expect("temporary folder");
     let data_dir = data.path().join("stack");
-    let base = free_port_block(20_000, 6);
+    let base = free_port_block(10_000, 6);
     let mut child = up(data.path(), base)
         .args(["--fleet-nodes", "1"])
         .spawn()
@@ -222,7 +222,7 @@ async fn up_watch_prints_each_build_and_names_the_edited_path() {
     let watched = data.path().join("site");
     std::fs::create_dir_all(watched.join("a")).expect("mkdir");
     std::fs::write(watched.join("a/page.html"), "v1").expect("write");
-    let base = free_port_block(40_000, 6);
+    let base = free_port_block(13_000, 6);
     let mut child = up(data.path(), base)
         .arg("--watch")
         .arg(&watched)
@@ -346,7 +346,7 @@ fn service_addr(base: u16, name: &str) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crashed_service_is_restarted_saying_why_and_the_others_keep_running() {
     let data = tempfile::tempdir().expect("temporary folder");
-    let base = free_port_block(50_000, 6);
+    let base = free_port_block(16_000, 6);
     let mut child = up(data.path(), base).spawn().expect("start merklectl up");
     let stdout = child.stdout.take().expect("stdout");
     let child = StopOnDrop(child);
@@ -418,7 +418,7 @@ async fn a_crashed_service_is_restarted_saying_why_and_the_others_keep_running()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
     let data = tempfile::tempdir().expect("temporary folder");
-    let base = free_port_block(55_000, 6);
+    let base = free_port_block(19_000, 6);
     // Someone else holds DbSync's port.
     let _taken = TcpListener::bind(service_addr(base, "db-sync")).expect("take the port");
     let started = Instant::now();
@@ -462,7 +462,7 @@ async fn a_service_that_cannot_start_is_reported_at_once_with_why() {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_with_a_redis_cluster_serves_on_it_and_stops_all_six_nodes() {
     let data = tempfile::tempdir().expect("temporary folder");
-    let base = free_port_block(30_000, 6);
+    let base = free_port_block(22_000, 6);
     // Six node ports and their six bus ports (+10): sixteen in a row, below the ephemeral
     // ports (which any test's connections take) and apart from the other tests' blocks.
     let redis_port = (26_000..30_000)
