@@ -883,9 +883,15 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
         err.message()
     );
 
-    // Two nodes with a TreeBuilder each, one whose TreeBuilder is gone, one not ready.
-    let node_a = stack.start_service("tree-builder", &[]).uri();
-    let node_b = stack.start_service("tree-builder", &[]).uri();
+    // Two nodes with a TreeBuilder each, one whose TreeBuilder is gone, one not ready. Each is
+    // waited for: the Scheduler's calls are not retried here (CLIENT_MAX_ATTEMPTS=1).
+    let mut serving = Vec::new();
+    for _ in 0..2 {
+        let node = stack.start_service("tree-builder", &[]);
+        node.wait_for(ServingStatus::Serving).await;
+        serving.push(node.uri());
+    }
+    let [node_a, node_b] = <[String; 2]>::try_from(serving).expect("two nodes");
     let gone = merklectl::stack::free_port().expect("free port");
     let clients = stack.dir().join("clients.yaml");
     let address = |uri: &str| uri.trim_start_matches("http://").to_owned();
@@ -902,12 +908,12 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
             address(&node_a),
         ),
     );
-    let discovery = stack
-        .start_service(
-            "discovery",
-            &[("STATIC_FILE", clients.display().to_string())],
-        )
-        .uri();
+    let discovery = stack.start_service(
+        "discovery",
+        &[("STATIC_FILE", clients.display().to_string())],
+    );
+    discovery.wait_for(ServingStatus::Serving).await;
+    let discovery = discovery.uri();
     let mut env = peer_env(&mut stack);
     env.push(("DISCOVERY_ADDR", discovery));
     env.push(("CLIENT_CONNECT_TIMEOUT", "1s".to_owned()));
@@ -921,7 +927,7 @@ async fn a_fleet_source_is_built_on_every_ready_client_and_a_failing_node_fails_
         })
         .await
         .expect_err("outside the nodes' allowed roots");
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
     assert!(
         err.message().starts_with("source.path") && err.message().contains("on node node-"),
         "{}",
