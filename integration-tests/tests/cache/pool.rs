@@ -145,3 +145,47 @@ async fn a_redis_that_does_not_answer_or_cannot_be_reached_costs_a_call_its_time
     stack.redis.as_mut().expect("redis").stop();
     eight_deletes_fail_within_the_timeout(&stack, "no Redis connection").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_slower_than_half_a_second_is_waited_for_up_to_redis_timeout() {
+    let mut stack = TestStack::new();
+    let mut c = start_cache(
+        &mut stack,
+        &[
+            ("REDIS_POOL_SIZE", "1".into()),
+            ("REDIS_TIMEOUT", "5s".into()),
+        ],
+    )
+    .await;
+    assert!(set(&mut c, Namespace::TreeMeta, "slow", b"v1").await);
+    // Redis holds every client but this one for 1.5 s: longer than the redis crate's own
+    // default answer timeout (500 ms), well within REDIS_TIMEOUT.
+    let mut raw = raw_redis(&stack).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut raw)
+        .await
+        .expect("CLIENT PAUSE");
+    let (mut reader, mut writer) = (c.clone(), c.clone());
+    let started = Instant::now();
+    let (read, written) = tokio::join!(
+        get(&mut reader, Namespace::TreeMeta, "slow"),
+        set(&mut writer, Namespace::TreeMeta, "slow-2", b"v2"),
+    );
+    let took = started.elapsed();
+    assert_eq!(read.as_deref(), Some(&b"v1"[..]), "read after {took:?}");
+    assert!(written, "the write waited out the pause too ({took:?})");
+    assert!(
+        took >= Duration::from_millis(1000),
+        "the pause was waited out: {took:?}"
+    );
+    let stats = stats(&mut c).await;
+    let tree_meta = ns_stats(&stats, Namespace::TreeMeta);
+    assert_eq!(tree_meta.errors, 0, "{tree_meta:?}");
+    assert_eq!(
+        status(&mut c).await.circuit_state,
+        CircuitState::Closed as i32
+    );
+}

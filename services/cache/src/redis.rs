@@ -5,10 +5,11 @@
 //! [`checkout`] hands out a [`Handle`] whose [`Conn`] runs commands on either.
 //!
 //! - Standalone (`REDIS_URL`): a `bb8` pool of `bb8-redis` connections. Each is multiplexed:
-//!   a checkout takes the next connection's handle and gives the connection straight back, and
-//!   the command runs on the handle, pipelined with the other commands on that socket (holding
-//!   a connection per command halved the calls per second at 32 callers: one command per
-//!   socket per round trip). Checkouts are not tested with a PING (that would double every
+//!   a checkout takes a connection's handle and gives the connection straight back, and the
+//!   command runs on the handle, pipelined with the other commands on that socket (holding a
+//!   connection per command halved the calls per second at 32 callers: one command per socket
+//!   per round trip). The connection given back last is taken next, so concurrent commands
+//!   gather on one socket while it serves; the others stand by. Checkouts are not tested with a PING (that would double every
 //!   round trip): a connection is retired instead when a command on it fails the way a lost
 //!   connection does, and the pool opens a new one.
 //! - Cluster (`REDIS_CLUSTER_NODES`): the redis crate's cluster client, one multiplexed
@@ -281,7 +282,16 @@ pub async fn check_mode(args: &RedisArgs) -> Result<(), ConfigError> {
 /// `bb8-redis`'s manager, told which connections broke. Its own `has_broken` is always
 /// false and we do not PING on checkout, so without this a connection Redis closed (a
 /// restart) would stay in the pool and fail every command sent on it.
-pub struct Manager(RedisConnectionManager);
+///
+/// Connections are opened with `REDIS_TIMEOUT` as their connect timeout and no response
+/// timeout of the redis crate's own: its defaults (1 s to connect, 500 ms per answer) would
+/// otherwise cut every command at 500 ms whatever `REDIS_TIMEOUT` says; each command here has
+/// `REDIS_TIMEOUT` already, around it.
+pub struct Manager {
+    manager: RedisConnectionManager,
+    client: redis::Client,
+    config: redis::AsyncConnectionConfig,
+}
 
 /// A pooled connection and whether a command on it failed as a lost connection does.
 pub struct Connection {
@@ -295,13 +305,16 @@ impl bb8::ManageConnection for Manager {
 
     async fn connect(&self) -> Result<Connection, redis::RedisError> {
         Ok(Connection {
-            redis: self.0.connect().await?,
+            redis: self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?,
             broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
     async fn is_valid(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
-        self.0.is_valid(&mut conn.redis).await
+        self.manager.is_valid(&mut conn.redis).await
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
@@ -520,15 +533,27 @@ pub fn pool(args: &RedisArgs) -> Result<RedisPool, ConfigError> {
     let client = args.client()?;
     let manager = RedisConnectionManager::new(client.get_connection_info().clone())
         .map_err(|e| ConfigError::new(URL_VARIABLE, format!("cannot use this Redis URL: {e}")))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(args.redis_timeout))
+        .set_response_timeout(None);
     Ok(RedisPool::Standalone(
         bb8::Pool::builder()
             .max_size(args.redis_pool_size)
             .min_idle(Some(args.redis_pool_size.min(4)))
             .test_on_check_out(false)
+            // The connection given back last is handed out next: a checkout holds it only
+            // while taking its handle, so the commands of concurrent callers gather on one
+            // socket, pipelined (fewer writes and wake-ups than spread over all); the others
+            // stand by for when it is retired.
+            .queue_strategy(bb8::QueueStrategy::Lifo)
             .connection_timeout(args.redis_timeout)
             // Reconnection failures are the breaker's and the health probe's to report.
             .error_sink(Box::new(bb8::NopErrorSink))
-            .build_unchecked(Manager(manager)),
+            .build_unchecked(Manager {
+                manager,
+                client,
+                config,
+            }),
     ))
 }
 
