@@ -185,8 +185,15 @@ pub fn init(
 
     // LOG_LEVEL filters the log lines only: spans (info and above) are traced whatever it
     // says, so `LOG_LEVEL=warn` keeps every trace.
+    // Each span carries what a trace reader uses (its name, kind, attributes, events, status,
+    // times); the layer's extras are left off, as they cost every call (the Cache's Get most):
+    // source locations, the thread's name and id (meaningless where tasks move between
+    // threads) and busy/idle times (a clock read at every enter and exit).
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let registry = tracing_subscriber::registry()
         .with(otel)
