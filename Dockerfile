@@ -13,6 +13,9 @@ FROM debian:bookworm-slim
 RUN groupadd --system --gid 10001 merkle \
  && useradd --system --uid 10001 --gid merkle --no-create-home --shell /usr/sbin/nologin merkle
 COPY --from=build /out/ /usr/local/bin/
+# The public CAs (Debian's bundle, from the build image) for rediss:// without REDIS_CA_FILE,
+# as with a managed Redis whose certificate a public CA signs.
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 USER 10001:10001
 # Plain HTTP/2 gRPC; each service listens on its documented port (see README).
 EXPOSE 50051 50052 50053 50054 50055
