@@ -11,11 +11,12 @@
 //! A TriggerBuild answered FAILED_PRECONDITION (a build of the source is still running,
 //! FORBID) is counted as `busy`, not as an error: that is the answer the contract promises.
 
+use parking_lot::RwLock;
 use std::{
     collections::BTreeMap,
     fs,
     path::Path,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -214,7 +215,7 @@ async fn run(
             let mut n = caller * 7919;
             while Instant::now() < deadline {
                 let call = call_of(n);
-                let view = targets.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let view = targets.read().clone();
                 let t = Instant::now();
                 let outcome = one(&mut clients, call, &view, n).await;
                 let tally = tallies.entry(call).or_default();
@@ -493,7 +494,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                     && t.roots.len() == names.len()
                     && !t.builds.is_empty()
                 {
-                    *targets.write().unwrap_or_else(|e| e.into_inner()) = t;
+                    *targets.write() = t;
                 }
             }
         })

@@ -14,6 +14,7 @@
 //! build fails naming it. Nothing is ever silently wrong. Memory is the skeleton (proportional
 //! to the number of entries) plus a 128 KiB read buffer per thread, whatever the file sizes.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashSet,
     ffi::OsStr,
@@ -24,10 +25,7 @@ use std::{
         fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -320,7 +318,7 @@ impl<'a> Builder<'a> {
         progress.set_phase(Phase::Done);
 
         if let (Some(path), Some(writer)) = (&self.options.stat_cache, run.writer) {
-            let writer = writer.into_inner().unwrap_or_else(|e| e.into_inner());
+            let writer = writer.into_inner();
             // A cache that cannot be written only costs speed next time.
             let _ = writer.finish(path);
         }
@@ -328,7 +326,7 @@ impl<'a> Builder<'a> {
             root: root_digest,
             profile: self.options.profile,
             stats,
-            node_count: run.emitted.into_inner().map_or(0, |s| s.len() as u64),
+            node_count: run.emitted.into_inner().len() as u64,
             files_hashed: run.files_read.load(Ordering::Relaxed),
             dirs_relisted: None,
             rescan_reason: None,
@@ -768,7 +766,7 @@ impl Run<'_> {
             .collect::<Result<Vec<_>, BuildError>>()?;
 
         if let Some(writer) = &self.writer {
-            let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+            let mut writer = writer.lock();
             for (entry, _, cached, _) in &results {
                 if let Some(cached) = cached {
                     writer.push_child(rel, &entry.name, cached);
@@ -801,11 +799,7 @@ impl Run<'_> {
         hash: Digest,
         node: impl FnOnce() -> DirNode,
     ) -> Result<(), BuildError> {
-        let first = self
-            .emitted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(hash);
+        let first = self.emitted.lock().insert(hash);
         if first {
             self.sink.node(hash, node())?;
         }
@@ -814,7 +808,7 @@ impl Run<'_> {
 
     /// The number of distinct nodes handed to the sink so far.
     pub fn emitted(&self) -> u64 {
-        self.emitted.lock().map_or(0, |s| s.len() as u64)
+        self.emitted.lock().len() as u64
     }
 
     /// The file's leaf and the stat it was read under (or cached with).

@@ -1,7 +1,8 @@
 //! An in-memory tree: every directory node by hash, as a build's [`NodeSink`] collects them.
 //! Diffs and proofs read nodes through [`NodeSource`], which DbSync implements on PostgreSQL.
 
-use std::{collections::HashMap, sync::Mutex};
+use parking_lot::Mutex;
+use std::collections::HashMap;
 
 use crate::{
     build::{BuildError, NodeSink},
@@ -39,17 +40,14 @@ impl CollectNodes {
         MemTree {
             root,
             profile,
-            nodes: self.0.into_inner().unwrap_or_else(|e| e.into_inner()),
+            nodes: self.0.into_inner(),
         }
     }
 }
 
 impl NodeSink for CollectNodes {
     fn node(&self, hash: Digest, node: DirNode) -> Result<(), BuildError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(hash, node);
+        self.0.lock().insert(hash, node);
         Ok(())
     }
 }

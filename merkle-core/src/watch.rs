@@ -13,10 +13,10 @@
 //! with more than one hard link are written to unseen through their other names: rebuilds
 //! re-check them with `lstat` (see [`crate::build`]).
 
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
-    sync::Mutex,
 };
 
 use nix::{
@@ -129,8 +129,8 @@ impl Watch {
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Watches the directory `path` (relative path `rel`, on device `dev`). Returns `None`

@@ -4,11 +4,12 @@
 //! `merklectl trace BUILD_ID`, which prints one build's spans as an indented tree, or writes
 //! them as OTLP JSON for other tools (`--json`).
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
     io::{BufRead as _, Write as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -51,7 +52,7 @@ impl MetricsService for Receiver {
         &self,
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let mut metrics = self.metrics.lock();
         for resource in request.into_inner().resource_metrics {
             let service = resource
                 .resource
@@ -76,13 +77,10 @@ impl TraceService for Receiver {
         if let Some(file) = &self.file {
             let line = serde_json::to_string(&request)
                 .map_err(|e| Status::internal(format!("encoding the spans: {e}")))?;
-            let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut file = file.lock();
             writeln!(file, "{line}").map_err(|e| Status::internal(e.to_string()))?;
         }
-        self.received
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(request);
+        self.received.lock().push(request);
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -119,24 +117,18 @@ impl Receiver {
 
     /// The (service.name, metric name) pairs received over OTLP so far.
     pub fn metric_names(&self) -> std::collections::BTreeSet<(String, String)> {
-        self.metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.metrics.lock().clone()
     }
 
     /// The spans of `trace_id` received so far, each with its service's name.
     pub fn trace(&self, trace_id: &str) -> Vec<TraceSpan> {
-        let received = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        let received = self.received.lock();
         spans_of(received.iter(), trace_id)
     }
 
     /// Every export request received so far.
     pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {
-        self.received
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.received.lock().clone()
     }
 }
 

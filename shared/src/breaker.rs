@@ -7,10 +7,8 @@
 //! for another cooldown. A probe that is dropped without an outcome (its caller went away)
 //! leaves the breaker open with the cooldown already over, so the next call probes again.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use parking_lot::Mutex;
+use std::time::{Duration, Instant};
 
 /// The breaker's state, as reported to operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,9 +119,9 @@ impl CircuitBreaker {
         self.opened.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
         // The state is a plain value: a panic elsewhere cannot leave it half-written.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     fn record(&self, probe: bool, ok: Option<bool>) {

@@ -184,7 +184,7 @@ pub fn pool_at(
 #[derive(Debug, Clone)]
 struct ConnectErrors {
     pool: String,
-    last: std::sync::Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
+    last: std::sync::Arc<parking_lot::Mutex<Option<(String, std::time::Instant)>>>,
 }
 
 impl ConnectErrors {
@@ -199,10 +199,7 @@ impl ConnectErrors {
 
     /// Whether `reason` is worth a log line now, remembering it if so.
     fn news(&self, reason: &str) -> bool {
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last.lock();
         let repeated = matches!(&*last, Some((before, at)) if before == reason && at.elapsed() < Self::REPEAT_AFTER);
         if !repeated {
             *last = Some((reason.to_owned(), std::time::Instant::now()));

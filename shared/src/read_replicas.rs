@@ -13,9 +13,10 @@
 //!   `DATABASE_READ_CATCH_UP`), so it sees every commit that happened before; else none, and
 //!   the caller reads from the primary.
 
+use parking_lot::Mutex;
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -128,14 +129,11 @@ pub struct Replica {
 
 impl Replica {
     fn measured(&self) -> Measured {
-        self.measured
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.measured.lock().clone()
     }
 
     fn set(&self, measured: Measured) {
-        let mut current = self.measured.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.measured.lock();
         if current.usable != measured.usable {
             if measured.usable {
                 tracing::info!(replica = %self.name, lag = ?measured.lag, "PostgreSQL replica serves reads");

@@ -5,7 +5,8 @@
 //! The shared work is a `'static` future: when the caller that started it goes away, the
 //! others keep driving it, so one impatient caller cannot fail the rest.
 
-use std::{collections::HashMap, future::Future, hash::Hash, sync::Mutex};
+use parking_lot::Mutex;
+use std::{collections::HashMap, future::Future, hash::Hash};
 
 use futures::future::{BoxFuture, FutureExt as _, Shared};
 
@@ -53,9 +54,9 @@ where
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Shared<BoxFuture<'static, V>>>> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<K, Shared<BoxFuture<'static, V>>>> {
         // The map holds no invariant a panic could break half-way.
-        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+        self.calls.lock()
     }
 }
 

@@ -6,10 +6,11 @@
 //! read again when they change (a Secret rotated by cert-manager), without a restart: a new
 //! connection uses the new certificate, open ones keep theirs.
 
+use parking_lot::RwLock;
 use std::{
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -222,8 +223,8 @@ pub fn init(args: &TlsArgs) -> Result<(), ConfigError> {
             client_config(&installed.args),
         ) {
             (Ok(server), Ok(client)) => {
-                *installed.server.write().unwrap_or_else(|e| e.into_inner()) = server;
-                *installed.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+                *installed.server.write() = server;
+                *installed.client.write() = client;
                 tracing::info!("TLS certificates reloaded");
                 true
             }
@@ -238,22 +239,12 @@ pub fn init(args: &TlsArgs) -> Result<(), ConfigError> {
 
 /// The server configuration in use, when TLS is on.
 pub fn server() -> Option<Arc<ServerConfig>> {
-    INSTALLED
-        .get()?
-        .server
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    INSTALLED.get()?.server.read().clone()
 }
 
 /// The client configuration in use, when `TLS_CA_FILE` is set.
 pub fn client() -> Option<Arc<ClientConfig>> {
-    INSTALLED
-        .get()?
-        .client
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    INSTALLED.get()?.client.read().clone()
 }
 
 /// What a request knows of the TLS connection it came on: the peer's address, and the DNS and

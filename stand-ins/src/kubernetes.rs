@@ -10,12 +10,13 @@
 //!   [`KubernetesStandIn::compact`] gets the `ERROR` event with the `410 Expired` Status;
 //! - a bearer token: a request without it gets `401 Unauthorized` (a Status object).
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     path::{Path as FsPath, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -125,8 +126,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    fn store(&self) -> parking_lot::MutexGuard<'_, Store> {
+        self.store.lock()
     }
 
     fn put(&self, key: Key, mut object: Value) {
@@ -220,7 +221,7 @@ impl KubernetesStandIn {
         Ok(path)
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    fn store(&self) -> parking_lot::MutexGuard<'_, Store> {
         self.shared.store()
     }
 
@@ -427,7 +428,7 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response {
 
 async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     let (latency, unavailable, token) = {
-        let store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
+        let store = shared.store.lock();
         (store.latency, store.unavailable, store.token.clone())
     };
     if !latency.is_zero() {
@@ -530,7 +531,7 @@ async fn list(
         .filter(|&l| l > 0)
         .unwrap_or(usize::MAX);
     let start = query.get("continue").cloned().unwrap_or_default();
-    let store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
+    let store = shared.store.lock();
     let from = (kind, namespace.clone(), start);
     let mut items = Vec::new();
     let mut next = None;
@@ -584,7 +585,7 @@ async fn get_node(
         return refused;
     }
     shared.get.fetch_add(1, Ordering::SeqCst);
-    let store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
+    let store = shared.store.lock();
     match store
         .objects
         .get(&(Kind::Node, String::new(), name.clone()))
@@ -628,7 +629,7 @@ fn watch(
         let mut first = true;
         loop {
             let events: Vec<Value> = {
-                let store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
+                let store = shared.store.lock();
                 let events = if first && at == 0 {
                     // resourceVersion 0 or none: every current object as ADDED, then changes.
                     store

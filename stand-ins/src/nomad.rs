@@ -8,10 +8,11 @@
 //! - ACL: with a token set, a request without `X-Nomad-Token` equal to it gets
 //!   `403 Permission denied`.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -94,8 +95,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> parking_lot::MutexGuard<'_, Table> {
+        self.table.lock()
     }
 
     fn bump(&self, table: &mut Table) -> u64 {
@@ -181,7 +182,7 @@ impl NomadStandIn {
         format!("{scheme}://{}", self.addr)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn table(&self) -> parking_lot::MutexGuard<'_, Table> {
         self.shared.table()
     }
 
@@ -264,7 +265,7 @@ fn error(status: StatusCode, text: &str) -> Response {
 /// The checks every request passes first: the latency, the outage, the token.
 async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     let (latency, outage, token) = {
-        let table = shared.table.lock().unwrap_or_else(|e| e.into_inner());
+        let table = shared.table.lock();
         (table.latency, table.outage.clone(), table.token.clone())
     };
     if !latency.is_zero() {
@@ -338,7 +339,7 @@ async fn nodes(
         .filter(|&p| p > 0)
         .unwrap_or(usize::MAX);
     let start = query.get("next_token").cloned().unwrap_or_default();
-    let table = shared.table.lock().unwrap_or_else(|e| e.into_inner());
+    let table = shared.table.lock();
     let mut page: Vec<Value> = Vec::new();
     let mut next_token = None;
     for (id, (node, create, modify)) in table.nodes.range(start..) {
@@ -376,7 +377,7 @@ async fn node(
         return refused;
     }
     shared.detail.fetch_add(1, Ordering::SeqCst);
-    let table = shared.table.lock().unwrap_or_else(|e| e.into_inner());
+    let table = shared.table.lock();
     let Some((node, create, modify)) = table.nodes.get(&id) else {
         return error(StatusCode::NOT_FOUND, "node not found");
     };

@@ -9,9 +9,10 @@
 //! not prove the checkpoint extends the tree it has; 403 for a checkpoint its log did not
 //! sign; 404 for an unknown origin; 400 for a malformed request.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -91,25 +92,19 @@ impl WitnessStandIn {
         self.shared
             .answers
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .get(&status)
             .copied()
             .unwrap_or(0)
     }
 
-    fn lock_trees(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Hash)>> {
-        self.shared.trees.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_trees(&self) -> parking_lot::MutexGuard<'_, HashMap<String, (u64, Hash)>> {
+        self.shared.trees.lock()
     }
 }
 
 async fn add_checkpoint(State(shared): State<Arc<Shared>>, body: String) -> impl IntoResponse {
     let (status, content_type, answer) = answer(&shared, &body);
-    *shared
-        .answers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(status.as_u16())
-        .or_default() += 1;
+    *shared.answers.lock().entry(status.as_u16()).or_default() += 1;
     (status, [("content-type", content_type)], answer)
 }
 
@@ -157,7 +152,7 @@ fn answer(shared: &Shared, body: &str) -> (StatusCode, &'static str, String) {
             "not signed by the log's key\n".into(),
         );
     }
-    let mut trees = shared.trees.lock().unwrap_or_else(|e| e.into_inner());
+    let mut trees = shared.trees.lock();
     let (size, root) = trees
         .get(checkpoint.origin())
         .copied()

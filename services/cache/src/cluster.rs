@@ -3,7 +3,7 @@
 //! only for deciding how many replicas a latest-root write can wait for (a master that lost
 //! its replica in a failover has none to wait for until one comes back).
 
-use std::sync::RwLock;
+use parking_lot::RwLock;
 
 use redis::Value;
 
@@ -44,13 +44,13 @@ impl Topology {
     /// Replaces the known ranges with those of a `CLUSTER SLOTS` answer.
     pub fn update(&self, answer: &Value) -> Result<(), String> {
         let ranges = parse_slots(answer)?;
-        *self.ranges.write().unwrap_or_else(|e| e.into_inner()) = ranges;
+        *self.ranges.write() = ranges;
         Ok(())
     }
 
     /// The online replicas of the master serving `slot`; `None` when not known yet.
     pub fn replicas_of_slot(&self, slot: u16) -> Option<u32> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.ranges.read();
         ranges
             .iter()
             .find(|r| (r.first..=r.last).contains(&slot))
@@ -59,7 +59,7 @@ impl Topology {
 
     /// The master serving `slot` (`host`, `port`); `None` when not known yet.
     pub fn master_of_slot(&self, slot: u16) -> Option<(String, u16)> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.ranges.read();
         ranges
             .iter()
             .find(|r| (r.first..=r.last).contains(&slot))
@@ -68,7 +68,7 @@ impl Topology {
 
     /// The online replicas of the master at `host:port`; `None` when not known.
     pub fn replicas_of_master(&self, host: &str, port: u16) -> Option<u32> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.ranges.read();
         ranges
             .iter()
             .find(|r| r.master.0 == host && r.master.1 == port)

@@ -13,11 +13,12 @@
 //! - A holder drops its whole copy when its stream ends or its lease lapses; it reads through
 //!   until it has a new stream.
 
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, HashSet},
     hash::{BuildHasher, RandomState},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -113,7 +114,7 @@ impl Notices {
     }
 
     pub fn holders(&self) -> usize {
-        lock(&self.holders).len()
+        self.holders.lock().len()
     }
 
     /// Subscribes to the channels and relays what arrives, resubscribing after a loss, until
@@ -182,7 +183,7 @@ impl Notices {
     fn lost(&self, why: &str) {
         self.subscribed.store(false, Ordering::Release);
         self.lease.store(0, Ordering::Release);
-        for (_, holder) in lock(&self.holders).drain() {
+        for (_, holder) in self.holders.lock().drain() {
             let _ = holder.try_send(Err(Status::unavailable(format!(
                 "{why}; drop the copy and read through until a new stream is open"
             ))));
@@ -193,7 +194,7 @@ impl Notices {
     /// out when it comes back. A failure only means no tick: leases then run out by themselves.
     async fn tick(&self) {
         let until = now_ms() + LEASE.as_millis() as i64;
-        let holders: Vec<u64> = lock(&self.holders).keys().copied().collect();
+        let holders: Vec<u64> = self.holders.lock().keys().copied().collect();
         let mut pipe = redis::pipe();
         if !holders.is_empty() {
             let cmd = pipe.cmd("ZADD").arg(&self.channels.holders).arg("GT");
@@ -263,17 +264,19 @@ impl Notices {
 
     /// Sends a message to every holder; one that cannot keep up is closed (and reads through).
     fn relay(&self, message: WatchLatestRootsResponse) {
-        lock(&self.holders).retain(|holder, out| match out.try_send(Ok(message.clone())) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(
-                    holder,
-                    "a latest-root copy fell behind its notices; its stream is closed"
-                );
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        self.holders
+            .lock()
+            .retain(|holder, out| match out.try_send(Ok(message.clone())) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(
+                        holder,
+                        "a latest-root copy fell behind its notices; its stream is closed"
+                    );
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
     }
 
     fn acknowledged(&self, payload: &[u8]) {
@@ -283,7 +286,7 @@ impl Notices {
         }) else {
             return;
         };
-        let mut waiters = lock(&self.waiters);
+        let mut waiters = self.waiters.lock();
         let Some(waiter) = waiters.get_mut(&id) else {
             return;
         };
@@ -331,7 +334,7 @@ impl Notices {
         // Listed before its lease is recorded: a notice published once it is recorded reaches
         // it. Its first lease is the last tick's, which that tick recorded for every holder
         // listed then; this one's own record below is at least as long.
-        lock(&self.holders).insert(holder, out.clone());
+        self.holders.lock().insert(holder, out.clone());
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(&self.channels.holders)
@@ -340,7 +343,7 @@ impl Notices {
             .arg(holder)
             .ignore();
         if let Err(reason) = self.run_pipe::<()>(pipe).await {
-            lock(&self.holders).remove(&holder);
+            self.holders.lock().remove(&holder);
             return Err(Status::unavailable(format!(
                 "cannot record this copy's lease in Redis: {reason}"
             )));
@@ -365,7 +368,7 @@ impl Notices {
                 // A lost acknowledgement only makes the writer wait out this lease.
                 let _ = this.run_pipe::<()>(pipe).await;
             }
-            lock(&this.holders).remove(&holder);
+            this.holders.lock().remove(&holder);
             let mut pipe = redis::pipe();
             pipe.cmd("ZREM")
                 .arg(&this.channels.holders)
@@ -385,7 +388,7 @@ impl Notices {
         }
         let id = self.id();
         let answered = Arc::new(Notify::new());
-        lock(&self.waiters).insert(
+        self.waiters.lock().insert(
             id,
             Waiter {
                 pending: None,
@@ -394,7 +397,7 @@ impl Notices {
             },
         );
         let outcome = self.publish(id, change, &answered).await;
-        lock(&self.waiters).remove(&id);
+        self.waiters.lock().remove(&id);
         outcome
     }
 
@@ -431,7 +434,7 @@ impl Notices {
         }
         {
             // Acknowledgements that came before the list count: they answer this id alone.
-            let mut waiters = lock(&self.waiters);
+            let mut waiters = self.waiters.lock();
             let waiter = waiters.get_mut(&id).ok_or("the waiter vanished")?;
             let early = std::mem::take(&mut waiter.early);
             waiter.pending = Some(
@@ -444,7 +447,7 @@ impl Notices {
         }
         loop {
             let next_end = {
-                let waiters = lock(&self.waiters);
+                let waiters = self.waiters.lock();
                 let waiter = waiters.get(&id).ok_or("the waiter vanished")?;
                 let now = now_ms();
                 waiter
@@ -476,9 +479,4 @@ fn timestamp(unix_ms: i64) -> prost_types::Timestamp {
         seconds: unix_ms.div_euclid(1000),
         nanos: (unix_ms.rem_euclid(1000) * 1_000_000) as i32,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain maps: a panic elsewhere cannot leave them half-written.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -11,11 +11,12 @@
 //! with the next successful Redis call. Epochs, not a flag, so that a write lost while the
 //! deletion runs marks it untrusted again.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -189,7 +190,7 @@ impl Store {
             BreakerState::HalfOpen => 1,
             BreakerState::Open => 2,
         };
-        let masters = lock(&self.master_breakers);
+        let masters = self.master_breakers.lock();
         std::iter::once(&self.breaker)
             .chain(masters.values())
             .map(|b| b.state())
@@ -199,7 +200,7 @@ impl Store {
 
     /// How often the breakers opened, all together.
     pub fn breaker_opened(&self) -> u64 {
-        let masters = lock(&self.master_breakers);
+        let masters = self.master_breakers.lock();
         self.breaker.times_opened() + masters.values().map(|b| b.times_opened()).sum::<u64>()
     }
 
@@ -217,7 +218,8 @@ impl Store {
         let Some(master) = master else {
             return self.breaker.clone();
         };
-        lock(&self.master_breakers)
+        self.master_breakers
+            .lock()
             .entry(master)
             .or_insert_with_key(|(host, port)| {
                 Arc::new(CircuitBreaker::new(
@@ -234,11 +236,11 @@ impl Store {
     }
 
     pub fn last_ping(&self) -> Ping {
-        lock(&self.ping).clone()
+        self.ping.lock().clone()
     }
 
     pub fn last_error(&self) -> String {
-        lock(&self.last_error).clone()
+        self.last_error.lock().clone()
     }
 
     /// True while `LATEST_ROOT` entries from before an outage may still be in Redis.
@@ -330,7 +332,7 @@ impl Store {
                     self.stats.count(ns, Event::Error);
                 }
                 tracing::debug!(error = %reason, "Redis operation failed");
-                *lock(&self.last_error) = reason.clone();
+                *self.last_error.lock() = reason.clone();
                 Err(Unavailable::Failed(reason))
             }
         }
@@ -684,7 +686,7 @@ impl Store {
             Ok(()) => true,
             Err(reason) => {
                 tracing::warn!(error = %reason, "a latest-root change could not be announced to the copies");
-                *lock(&self.last_error) = reason;
+                *self.last_error.lock() = reason;
                 false
             }
         }
@@ -885,12 +887,12 @@ impl Store {
             // next call that happens to come.
             self.resume_invalidation();
         }
-        *lock(&self.ping) = Ping {
+        *self.ping.lock() = Ping {
             reachable: result.is_ok(),
             latency: result.as_ref().ok().copied(),
         };
         if let Err(reason) = &result {
-            *lock(&self.last_error) = reason.clone();
+            *self.last_error.lock() = reason.clone();
         }
         result.map(drop)
     }
@@ -968,11 +970,6 @@ fn parse_info(text: &str) -> RedisInfo {
         }
     }
     info
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain values: a panic elsewhere cannot leave them half-written.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

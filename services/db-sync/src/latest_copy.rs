@@ -9,9 +9,10 @@
 //! and reads go through the cache to PostgreSQL until a new stream is open. A value read
 //! while a change was being applied is not kept (an epoch counts the changes).
 
+use parking_lot::Mutex;
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -77,7 +78,7 @@ impl LatestCopy {
     /// Keeps `snapshot`, read after [`LatestCopy::epoch`] returned `epoch`, unless a change was
     /// applied since (it may be older than that change) or the copy is not live.
     pub fn offer(&self, source: &str, snapshot: &pb::Snapshot, epoch: u64) {
-        let _changing = lock(&self.changing);
+        let _changing = self.changing.lock();
         if self.epoch.load(Ordering::Acquire) == epoch && self.live() {
             self.entries.insert(source.to_owned(), snapshot.clone());
         }
@@ -85,14 +86,14 @@ impl LatestCopy {
 
     /// Drops `source` before this process writes its latest root.
     pub fn forget(&self, source: &str) {
-        let _changing = lock(&self.changing);
+        let _changing = self.changing.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.remove(source);
     }
 
     /// Applies one message of the stream: a lease, a change, or both.
     fn apply(&self, message: &WatchLatestRootsResponse) {
-        let _changing = lock(&self.changing);
+        let _changing = self.changing.lock();
         if !self.live() && !self.entries.is_empty() {
             // The lease lapsed: changes may have been missed meanwhile.
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -117,7 +118,7 @@ impl LatestCopy {
 
     /// The stream is gone: nothing in the copy may be served any more.
     fn drop_all(&self) {
-        let _changing = lock(&self.changing);
+        let _changing = self.changing.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.valid_until.store(0, Ordering::Release);
         if !self.entries.is_empty() {
@@ -210,11 +211,6 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A unit guard: nothing inside can be left half-written.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -285,12 +285,12 @@ pub fn spawn(
     shutdown: merkle_shared::shutdown::Shutdown,
 ) {
     // The same failure every round is logged once, until it changes or the log grows again.
-    let last_error = Arc::new(std::sync::Mutex::new(String::new()));
+    let last_error = Arc::new(parking_lot::Mutex::new(String::new()));
     merkle_shared::shutdown::spawn_every(interval, shutdown, move || {
         let (log, pool, last_error) = (log.clone(), pool.clone(), last_error.clone());
         async move {
             let outcome = log.integrate(&pool).await;
-            let mut last = last_error.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = last_error.lock();
             match outcome {
                 Ok(Some(size)) => {
                     last.clear();

@@ -13,10 +13,11 @@
 //! WatchClients; while anyone watches, `Fleet::follow` waits on the backend's changes and
 //! refreshes on each.
 
+use parking_lot::RwLock;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime},
@@ -116,7 +117,7 @@ impl Fleet {
     }
 
     fn known(&self) -> Known {
-        self.known.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.known.read().clone()
     }
 
     /// Cache keys are scoped by what the backend reads (hashed: a URL makes a poor key).
@@ -396,7 +397,7 @@ impl Fleet {
         refresh_time: SystemTime,
         index: Option<String>,
     ) {
-        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        let mut known = self.known.write();
         let events = diff(&known.clients, &clients);
         known.clients = Arc::new(clients);
         known.refresh_time = Some(refresh_time);
@@ -429,7 +430,7 @@ impl Fleet {
             self.list(Mode::Cached).await?;
         }
         let (generation, clients, changes) = {
-            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            let known = self.known.read();
             (
                 known.generation,
                 known.clients.clone(),

@@ -1,10 +1,8 @@
 //! What every build shares: PostgreSQL, the cache, the other services' clients, the
 //! registry of builds running here, and the slots that bound them.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, sync::Arc};
 
 use merkle_proto::{
     dbsync::v1::db_sync_service_client::DbSyncServiceClient,
@@ -75,7 +73,7 @@ impl Services {
         &self,
         address: &str,
     ) -> Result<TreeBuilderServiceClient<Channel>, String> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nodes = self.nodes.lock();
         if let Some(client) = nodes.get(address) {
             return Ok(client.clone());
         }

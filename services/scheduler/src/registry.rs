@@ -3,10 +3,8 @@
 //! cache's `NAMESPACE_BUILD_STATUS` at most a few times a second (so other replicas see its
 //! progress), and to PostgreSQL on every state change and every few seconds (the record).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, sync::Arc};
 
 use merkle_proto::scheduler::v1::{Build, BuildState};
 use tokio::sync::watch;
@@ -39,8 +37,8 @@ pub struct Handle {
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
-        self.builds.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Live>> {
+        self.builds.lock()
     }
 
     /// Starts tracking a build; dropping the handle forgets it.

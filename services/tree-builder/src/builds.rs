@@ -2,11 +2,12 @@
 //! caller, stopping when the caller goes away, keeping the trees built most recently watched
 //! for fast rebuilds, and recent trees' nodes for VerifyTree.
 
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -115,7 +116,7 @@ impl WatchedTrees {
     /// due for a full scan.
     fn take(&self, root: &std::path::Path, options: &BuildOptions) -> Option<WatchedTree> {
         let tree = {
-            let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+            let mut trees = self.trees.lock();
             let i = trees.iter().position(|t| t.is_for(root, options))?;
             trees.remove(i)?
         };
@@ -127,7 +128,7 @@ impl WatchedTrees {
     /// `max_trees`.
     fn put(&self, options: &BuildOptions, tree: WatchedTree) {
         let forgotten: Vec<WatchedTree> = {
-            let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+            let mut trees = self.trees.lock();
             let mut forgotten = Vec::new();
             let mut i = 0;
             while i < trees.len() {
@@ -225,7 +226,7 @@ impl StreamSink {
     /// Sends what is still pending.
     pub fn flush(&self) -> Result<(), BuildError> {
         let nodes = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.pending.lock();
             pending.1 = 0;
             std::mem::take(&mut pending.0)
         };
@@ -238,7 +239,7 @@ impl StreamSink {
 
     /// The nodes kept, unless the tree was over the budget.
     pub fn into_kept(self) -> Option<HashMap<Digest, DirNode>> {
-        let kept = self.keep?.into_inner().unwrap_or_else(|e| e.into_inner());
+        let kept = self.keep?.into_inner();
         (!kept.over).then_some(kept.nodes)
     }
 
@@ -278,7 +279,7 @@ impl NodeSink for StreamSink {
             for part in self.parts(node_to_proto(hash, &node)) {
                 let len = part.encoded_len() + 8;
                 let full = {
-                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut pending = self.pending.lock();
                     if pending.1 + len > self.batch_bytes && !pending.0.is_empty() {
                         pending.1 = len;
                         Some(std::mem::replace(&mut pending.0, vec![part]))
@@ -294,7 +295,7 @@ impl NodeSink for StreamSink {
             }
         }
         if let Some(keep) = &self.keep {
-            let mut kept = keep.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = keep.lock();
             kept.entries += node.entries.len();
             if kept.entries > kept.budget {
                 // Too big to remember: free what was kept and keep nothing more.
@@ -311,7 +312,7 @@ impl NodeSink for StreamSink {
         let Some(keep) = &self.keep else {
             return self.tx.is_some();
         };
-        let mut kept = keep.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = keep.lock();
         if entries > kept.budget as u64 {
             // Known too big to remember: keep nothing, as if the budget had been reached.
             kept.over = true;
@@ -441,7 +442,7 @@ impl RecentTrees {
         if size(&tree) > self.max_entries {
             return;
         }
-        let mut trees = self.trees.lock().unwrap_or_else(|e| e.into_inner());
+        let mut trees = self.trees.lock();
         trees.retain(|t| !(t.root == tree.root && t.profile == tree.profile));
         trees.push_front(Arc::new(tree));
         let mut total = 0;
@@ -454,7 +455,6 @@ impl RecentTrees {
     pub fn get(&self, root: Digest, profile: Profile) -> Option<Arc<MemTree>> {
         self.trees
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|t| t.root == root && t.profile == profile)
             .cloned()

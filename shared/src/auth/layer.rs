@@ -2,10 +2,11 @@
 //! caller of each call, checks [`super::policy`], and either refuses the call before any
 //! handler runs or passes it on with the [`Caller`] in its extensions.
 
+use parking_lot::RwLock;
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
 };
 
@@ -54,7 +55,7 @@ pub(super) fn install(args: &AuthArgs) -> Result<(), ConfigError> {
                 Ok(identities) => {
                     if let Some(State::Enabled(current)) = STATE.get() {
                         tracing::info!(identities = identities.len(), "identities reloaded");
-                        *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(identities);
+                        *current.write() = Arc::new(identities);
                     }
                     true
                 }
@@ -148,7 +149,7 @@ fn decide<B>(request: &Request<B>) -> Result<Option<Caller>, Status> {
     let caller = match STATE.get() {
         Some(State::Disabled) => return Ok(Some(Caller::anonymous())),
         Some(State::Enabled(identities)) => {
-            let identities = identities.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let identities = identities.read().clone();
             authenticate(request, &identities)?
         }
         None => {

@@ -2,9 +2,9 @@
 //! (`AUTH_TOKEN_FILE`, read again when it changes) or the token `merklectl` found. The client
 //! builder applies [`ClientAuthLayer`] to every channel, so no call site handles it.
 
+use parking_lot::RwLock;
 use std::{
     path::Path,
-    sync::RwLock,
     task::{Context, Poll},
 };
 
@@ -34,13 +34,13 @@ fn header_of(token: &str) -> Result<HeaderValue, String> {
 /// Presents `token` on every call this process makes from now on.
 pub fn install(token: &str) -> Result<(), String> {
     let header = header_of(token)?;
-    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = Some(header);
+    *TOKEN.write() = Some(header);
     Ok(())
 }
 
 /// Presents no token from now on (a client of a stack run with `AUTH_DISABLED`).
 pub fn clear() {
-    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = None;
+    *TOKEN.write() = None;
 }
 
 /// Presents the token in `path`, and the file's new token whenever it changes.
@@ -66,7 +66,7 @@ pub fn install_file(path: &Path) -> Result<(), String> {
 
 /// The `authorization` header to send, when this process has a token.
 pub fn header() -> Option<HeaderValue> {
-    TOKEN.read().unwrap_or_else(|e| e.into_inner()).clone()
+    TOKEN.read().clone()
 }
 
 /// Adds a bearer token to each outgoing request that carries no `authorization` of its own:

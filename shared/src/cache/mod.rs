@@ -21,11 +21,12 @@
 
 pub mod seal;
 
+use parking_lot::Mutex;
 use std::{
     collections::HashSet,
     future::Future,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -586,7 +587,7 @@ impl CacheClient {
 
     /// Records whether a write of `key` reached the cache.
     fn settle(&self, ns: Namespace, key: &str, written: bool) {
-        let mut pending = lock(&self.inner.pending);
+        let mut pending = self.inner.pending.lock();
         if written {
             pending.keys.remove(&(ns as i32, key.to_owned()));
             return;
@@ -610,7 +611,7 @@ impl CacheClient {
     /// True when `key` must not be read from the cache. A distrusted namespace is cleared in
     /// the cache (at most once a second) to trust it again.
     fn is_pending(&self, ns: Namespace, key: &str) -> bool {
-        let mut pending = lock(&self.inner.pending);
+        let mut pending = self.inner.pending.lock();
         if pending.keys.is_empty() && pending.namespaces.is_empty() {
             return false;
         }
@@ -632,7 +633,7 @@ impl CacheClient {
                         .await
                         .is_some()
                     {
-                        lock(&this.inner.pending).namespaces.remove(&(ns as i32));
+                        this.inner.pending.lock().namespaces.remove(&(ns as i32));
                     }
                 });
             }
@@ -718,11 +719,6 @@ fn forged_counter() -> &'static opentelemetry::metrics::Counter<u64> {
     })
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain sets: a panic elsewhere cannot leave them half-written.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -776,7 +772,7 @@ mod tests {
         }
         assert!(cache.is_pending(Namespace::BuildStatus, "never-written"));
         assert!(!cache.is_pending(Namespace::LatestRoot, "never-written"));
-        assert_eq!(lock(&cache.inner.pending).keys.len(), 0);
+        assert_eq!(cache.inner.pending.lock().keys.len(), 0);
     }
 
     #[test]

@@ -13,11 +13,11 @@
 //!     labels: {rack: r1}
 //! ```
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashSet},
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
-    sync::Mutex,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -123,7 +123,7 @@ impl StaticFile {
             return Ok(Listing::default());
         };
         {
-            let parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+            let parsed = self.parsed.lock();
             if let Some((seen, stubs)) = &*parsed
                 && *seen == stamp
             {
@@ -139,8 +139,7 @@ impl StaticFile {
         let stubs = tokio::task::spawn_blocking(move || read(&path, port))
             .await
             .map_err(|e| BackendError::BadAnswer(format!("reading STATIC_FILE: {e}")))??;
-        *self.parsed.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((stamp.clone(), stubs.clone()));
+        *self.parsed.lock() = Some((stamp.clone(), stubs.clone()));
         Ok(Listing {
             stubs,
             index: stamp.index(),
