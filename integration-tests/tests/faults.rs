@@ -20,7 +20,7 @@ use std::{
     collections::HashSet,
     fs,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,6 +32,7 @@ use merkle_proto::scheduler::v1::{
 };
 use merkle_shared::client::Channel;
 use nix::sys::signal::Signal;
+use parking_lot::Mutex;
 
 /// The sources' schedule.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -77,7 +78,7 @@ fn spawn_writer(
                 fs::write(dir.join(format!("f{}", n % 4)), n.to_string()).expect("write");
                 let root = root_of(dir);
                 let now = Instant::now();
-                let mut states = states.lock().expect("states");
+                let mut states = states.lock();
                 if let Some(last) = states
                     .iter_mut()
                     .rev()
@@ -306,7 +307,7 @@ impl Campaign {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let states = self.states.lock().expect("states").clone();
+        let states = self.states.lock().clone();
         for (name, _) in &self.sources {
             let stored: Vec<(i64, String)> = db
                 .query(
