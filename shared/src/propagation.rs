@@ -347,7 +347,7 @@ mod tests {
         );
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
         let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+            .with(crate::telemetry::span_layer(provider.tracer("test")));
         tracing::subscriber::with_default(subscriber, f)
     }
 

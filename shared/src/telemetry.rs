@@ -22,7 +22,7 @@ use opentelemetry_sdk::{
     Resource,
     metrics::{SdkMeterProvider, periodic_reader_with_async_runtime::PeriodicReader},
     runtime,
-    trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
+    trace::{SdkTracer, SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
 };
 use tracing::{Subscriber, span};
 use tracing_subscriber::{
@@ -185,16 +185,7 @@ pub fn init(
 
     // LOG_LEVEL filters the log lines only: spans (info and above) are traced whatever it
     // says, so `LOG_LEVEL=warn` keeps every trace.
-    // Each span carries what a trace reader uses (its name, kind, attributes, events, status,
-    // times); the layer's extras are left off, as they cost every call (the Cache's Get most):
-    // source locations, the thread's name and id (meaningless where tasks move between
-    // threads) and busy/idle times (a clock read at every enter and exit).
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_location(false)
-        .with_threads(false)
-        .with_tracked_inactivity(false)
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let otel = span_layer(tracer).with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let registry = tracing_subscriber::registry()
         .with(otel)
         .with(TraceIdsLayer::default().with_filter(log_filter(args)?));
@@ -333,6 +324,31 @@ where
     }
 }
 
+/// The layer that turns tracing spans into OpenTelemetry spans, one configuration for the
+/// services and the tests.
+///
+/// Each span carries what a trace reader uses (its name, kind, attributes, events, status,
+/// times); the layer's extras are left off, as they cost every call (the Cache's Get most):
+/// source locations, the Rust module path (`target`), the thread's name and id (meaningless
+/// where tasks move between threads) and busy/idle times (a clock read at every enter and
+/// exit). Nor is a span's OpenTelemetry context made current on entry: nothing here reads
+/// `Context::current()` (parents and propagation go by the tracing span), and activation
+/// clones the context and pushes a guard at every poll of every traced future.
+pub(crate) fn span_layer<S>(
+    tracer: SdkTracer,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_target(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+}
+
 /// A span that only exists inside a sampled trace: `make()` when the current span is sampled,
 /// else no span. Database and backend calls made by background work (leases, heartbeats,
 /// garbage collection) would otherwise each start a trace of their own, and inside a trace the
@@ -385,8 +401,8 @@ mod tests {
     /// Whether `child_span` made a span inside a server span, under `sampler`.
     fn child_made(sampler: Sampler) -> bool {
         let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let subscriber =
+            tracing_subscriber::registry().with(super::span_layer(provider.tracer("test")));
         tracing::subscriber::with_default(subscriber, || {
             let outside = child_span(|| tracing::info_span!("redis"));
             assert!(outside.is_none(), "no span outside a trace");
